@@ -1,0 +1,370 @@
+//! Vicinity attention (VVT paper §3): linear attention whose query/key features are re-weighted by
+//! token positions so that `q'_i·k'_j = relu(q_i)·relu(k_j)·(cos(a_i−a_j) + cos(b_i−b_j))`, a weight
+//! that falls with Manhattan distance, computed in O(N) through `k'ᵀv`.
+//!
+//! The block also holds Feature Reduction Attention (q/k/v projected to C/f), optional spatial
+//! reduction of keys/values (r), the Feature Preserving Connection (a squeeze-excitation gate) and
+//! the released code's magnitude clamps. [`VicinityAttention::forward_reference`] computes the same
+//! block with the explicit N×N weight matrix for tests.
+
+use std::f64::consts::FRAC_PI_2;
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, sigmoid};
+use serde::{Deserialize, Serialize};
+
+/// How token positions re-weight attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Locality {
+    /// Row and column angles: a Manhattan-distance weight (the paper's default).
+    #[default]
+    #[serde(rename = "2d")]
+    TwoD,
+    /// Flat token index, as in cosFormer.
+    #[serde(rename = "1d")]
+    OneD,
+    /// Plain `relu(q)·relu(k)` linear attention.
+    None,
+}
+
+impl Locality {
+    /// How many re-weighted copies of each feature a head carries.
+    pub fn expansion(self) -> usize {
+        match self {
+            Self::TwoD => 4,
+            Self::OneD => 2,
+            Self::None => 1,
+        }
+    }
+}
+
+/// Lower and upper magnitude bounds of the released code's clamps.
+const CLAMP_MIN: f64 = 1e-4;
+const CLAMP_MAX: f64 = 1e4;
+/// Added to the normaliser's denominator.
+const EPS: f64 = 1e-4;
+
+/// `sign(t)·min(max(|t|, 1e-4), 1e4)`: keeps magnitudes in range, zeros stay zero.
+pub fn clamp_magnitude<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.clone().sign() * t.abs().clamp(CLAMP_MIN, CLAMP_MAX)
+}
+
+#[derive(Config, Debug)]
+pub struct VicinityAttentionConfig {
+    pub dim: usize,
+    pub heads: usize,
+    /// Feature reduction ratio f: q/k/v have C/f channels.
+    #[config(default = 2)]
+    pub feature_reduction: usize,
+    /// Spatial reduction ratio r of keys/values (1 = none).
+    #[config(default = 1)]
+    pub spatial_reduction: usize,
+    /// Squeeze ratio ρ of the Feature Preserving Connection.
+    #[config(default = 1)]
+    pub se_ratio: usize,
+    #[config(default = "Locality::TwoD")]
+    pub locality: Locality,
+    /// Apply the released code's magnitude clamps (needed for parity with official weights).
+    #[config(default = true)]
+    pub clamp: bool,
+}
+
+#[derive(Module, Debug)]
+pub struct VicinityAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    /// FPC squeeze (official `se_fc.0`).
+    pub se_fc1: Linear<B>,
+    /// FPC excitation (official `se_fc.2`).
+    pub se_fc2: Linear<B>,
+    pub sr: Option<Conv2d<B>>,
+    pub norm: Option<LayerNorm<B>>,
+    pub heads: usize,
+    #[module(skip)]
+    pub locality: Locality,
+    pub clamp: bool,
+}
+
+impl VicinityAttentionConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> VicinityAttention<B> {
+        let inner = self.dim / self.feature_reduction;
+        let squeezed = self.dim / self.se_ratio;
+        let linear = |i, o, bias| {
+            LinearConfig::new(i, o)
+                .with_bias(bias)
+                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device)
+        };
+        let r = self.spatial_reduction;
+        let (sr, norm) = if r > 1 {
+            let fan_out = (r * r * self.dim) as f64;
+            let conv = Conv2dConfig::new([self.dim, self.dim], [r, r])
+                .with_stride([r, r])
+                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: (2.0 / fan_out).sqrt() })
+                .init(device);
+            (Some(conv), Some(LayerNormConfig::new(self.dim).init(device)))
+        } else {
+            (None, None)
+        };
+        VicinityAttention {
+            q_proj: linear(self.dim, inner, true),
+            k_proj: linear(self.dim, inner, true),
+            v_proj: linear(self.dim, inner, true),
+            out_proj: linear(inner, self.dim, true),
+            se_fc1: linear(self.dim, squeezed, false),
+            se_fc2: linear(squeezed, self.dim, false),
+            sr,
+            norm,
+            heads: self.heads,
+            locality: self.locality,
+            clamp: self.clamp,
+        }
+    }
+}
+
+/// Per-token angles `(a, b)` of an `h×w` grid, each `N×1`: `a = (π/2)·row/h`, `b = (π/2)·col/w`
+/// (2D), or `a = (π/2)·t/N` for the flat index `t` (1D).
+fn angles<B: Backend>(locality: Locality, h: usize, w: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let n = h * w;
+    let idx = Tensor::<B, 1, Int>::arange(0..n as i64, device);
+    let (a, b) = match locality {
+        Locality::OneD => {
+            let a = idx.float().mul_scalar(FRAC_PI_2 / n as f64);
+            (a.clone(), a)
+        }
+        _ => {
+            let row = idx.clone().div_scalar(w as i64).float().mul_scalar(FRAC_PI_2 / h as f64);
+            let col = idx.remainder_scalar(w as i64).float().mul_scalar(FRAC_PI_2 / w as f64);
+            (row, col)
+        }
+    };
+    (a.reshape([n, 1]), b.reshape([n, 1]))
+}
+
+/// Re-weighted features: `[x cos a, x sin a, x cos b, x sin b]` (2D), `[x cos a, x sin a]` (1D),
+/// or `x` itself, for `x: B×heads×N×d`.
+pub fn reweight<B: Backend>(x: Tensor<B, 4>, locality: Locality, h: usize, w: usize) -> Tensor<B, 4> {
+    if locality == Locality::None {
+        return x;
+    }
+    let (a, b) = angles::<B>(locality, h, w, &x.device());
+    let [n, _] = a.dims();
+    let expand = |t: Tensor<B, 2>| t.reshape([1, 1, n, 1]);
+    let mut parts = vec![
+        x.clone() * expand(a.clone().cos()),
+        x.clone() * expand(a.sin()),
+    ];
+    if locality == Locality::TwoD {
+        parts.push(x.clone() * expand(b.clone().cos()));
+        parts.push(x * expand(b.sin()));
+    }
+    Tensor::cat(parts, 3)
+}
+
+/// The locality weight between every query of a `qh×qw` grid and every key of a `kh×kw` grid
+/// (`Nq×Nk`), written out explicitly: `cos(a_i−a_j) + cos(b_i−b_j)` for 2D.
+pub fn locality_matrix<B: Backend>(
+    locality: Locality,
+    q_grid: (usize, usize),
+    k_grid: (usize, usize),
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let (nq, nk) = (q_grid.0 * q_grid.1, k_grid.0 * k_grid.1);
+    if locality == Locality::None {
+        return Tensor::ones([nq, nk], device);
+    }
+    let (qa, qb) = angles::<B>(locality, q_grid.0, q_grid.1, device);
+    let (ka, kb) = angles::<B>(locality, k_grid.0, k_grid.1, device);
+    let da = qa - ka.reshape([1, nk]);
+    let db = qb - kb.reshape([1, nk]);
+    match locality {
+        Locality::TwoD => da.cos() + db.cos(),
+        _ => da.cos(),
+    }
+}
+
+/// Which way the attention core is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Core {
+    /// O(N): through `k'ᵀv` (what the model uses).
+    Linear,
+    /// O(N²): the explicit weight matrix (VVT paper Eq. 8–10), for tests.
+    Quadratic,
+}
+
+impl<B: Backend> VicinityAttention<B> {
+    /// `x: B×N×C` tokens of an `h×w` grid → `B×N×C`.
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
+        self.forward_core(x, h, w, Core::Linear)
+    }
+
+    /// The same block with the explicit N×N attention weights (no clamps inside the core; the
+    /// clamps on the block's outputs still follow `self.clamp`).
+    pub fn forward_reference(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
+        self.forward_core(x, h, w, Core::Quadratic)
+    }
+
+    fn maybe_clamp<const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
+        if self.clamp { clamp_magnitude(t) } else { t }
+    }
+
+    fn forward_core(&self, x: Tensor<B, 3>, h: usize, w: usize, core: Core) -> Tensor<B, 3> {
+        let [batch, n, c] = x.dims();
+        // Feature Preserving Connection gate from the mean token.
+        let pooled = x.clone().mean_dim(1).reshape([batch, c]);
+        let gate = sigmoid(self.se_fc2.forward(relu(self.se_fc1.forward(pooled))));
+
+        // Keys/values from a spatially reduced grid when r > 1.
+        let (src, kh, kw) = match (&self.sr, &self.norm) {
+            (Some(sr), Some(norm)) => {
+                let grid = x.clone().swap_dims(1, 2).reshape([batch, c, h, w]);
+                let reduced = sr.forward(grid);
+                let [_, _, kh, kw] = reduced.dims();
+                let tokens = reduced.reshape([batch, c, kh * kw]).swap_dims(1, 2);
+                (norm.forward(tokens), kh, kw)
+            }
+            _ => (x.clone(), h, w),
+        };
+
+        let heads = self.heads;
+        let split = |t: Tensor<B, 3>| {
+            let [b, len, inner] = t.dims();
+            t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
+        };
+        let q = relu(split(self.q_proj.forward(x)));
+        let k = relu(split(self.k_proj.forward(src.clone())));
+        let v = split(self.v_proj.forward(src));
+
+        let out = match core {
+            Core::Linear => {
+                let qr = reweight(q, self.locality, h, w);
+                let kr = reweight(k, self.locality, kh, kw);
+                let kv = self.maybe_clamp(kr.clone().swap_dims(2, 3).matmul(v));
+                let k_sum = kr.sum_dim(2).swap_dims(2, 3);
+                let z = self.maybe_clamp(qr.clone().matmul(k_sum).add_scalar(EPS).recip());
+                let num = self.maybe_clamp(qr.matmul(kv));
+                self.maybe_clamp(num * z)
+            }
+            Core::Quadratic => {
+                let weights = locality_matrix::<B>(self.locality, (h, w), (kh, kw), &q.device());
+                let [nq, nk] = weights.dims();
+                let scores = q.matmul(k.swap_dims(2, 3)) * weights.reshape([1, 1, nq, nk]);
+                let denom = scores.clone().sum_dim(3).add_scalar(EPS);
+                scores.matmul(v) / denom
+            }
+        };
+        let [_, _, _, d] = out.dims();
+        let merged = out.swap_dims(1, 2).reshape([batch, n, heads * d]);
+        let out = self.maybe_clamp(self.out_proj.forward(merged));
+        let fused = out.clone() + out * gate.reshape([batch, 1, c]);
+        self.maybe_clamp(fused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    type B = burn::backend::Flex;
+
+    fn rel(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+        let d: f32 = (a - b.clone()).powi_scalar(2).sum().into_scalar();
+        let n: f32 = b.powi_scalar(2).sum().into_scalar();
+        (d / n).sqrt()
+    }
+
+    fn check(locality: Locality, h: usize, w: usize, r: usize) {
+        let device = Default::default();
+        let attn = VicinityAttentionConfig::new(24, 3)
+            .with_spatial_reduction(r)
+            .with_locality(locality)
+            .with_clamp(false)
+            .init::<B>(&device);
+        let x = Tensor::<B, 3>::random([2, h * w, 24], Distribution::Normal(0.0, 1.0), &device);
+        let fast = attn.forward(x.clone(), h, w);
+        let slow = attn.forward_reference(x, h, w);
+        let err = rel(fast, slow);
+        assert!(err < 1e-4, "{locality:?} {h}x{w} r={r}: rel err {err}");
+    }
+
+    #[test]
+    fn linear_form_equals_quadratic_form() {
+        for locality in [Locality::TwoD, Locality::OneD, Locality::None] {
+            check(locality, 6, 6, 1);
+            check(locality, 4, 10, 1);
+            check(locality, 8, 6, 2);
+            check(locality, 4, 8, 4);
+        }
+    }
+
+    #[test]
+    fn reweighted_features_give_the_locality_weight() {
+        // q'ᵢ·k'ⱼ with unit features is exactly the locality matrix.
+        let device = Default::default();
+        let (h, w) = (5, 7);
+        let ones = Tensor::<B, 4>::ones([1, 1, h * w, 1], &device);
+        let f = reweight(ones, Locality::TwoD, h, w);
+        let gram = f.clone().matmul(f.swap_dims(2, 3)).reshape([h * w, h * w]);
+        let explicit = locality_matrix::<B>(Locality::TwoD, (h, w), (h, w), &device);
+        let d: f32 = (gram - explicit).abs().max().into_scalar();
+        assert!(d < 1e-5, "max diff {d}");
+    }
+
+    #[test]
+    fn locality_weight_falls_with_manhattan_distance() {
+        let device = Default::default();
+        let (h, w) = (9, 9);
+        let m = locality_matrix::<B>(Locality::TwoD, (h, w), (h, w), &device);
+        let values: Vec<f32> = m.into_data().to_vec().unwrap();
+        let query = 0; // corner (0, 0): every key is "down-right" of it
+        let weight = |r: usize, c: usize| values[query * h * w + r * w + c];
+        assert!((weight(0, 0) - 2.0).abs() < 1e-6, "self weight is 2");
+        for r in 0..h {
+            for c in 0..w {
+                if r + 1 < h {
+                    assert!(weight(r + 1, c) < weight(r, c), "falls down the column at ({r},{c})");
+                }
+                if c + 1 < w {
+                    assert!(weight(r, c + 1) < weight(r, c), "falls along the row at ({r},{c})");
+                }
+            }
+        }
+        // From the centre, keys at a larger Manhattan distance along one axis weigh less.
+        let centre = 4 * w + 4;
+        let from_centre = |r: usize, c: usize| values[centre * h * w + r * w + c];
+        assert!(from_centre(4, 4) > from_centre(4, 5));
+        assert!(from_centre(4, 5) > from_centre(5, 5));
+        assert!(from_centre(5, 5) > from_centre(6, 5));
+        assert!((from_centre(3, 4) - from_centre(5, 4)).abs() < 1e-6, "symmetric");
+    }
+
+    #[test]
+    fn clamp_keeps_zero_and_bounds_magnitudes() {
+        let device = Default::default();
+        let t = Tensor::<B, 1>::from_floats([0.0, 1e-7, -1e-7, 5.0, -2e5, 3e4], &device);
+        let c: Vec<f32> = clamp_magnitude(t).into_data().to_vec().unwrap();
+        assert_eq!(c, vec![0.0, 1e-4, -1e-4, 5.0, -1e4, 1e4]);
+    }
+
+    #[test]
+    fn clamps_are_switchable() {
+        let device = Default::default();
+        let x = Tensor::<B, 3>::random([1, 16, 8], Distribution::Normal(0.0, 1.0), &device);
+        let mut with = VicinityAttentionConfig::new(8, 2).init::<B>(&device);
+        // An out_proj that outputs 1e-6 everywhere: the clamp lifts it to 1e-4, no clamp keeps it.
+        with.out_proj.weight = with.out_proj.weight.clone().map(|w| w.zeros_like());
+        with.out_proj.bias = with.out_proj.bias.clone().map(|b| b.map(|t| t.zeros_like().add_scalar(1e-6)));
+        let mut without = with.clone();
+        without.clamp = false;
+        let max_abs = |t: Tensor<B, 3>| -> f32 { t.abs().max().into_scalar() };
+        let min_abs = |t: Tensor<B, 3>| -> f32 { t.abs().min().into_scalar() };
+        assert!(max_abs(without.forward(x.clone(), 4, 4)) < 2.1e-6);
+        assert!(min_abs(with.forward(x, 4, 4)) >= 0.99e-4);
+    }
+}

@@ -1,0 +1,142 @@
+//! The commands behind the `vicinity` binary. `main.rs` only parses arguments and picks the backend.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+
+use crate::flops;
+use crate::io;
+use crate::models::{self, MODEL_NAMES, Model, ModelConfig};
+use crate::weights;
+
+/// `vicinity models`: every registered model with its parameters and GFLOPs at its default size.
+pub fn list_models() -> Result<String> {
+    let mut out = format!("{:<22} {:>14} {:>8} {:>10}\n", "model", "params", "input", "GFLOPs");
+    for name in MODEL_NAMES {
+        let config = models::config_by_name(name)?;
+        let res = config.default_resolution();
+        let (macs, params) = flops::totals(&flops::model_costs(&config, res, res));
+        out.push_str(&format!(
+            "{name:<22} {:>14} {:>8} {:>10.2}\n",
+            group_thousands(params),
+            format!("{res}²"),
+            macs as f64 / 1e9
+        ));
+    }
+    out.push_str("\nGFLOPs count one multiply-accumulate as one FLOP, as in the papers' tables.\n");
+    Ok(out)
+}
+
+/// `vicinity flops`: the per-layer breakdown of one model.
+pub fn flops_table(config: &ModelConfig, resolution: usize, per_layer: bool) -> Result<String> {
+    config.check_input(resolution, resolution)?;
+    let costs = flops::model_costs(config, resolution, resolution);
+    let (macs, params) = flops::totals(&costs);
+    let mut out = String::new();
+    if per_layer {
+        out.push_str(&format!("{:<40} {:>12} {:>12}\n", "layer", "MFLOPs", "params"));
+        for c in &costs {
+            out.push_str(&format!(
+                "{:<40} {:>12.3} {:>12}\n",
+                c.name,
+                c.macs as f64 / 1e6,
+                group_thousands(c.params)
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "total at {resolution}²: {:.3} GFLOPs, {} params\n",
+        macs as f64 / 1e9,
+        group_thousands(params)
+    ));
+    Ok(out)
+}
+
+pub fn group_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The model a command runs: from a name or config file, optionally with weights. A native
+/// weights file carries its own configuration, so `model` may then be omitted.
+pub fn build_model<B: Backend>(
+    model: Option<&str>,
+    weights_path: Option<&Path>,
+    device: &B::Device,
+) -> Result<(ModelConfig, Model<B>)> {
+    let stored = match weights_path {
+        Some(p) if p.extension().is_some_and(|e| e == "safetensors") => weights::native_config(p)?,
+        _ => None,
+    };
+    let config = match (model, stored) {
+        (Some(m), _) => models::resolve_config(m)?,
+        (None, Some(c)) => c,
+        (None, None) => bail!("say which model: --model NAME or a .json/.toml config file"),
+    };
+    let model = config.init::<B>(device)?;
+    let model = match weights_path {
+        Some(p) => weights::load_any(model, p)?,
+        None => model,
+    };
+    Ok((config, model))
+}
+
+/// Where `vicinity features` takes its input from.
+pub enum FeatureInput {
+    Images(Vec<PathBuf>),
+    Tensor(PathBuf),
+}
+
+/// `vicinity features`: logits and every stage's tokens into a safetensors file (fixture layout).
+pub fn features<B: Backend>(
+    model: Option<&str>,
+    weights_path: Option<&Path>,
+    input: FeatureInput,
+    resolution: Option<usize>,
+    output: &Path,
+    device: &B::Device,
+) -> Result<String> {
+    let (config, model) = build_model::<B>(model, weights_path, device)?;
+    let x = match input {
+        FeatureInput::Tensor(path) => {
+            let (shape, values) = io::read_safetensors_f32(&path, "input")?;
+            if shape.len() != 4 || shape[1] != 3 {
+                bail!("'input' in {} has shape {shape:?}; expected B×3×H×W", path.display());
+            }
+            Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, shape), device)
+        }
+        FeatureInput::Images(paths) => {
+            if paths.is_empty() {
+                bail!("no input images given");
+            }
+            let r = resolution.unwrap_or_else(|| config.default_resolution());
+            io::load_images::<B>(&paths, [r, r], device)?
+        }
+    };
+    let [_, _, h, w] = x.dims();
+    config.check_input(h, w)?;
+    let out = model.forward_features(x);
+    let mut tensors = BTreeMap::new();
+    let logits = io::to_host(out.logits)?;
+    let summary = format!("logits {:?}", logits.0);
+    tensors.insert("logits".to_string(), logits);
+    for (i, stage) in out.stages.into_iter().enumerate() {
+        tensors.insert(format!("stage{}", i + 1), io::to_host(stage)?);
+    }
+    io::write_safetensors(output, &tensors)
+        .with_context(|| format!("writing features to {}", output.display()))?;
+    Ok(format!(
+        "wrote {} ({summary}, {} stages)",
+        output.display(),
+        tensors.len() - 1
+    ))
+}

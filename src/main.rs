@@ -1,0 +1,112 @@
+//! The `vicinity` command line: parses arguments, picks the backend and calls into [`vicinity::cli`].
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::prelude::Backend;
+use clap::{Parser, Subcommand};
+use vicinity::backend::BackendKind;
+use vicinity::cli;
+
+#[derive(Parser)]
+#[command(name = "vicinity", version, about = "VVT and LSAGT vision transformers on Burn")]
+struct Args {
+    /// Compute backend: cuda (GPU builds) or flex (CPU).
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the registered models with their parameters and GFLOPs.
+    Models,
+    /// Per-layer GFLOPs and parameters of one model.
+    Flops {
+        /// Registered model name or a .json/.toml config file.
+        model: String,
+        /// Input resolution (square); defaults to the model's own.
+        #[arg(long)]
+        resolution: Option<usize>,
+        /// Only print the total.
+        #[arg(long)]
+        total: bool,
+    },
+    /// Run a model and write logits and every stage's tokens (stage1..K) to a safetensors file.
+    Features {
+        /// Registered model name or a .json/.toml config file (optional with native weights).
+        #[arg(long)]
+        model: Option<String>,
+        /// Official .pth checkpoint or native .safetensors weights.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Image files, or one .safetensors file holding a B×3×H×W tensor named `input`.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Resize images to this resolution (defaults to the model's own).
+        #[arg(long)]
+        resolution: Option<usize>,
+        #[arg(long, short, default_value = "features.safetensors")]
+        output: PathBuf,
+    },
+    /// Convert an official .pth checkpoint to native safetensors (configuration included).
+    Convert {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    match args.backend.resolve()? {
+        BackendKind::Flex => dispatch::<vicinity::backend::Cpu>(args.command, &Default::default()),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => dispatch::<vicinity::backend::Gpu>(args.command, &Default::default()),
+        other => anyhow::bail!("backend {other:?} is not available in this build"),
+    }
+}
+
+fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
+    match command {
+        Command::Models => print!("{}", cli::list_models()?),
+        Command::Flops { model, resolution, total } => {
+            let config = vicinity::models::resolve_config(&model)?;
+            let res = resolution.unwrap_or_else(|| config.default_resolution());
+            print!("{}", cli::flops_table(&config, res, !total)?);
+        }
+        Command::Features { model, weights, input, resolution, output } => {
+            let input = match input.as_slice() {
+                [one] if one.extension().is_some_and(|e| e == "safetensors") => {
+                    cli::FeatureInput::Tensor(one.clone())
+                }
+                _ => cli::FeatureInput::Images(input),
+            };
+            let msg = cli::features::<B>(
+                model.as_deref(),
+                weights.as_deref(),
+                input,
+                resolution,
+                &output,
+                device,
+            )?;
+            println!("{msg}");
+        }
+        Command::Convert { model, weights, output } => {
+            let (config, m) = cli::build_model::<B>(Some(&model), Some(&weights), device)?;
+            vicinity::weights::save_native(&m, &config, &output)?;
+            println!("wrote {}", output.display());
+        }
+    }
+    Ok(())
+}

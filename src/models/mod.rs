@@ -1,0 +1,178 @@
+//! The two model families and a registry of named configurations (in the spirit of timm's
+//! `create_model`).
+//!
+//! A configuration is a plain serde struct, so any model can also come from a JSON or TOML file:
+//! `{"family": "vvt", ...}` or `family = "lsagt"`.
+
+pub mod lsagt;
+pub mod vvt;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use lsagt::{Lsagt, LsagtConfig};
+pub use vvt::{Vvt, VvtConfig};
+
+/// Logits and every stage's output tokens (`B×N×C`), in the layout of the fixtures.
+#[derive(Debug, Clone)]
+pub struct ModelOutput<B: Backend> {
+    pub logits: Tensor<B, 2>,
+    pub stages: Vec<Tensor<B, 3>>,
+}
+
+/// Any configuration of either family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "lowercase")]
+pub enum ModelConfig {
+    Vvt(VvtConfig),
+    Lsagt(LsagtConfig),
+}
+
+/// A model of either family, so the CLI and trainer can hold one without knowing which.
+#[derive(Module, Debug)]
+pub enum Model<B: Backend> {
+    Vvt(Vvt<B>),
+    Lsagt(Lsagt<B>),
+}
+
+impl ModelConfig {
+    /// Checks the configuration and builds a randomly initialised model.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Model<B>> {
+        self.validate()?;
+        Ok(match self {
+            Self::Vvt(c) => Model::Vvt(c.init(device)),
+            Self::Lsagt(c) => Model::Lsagt(c.init(device)),
+        })
+    }
+
+    /// Fails with a message naming the impossible part of the configuration.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Vvt(c) => c.validate(),
+            Self::Lsagt(c) => c.validate(),
+        }
+    }
+
+    /// Fails unless the model can take a `height×width` image.
+    pub fn check_input(&self, height: usize, width: usize) -> Result<()> {
+        match self {
+            Self::Vvt(c) => c.check_input(height, width),
+            Self::Lsagt(c) => c.check_input(height, width),
+        }
+    }
+
+    /// The resolution the model was designed for (square).
+    pub fn default_resolution(&self) -> usize {
+        match self {
+            Self::Vvt(c) => c.img_size,
+            Self::Lsagt(c) => c.image_size,
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::Vvt(c) => c.num_classes,
+            Self::Lsagt(c) => c.num_classes,
+        }
+    }
+
+    /// The same model with a different classifier size.
+    pub fn with_num_classes(mut self, classes: usize) -> Self {
+        match &mut self {
+            Self::Vvt(c) => c.num_classes = classes,
+            Self::Lsagt(c) => c.num_classes = classes,
+        }
+        self
+    }
+
+    /// Reads a configuration from a `.json` or `.toml` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let config: Self = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid TOML model config", path.display()))?,
+            _ => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid JSON model config", path.display()))?,
+        };
+        config
+            .validate()
+            .with_context(|| format!("impossible model config in {}", path.display()))?;
+        Ok(config)
+    }
+}
+
+/// Every registered model name, in display order.
+pub const MODEL_NAMES: [&str; 9] = [
+    "vvt_tiny",
+    "vvt_small",
+    "vvt_medium",
+    "vvt_large",
+    "lsagt_cifar_tiny",
+    "lsagt_cifar_small",
+    "lsagt_cifar_base",
+    "lsagt_imagenet_tiny",
+    "lsagt_imagenet_small",
+];
+
+/// The released configuration of that name.
+pub fn config_by_name(name: &str) -> Result<ModelConfig> {
+    Ok(match name {
+        "vvt_tiny" => ModelConfig::Vvt(VvtConfig::tiny()),
+        "vvt_small" => ModelConfig::Vvt(VvtConfig::small()),
+        "vvt_medium" => ModelConfig::Vvt(VvtConfig::medium()),
+        "vvt_large" => ModelConfig::Vvt(VvtConfig::large()),
+        "lsagt_cifar_tiny" => ModelConfig::Lsagt(LsagtConfig::cifar_tiny()),
+        "lsagt_cifar_small" => ModelConfig::Lsagt(LsagtConfig::cifar_small()),
+        "lsagt_cifar_base" => ModelConfig::Lsagt(LsagtConfig::cifar_base()),
+        "lsagt_imagenet_tiny" => ModelConfig::Lsagt(LsagtConfig::imagenet_tiny()),
+        "lsagt_imagenet_small" => ModelConfig::Lsagt(LsagtConfig::imagenet_small()),
+        _ => bail!(
+            "unknown model '{name}'; valid names: {} (or pass a .json/.toml config file)",
+            MODEL_NAMES.join(", ")
+        ),
+    })
+}
+
+/// A registered name, or a path to a `.json`/`.toml` configuration file.
+pub fn resolve_config(name_or_path: &str) -> Result<ModelConfig> {
+    let path = Path::new(name_or_path);
+    let is_file = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("json" | "toml")
+    );
+    if is_file {
+        ModelConfig::from_file(path)
+    } else {
+        config_by_name(name_or_path)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Logits and every stage's tokens for a `B×3×H×W` batch.
+    pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
+        match self {
+            Self::Vvt(m) => m.forward_features(x),
+            Self::Lsagt(m) => m.forward_features(x),
+        }
+    }
+
+    /// Logits only.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        match self {
+            Self::Vvt(m) => m.forward(x),
+            Self::Lsagt(m) => m.forward(x),
+        }
+    }
+}
+
+/// Shared checks for configurations.
+pub(crate) fn ensure_divisible(what: &str, value: usize, by_what: &str, by: usize) -> Result<()> {
+    if by == 0 || value % by != 0 {
+        bail!("{what} = {value} is not divisible by {by_what} = {by}");
+    }
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! VVT: the Vicinity Vision Transformer, a four-stage pyramid of vicinity attention blocks.
+//!
+//! Module names follow the official checkpoints where Burn allows (`stages.{i}` stands for the
+//! official `patch_embed{i+1}` / `block{i+1}` / `norm{i+1}`), see [`rename_official`].
+
+use anyhow::{Result, bail};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+use serde::{Deserialize, Serialize};
+
+use super::{ModelOutput, ensure_divisible};
+use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
+use crate::flops::{self, LayerCost};
+
+fn default_true() -> bool {
+    true
+}
+fn default_img_size() -> usize {
+    224
+}
+fn default_drop_path() -> f64 {
+    0.1
+}
+
+/// A VVT configuration; the four released ones are [`VvtConfig::tiny`] … [`VvtConfig::large`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VvtConfig {
+    /// Channels per stage.
+    pub embed_dims: Vec<usize>,
+    pub heads: Vec<usize>,
+    /// MLP expansion ratio per stage.
+    pub mlp_ratios: Vec<usize>,
+    pub depths: Vec<usize>,
+    /// Spatial reduction ratio r of keys/values per stage (1 = none).
+    pub sr_ratios: Vec<usize>,
+    /// Feature reduction ratio f per stage.
+    pub fr_ratios: Vec<usize>,
+    #[serde(default = "default_se_ratio")]
+    pub se_ratio: usize,
+    pub num_classes: usize,
+    #[serde(default)]
+    pub locality: Locality,
+    /// The released code's magnitude clamps (needed for parity with official weights).
+    #[serde(default = "default_true")]
+    pub clamp: bool,
+    #[serde(default = "default_drop_path")]
+    pub drop_path: f64,
+    /// Default input resolution (square).
+    #[serde(default = "default_img_size")]
+    pub img_size: usize,
+    #[serde(default = "default_in_chans")]
+    pub in_chans: usize,
+}
+
+fn default_se_ratio() -> usize {
+    1
+}
+fn default_in_chans() -> usize {
+    3
+}
+
+impl VvtConfig {
+    fn released(mlp_ratios: [usize; 4], depths: [usize; 4]) -> Self {
+        Self {
+            embed_dims: vec![96, 160, 320, 512],
+            heads: vec![1, 2, 5, 8],
+            mlp_ratios: mlp_ratios.to_vec(),
+            depths: depths.to_vec(),
+            sr_ratios: vec![1; 4],
+            fr_ratios: vec![2; 4],
+            se_ratio: 1,
+            num_classes: 1000,
+            locality: Locality::TwoD,
+            clamp: true,
+            drop_path: 0.1,
+            img_size: 224,
+            in_chans: 3,
+        }
+    }
+    pub fn tiny() -> Self {
+        Self::released([8, 8, 4, 4], [2, 2, 2, 2])
+    }
+    pub fn small() -> Self {
+        Self::released([8, 8, 4, 4], [3, 3, 9, 3])
+    }
+    pub fn medium() -> Self {
+        Self::released([8, 8, 4, 4], [3, 3, 27, 3])
+    }
+    pub fn large() -> Self {
+        Self::released([4, 4, 4, 4], [4, 4, 36, 4])
+    }
+
+    pub fn num_stages(&self) -> usize {
+        self.embed_dims.len()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.num_stages();
+        if n == 0 {
+            bail!("VVT config has no stages (embed_dims is empty)");
+        }
+        for (name, len) in [
+            ("heads", self.heads.len()),
+            ("mlp_ratios", self.mlp_ratios.len()),
+            ("depths", self.depths.len()),
+            ("sr_ratios", self.sr_ratios.len()),
+            ("fr_ratios", self.fr_ratios.len()),
+        ] {
+            if len != n {
+                bail!("VVT config: {name} has {len} entries but embed_dims has {n} (one per stage)");
+            }
+        }
+        for i in 0..n {
+            let (c, h, f) = (self.embed_dims[i], self.heads[i], self.fr_ratios[i]);
+            let stage = format!("stage {}", i + 1);
+            ensure_divisible(&format!("{stage}: embed_dim"), c, "heads", h)?;
+            ensure_divisible(&format!("{stage}: embed_dim/heads"), c / h, "feature reduction f", f)?;
+            ensure_divisible(&format!("{stage}: embed_dim"), c, "se_ratio", self.se_ratio)?;
+            if self.mlp_ratios[i] == 0 || self.sr_ratios[i] == 0 {
+                bail!("VVT config: {stage} has a zero mlp_ratio or sr_ratio");
+            }
+        }
+        if self.num_classes == 0 {
+            bail!("VVT config: num_classes must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            bail!("VVT config: drop_path must be in [0, 1), got {}", self.drop_path);
+        }
+        Ok(())
+    }
+
+    /// Grid sizes `(h, w)` of each stage for an `h×w` input.
+    pub fn grids(&self, h: usize, w: usize) -> Vec<(usize, usize)> {
+        let mut grids = Vec::new();
+        let (mut gh, mut gw) = (h, w);
+        for i in 0..self.num_stages() {
+            let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
+            gh = (gh + 2 * (k / 2) - k) / s + 1;
+            gw = (gw + 2 * (k / 2) - k) / s + 1;
+            grids.push((gh, gw));
+        }
+        grids
+    }
+
+    pub fn check_input(&self, h: usize, w: usize) -> Result<()> {
+        let factor = 4 << (self.num_stages() - 1);
+        if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+            bail!("VVT takes images whose height and width are multiples of {factor}; got {h}x{w}");
+        }
+        for (i, (&(gh, gw), &r)) in self.grids(h, w).iter().zip(&self.sr_ratios).enumerate() {
+            if gh % r != 0 || gw % r != 0 {
+                bail!(
+                    "VVT stage {} has a {gh}x{gw} grid that spatial reduction r={r} does not divide; use an input that is a multiple of {}",
+                    i + 1,
+                    factor * r
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Vvt<B> {
+        let total_blocks: usize = self.depths.iter().sum();
+        let mut block_index = 0;
+        let mut stages = Vec::new();
+        for i in 0..self.num_stages() {
+            let c_in = if i == 0 { self.in_chans } else { self.embed_dims[i - 1] };
+            let c = self.embed_dims[i];
+            let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
+            let patch_embed = PatchEmbed {
+                proj: conv(c_in, c, k, s, k / 2, 1, device),
+                norm: LayerNormConfig::new(c).with_epsilon(1e-5).init(device),
+            };
+            let blocks = (0..self.depths[i])
+                .map(|_| {
+                    let rate = if total_blocks > 1 {
+                        self.drop_path * block_index as f64 / (total_blocks - 1) as f64
+                    } else {
+                        0.0
+                    };
+                    block_index += 1;
+                    let hidden = c * self.mlp_ratios[i];
+                    Block {
+                        norm1: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
+                        attn: VicinityAttentionConfig::new(c, self.heads[i])
+                            .with_feature_reduction(self.fr_ratios[i])
+                            .with_spatial_reduction(self.sr_ratios[i])
+                            .with_se_ratio(self.se_ratio)
+                            .with_locality(self.locality)
+                            .with_clamp(self.clamp)
+                            .init(device),
+                        norm2: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
+                        mlp: Mlp {
+                            fc1: linear(c, hidden, device),
+                            dwconv: conv(hidden, hidden, 3, 1, 1, hidden, device),
+                            fc2: linear(hidden, c, device),
+                        },
+                        drop_path: rate,
+                    }
+                })
+                .collect();
+            stages.push(Stage {
+                patch_embed,
+                blocks,
+                norm: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
+            });
+        }
+        Vvt { stages, head: linear(*self.embed_dims.last().unwrap(), self.num_classes, device) }
+    }
+}
+
+fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(i, o)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+}
+
+/// Conv2d with the official init: normal(0, √(2/fan_out)), fan_out = k·k·C_out/groups.
+fn conv<B: Backend>(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
+    let fan_out = (k * k * cout / groups) as f64;
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_groups(groups)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: (2.0 / fan_out).sqrt() })
+        .init(device)
+}
+
+/// Overlapping patch embedding: strided conv + LayerNorm.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+    pub norm: LayerNorm<B>,
+}
+
+/// Convolutional feed-forward: Linear → depth-wise 3×3 conv on the grid → GELU → Linear.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub dwconv: Conv2d<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
+        let x = self.fc1.forward(x);
+        let [b, n, c] = x.dims();
+        let grid = x.swap_dims(1, 2).reshape([b, c, h, w]);
+        let x = self.dwconv.forward(grid).reshape([b, c, n]).swap_dims(1, 2);
+        self.fc2.forward(gelu(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: VicinityAttention<B>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    /// Stochastic-depth rate of this block (used in training only).
+    pub drop_path: f64,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
+        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), h, w), self.drop_path);
+        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x), h, w), self.drop_path)
+    }
+}
+
+/// Stochastic depth: in training (autodiff backends) drops the residual branch per sample with
+/// probability `rate` and rescales the kept ones; the identity otherwise.
+pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
+    if rate <= 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    let batch = x.dims()[0];
+    let mut shape = [1; D];
+    shape[0] = batch;
+    let keep = Tensor::<B, D>::random(shape, burn::tensor::Distribution::Bernoulli(1.0 - rate), &x.device());
+    x * keep.div_scalar(1.0 - rate)
+}
+
+#[derive(Module, Debug)]
+pub struct Stage<B: Backend> {
+    pub patch_embed: PatchEmbed<B>,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Vvt<B: Backend> {
+    pub stages: Vec<Stage<B>>,
+    pub head: Linear<B>,
+}
+
+impl<B: Backend> Vvt<B> {
+    pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
+        let mut x = x;
+        let mut outputs = Vec::with_capacity(self.stages.len());
+        let last = self.stages.len() - 1;
+        for (i, stage) in self.stages.iter().enumerate() {
+            let grid = stage.patch_embed.proj.forward(x);
+            let [b, c, h, w] = grid.dims();
+            let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, c, h * w]).swap_dims(1, 2));
+            for block in &stage.blocks {
+                tokens = block.forward(tokens, h, w);
+            }
+            let tokens = stage.norm.forward(tokens);
+            outputs.push(tokens.clone());
+            if i == last {
+                let pooled = tokens.mean_dim(1).reshape([b, c]);
+                return ModelOutput { logits: self.head.forward(pooled), stages: outputs };
+            }
+            x = tokens.swap_dims(1, 2).reshape([b, c, h, w]);
+        }
+        unreachable!("a VVT has at least one stage")
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.forward_features(x).logits
+    }
+}
+
+/// Official name → module path: `patch_embed2.proj.weight` → `stages.1.patch_embed.proj.weight`,
+/// `block3.0.attn.se_fc.2.weight` → `stages.2.blocks.0.attn.se_fc2.weight`, `norm4.bias` →
+/// `stages.3.norm.bias`.
+pub fn rename_official(name: &str) -> String {
+    let stage_of = |rest: &str| -> Option<(usize, String)> {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let i: usize = digits.parse().ok()?;
+        Some((i.checked_sub(1)?, rest[digits.len()..].to_string()))
+    };
+    let mapped = if let Some((i, rest)) = name.strip_prefix("patch_embed").and_then(stage_of) {
+        Some(format!("stages.{i}.patch_embed{rest}"))
+    } else if let Some((i, rest)) = name.strip_prefix("block").and_then(stage_of) {
+        let rest = rest
+            .replace(".attn.se_fc.0.", ".attn.se_fc1.")
+            .replace(".attn.se_fc.2.", ".attn.se_fc2.")
+            .replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.");
+        Some(format!("stages.{i}.blocks{rest}"))
+    } else if let Some((i, rest)) = name.strip_prefix("norm").and_then(stage_of) {
+        Some(format!("stages.{i}.norm{rest}"))
+    } else {
+        None
+    };
+    mapped.unwrap_or_else(|| name.to_string())
+}
+
+/// Per-layer MACs and parameters at `h×w` input.
+pub fn costs(config: &VvtConfig, h: usize, w: usize) -> Vec<LayerCost> {
+    let mut out = Vec::new();
+    let grids = config.grids(h, w);
+    for (i, &(gh, gw)) in grids.iter().enumerate() {
+        let s = i + 1;
+        let c = config.embed_dims[i] as u64;
+        let c_in = if i == 0 { config.in_chans as u64 } else { config.embed_dims[i - 1] as u64 };
+        let k = if i == 0 { 7 } else { 3 };
+        let n = (gh * gw) as u64;
+        out.push(flops::conv2d(&format!("patch_embed{s}.proj"), c_in, c, k, 1, gh as u64, gw as u64, true));
+        out.push(flops::norm(&format!("patch_embed{s}.norm"), c));
+        let f = config.fr_ratios[i] as u64;
+        let r = config.sr_ratios[i] as u64;
+        let heads = config.heads[i] as u64;
+        let inner = c / f;
+        let d = inner / heads;
+        let e = config.locality.expansion() as u64;
+        let hidden = c * config.mlp_ratios[i] as u64;
+        let m = n / (r * r);
+        for j in 0..config.depths[i] {
+            let p = format!("block{s}.{j}");
+            out.push(flops::norm(&format!("{p}.norm1"), c));
+            if r > 1 {
+                let (kh, kw) = ((gh as u64) / r, (gw as u64) / r);
+                out.push(flops::conv2d(&format!("{p}.attn.sr"), c, c, r, 1, kh, kw, true));
+                out.push(flops::norm(&format!("{p}.attn.norm"), c));
+            }
+            out.push(flops::linear(&format!("{p}.attn.q_proj"), n, c, inner, true));
+            out.push(flops::linear(&format!("{p}.attn.k_proj"), m, c, inner, true));
+            out.push(flops::linear(&format!("{p}.attn.v_proj"), m, c, inner, true));
+            // k'ᵀv, q'·KV and the normaliser q'·Σk', per head.
+            let core = heads * (m * e * d * d + n * e * d * d + n * e * d);
+            out.push(LayerCost::new(format!("{p}.attn.vicinity"), core, 0));
+            out.push(flops::linear(&format!("{p}.attn.out_proj"), n, inner, c, true));
+            let squeezed = c / config.se_ratio as u64;
+            out.push(LayerCost::new(format!("{p}.attn.se_fc"), 2 * c * squeezed, 2 * c * squeezed));
+            out.push(flops::norm(&format!("{p}.norm2"), c));
+            out.push(flops::linear(&format!("{p}.mlp.fc1"), n, c, hidden, true));
+            out.push(flops::conv2d(&format!("{p}.mlp.dwconv"), hidden, hidden, 3, hidden, gh as u64, gw as u64, true));
+            out.push(flops::linear(&format!("{p}.mlp.fc2"), n, hidden, c, true));
+        }
+        out.push(flops::norm(&format!("norm{s}"), c));
+    }
+    let last = *config.embed_dims.last().unwrap() as u64;
+    out.push(flops::linear("head", 1, last, config.num_classes as u64, true));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_maps_every_kind_of_name() {
+        assert_eq!(rename_official("patch_embed1.proj.weight"), "stages.0.patch_embed.proj.weight");
+        assert_eq!(rename_official("block4.1.attn.se_fc.2.weight"), "stages.3.blocks.1.attn.se_fc2.weight");
+        assert_eq!(rename_official("block2.0.mlp.dwconv.dwconv.bias"), "stages.1.blocks.0.mlp.dwconv.bias");
+        assert_eq!(rename_official("norm3.weight"), "stages.2.norm.weight");
+        assert_eq!(rename_official("head.bias"), "head.bias");
+    }
+
+    #[test]
+    fn impossible_configs_are_rejected_with_a_reason() {
+        let mut c = VvtConfig::tiny();
+        c.heads[2] = 3;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("stage 3") && err.contains("divisible"), "{err}");
+        let mut c = VvtConfig::tiny();
+        c.depths.pop();
+        assert!(c.validate().unwrap_err().to_string().contains("depths"));
+        let err = VvtConfig::tiny().check_input(100, 224).unwrap_err().to_string();
+        assert!(err.contains("multiples of 32"), "{err}");
+        assert!(VvtConfig::tiny().check_input(224, 320).is_ok());
+    }
+}

@@ -1,0 +1,211 @@
+//! Weights: the authors' PyTorch checkpoints (`.pth`) and vicinity's own safetensors files.
+//!
+//! Official checkpoints are loaded strictly: every official tensor must land somewhere in the model
+//! and every model parameter must be filled, otherwise the error lists what is unused or missing.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn_store::pytorch::PytorchReader;
+use burn_store::{ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+
+use crate::models::{Model, ModelConfig};
+
+/// Metadata key under which native files keep the model configuration (JSON).
+pub const CONFIG_METADATA_KEY: &str = "vicinity.config";
+
+/// Reads every tensor of a PyTorch checkpoint, unwrapping the usual `model` / `state_dict`
+/// containers and the `module.` prefix that DataParallel adds.
+pub fn read_pytorch(path: &Path) -> Result<HashMap<String, burn_store::TensorSnapshot>> {
+    if !path.exists() {
+        bail!("checkpoint {} does not exist", path.display());
+    }
+    let open = |key: Option<&str>| -> Result<HashMap<String, burn_store::TensorSnapshot>> {
+        let reader = match key {
+            None => PytorchReader::new(path),
+            Some(k) => PytorchReader::with_top_level_key(path, k),
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(reader.into_tensors())
+    };
+    let mut tensors = open(None).with_context(|| {
+        format!(
+            "{} is not a readable PyTorch checkpoint (expected a torch.save'd state_dict)",
+            path.display()
+        )
+    })?;
+    for key in ["model", "state_dict", "model_ema"] {
+        let wrapped = tensors.keys().all(|k| k.starts_with(&format!("{key}.")));
+        if tensors.is_empty() || wrapped {
+            if let Ok(inner) = open(Some(key))
+                && !inner.is_empty()
+            {
+                tensors = inner;
+                break;
+            }
+        }
+    }
+    if tensors.is_empty() {
+        bail!("{} holds no tensors", path.display());
+    }
+    if tensors.keys().all(|k| k.starts_with("module.")) {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (k["module.".len()..].to_string(), v))
+            .collect();
+    }
+    Ok(tensors)
+}
+
+/// Loads an official checkpoint into `module`, renaming each official name with `rename`
+/// (official name → this crate's module path).
+pub fn load_official<B, M>(mut module: M, path: &Path, rename: impl Fn(&str) -> String) -> Result<M>
+where
+    B: Backend,
+    M: ModuleSnapshot<B>,
+{
+    let tensors = read_pytorch(path)?;
+    // Norm layers name their parameters gamma/beta in Burn and weight/bias in PyTorch.
+    let ours: std::collections::HashSet<String> =
+        module.collect(None, None, false).iter().map(|s| s.full_path()).collect();
+    let to_norm_name = |p: String| -> String {
+        if ours.contains(&p) {
+            return p;
+        }
+        let alt = match p.rsplit_once('.') {
+            Some((stem, "weight")) => format!("{stem}.gamma"),
+            Some((stem, "bias")) => format!("{stem}.beta"),
+            _ => return p,
+        };
+        if ours.contains(&alt) { alt } else { p }
+    };
+    let mut snapshots = Vec::with_capacity(tensors.len());
+    let mut official_of = HashMap::new();
+    for (name, mut snapshot) in tensors {
+        let ours = to_norm_name(rename(&name));
+        official_of.insert(ours.clone(), name);
+        snapshot.path_stack = Some(ours.split('.').map(str::to_string).collect());
+        snapshots.push(snapshot);
+    }
+    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    check_apply(&result, &path.display().to_string(), |p| {
+        official_of.get(p).cloned().unwrap_or_else(|| p.to_string())
+    })?;
+    Ok(module)
+}
+
+/// Turns an incomplete or inconsistent load into an error that lists the offending names.
+fn check_apply(result: &ApplyResult, source: &str, official: impl Fn(&str) -> String) -> Result<()> {
+    let mut problems = Vec::new();
+    if !result.errors.is_empty() {
+        let list: Vec<String> = result.errors.iter().map(|e| format!("  {e}")).collect();
+        problems.push(format!("tensors that do not fit:\n{}", list.join("\n")));
+    }
+    if !result.unused.is_empty() {
+        let mut list: Vec<String> = result.unused.iter().map(|p| official(p)).collect();
+        list.sort();
+        problems.push(format!(
+            "{} tensors in the checkpoint that the model has no place for:\n  {}",
+            list.len(),
+            list.join("\n  ")
+        ));
+    }
+    if !result.missing.is_empty() {
+        let mut list: Vec<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
+        list.sort();
+        problems.push(format!(
+            "{} model parameters the checkpoint does not provide:\n  {}",
+            list.len(),
+            list.join("\n  ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{source} does not match the model configuration (is it the right model name/config?)\n{}",
+            problems.join("\n")
+        )
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a torn
+/// file and an existing file is only replaced by a complete one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp: PathBuf = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "cannot write {} ({e}); is the disk full or the folder read-only? Nothing was replaced",
+            path.display()
+        );
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move the new file to {}", path.display()))
+}
+
+/// Saves a model as safetensors with its configuration in the metadata.
+pub fn save_native<B: Backend>(model: &Model<B>, config: &ModelConfig, path: &Path) -> Result<()> {
+    let mut store = SafetensorsStore::from_bytes(None)
+        .skip_enum_variants(true)
+        .metadata(CONFIG_METADATA_KEY, serde_json::to_string(config)?);
+    model.save_into(&mut store).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bytes = store.get_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_atomic(path, &bytes)
+}
+
+/// The configuration stored in a native weights file, if any.
+pub fn native_config(path: &Path) -> Result<Option<ModelConfig>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
+    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) else {
+        return Ok(None);
+    };
+    Ok(Some(serde_json::from_str(json).with_context(|| {
+        format!("{} carries an unreadable model config", path.display())
+    })?))
+}
+
+/// Loads native safetensors weights saved by [`save_native`].
+pub fn load_native<B: Backend>(mut model: Model<B>, path: &Path) -> Result<Model<B>> {
+    if !path.exists() {
+        bail!("weights file {} does not exist", path.display());
+    }
+    let mut store = SafetensorsStore::from_file(path).skip_enum_variants(true);
+    let result = model
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    check_apply(&result, &path.display().to_string(), str::to_string)?;
+    Ok(model)
+}
+
+/// Loads weights of either kind, chosen by extension: `.pth`/`.pt`/`.bin` are official
+/// checkpoints, `.safetensors` are native files.
+pub fn load_any<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => load_native(model, path),
+        Some("pth" | "pt" | "bin" | "tar") => match model {
+            Model::Vvt(m) => Ok(Model::Vvt(load_official(m, path, crate::models::vvt::rename_official)?)),
+            Model::Lsagt(m) => Ok(Model::Lsagt(load_official(
+                m,
+                path,
+                crate::models::lsagt::rename_official,
+            )?)),
+        },
+        _ => bail!(
+            "cannot tell the format of {}: use .pth/.pt for official PyTorch checkpoints or .safetensors for native weights",
+            path.display()
+        ),
+    }
+}
