@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod flops;

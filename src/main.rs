@@ -6,7 +6,7 @@ use anyhow::Result;
 use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 use vicinity::backend::BackendKind;
-use vicinity::cli;
+use vicinity::{bench, cli};
 
 #[derive(Parser)]
 #[command(name = "vicinity", version, about = "VVT and LSAGT vision transformers on Burn")]
@@ -50,6 +50,28 @@ enum Command {
         #[arg(long, short, default_value = "features.safetensors")]
         output: PathBuf,
     },
+    /// Training and inference throughput on synthetic data (first step timed on its own).
+    Bench {
+        /// Registered model names or config files.
+        #[arg(long, num_args = 1.., required = true)]
+        model: Vec<String>,
+        #[arg(long)]
+        resolution: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, value_enum, num_args = 1.., default_values = ["train", "infer"])]
+        mode: Vec<bench::Mode>,
+        /// f32, or bf16 (CUDA only; the whole model runs in bf16).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Also write the rows as JSON lines to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Convert an official .pth checkpoint to native safetensors (configuration included).
     Convert {
         #[arg(long)]
@@ -69,7 +91,11 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    match args.backend.resolve()? {
+    let backend = args.backend.resolve()?;
+    if let Command::Bench { .. } = args.command {
+        return run_bench(backend, args.command);
+    }
+    match backend {
         BackendKind::Flex => dispatch::<vicinity::backend::Cpu>(args.command, &Default::default()),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => dispatch::<vicinity::backend::Gpu>(args.command, &Default::default()),
@@ -102,11 +128,58 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             )?;
             println!("{msg}");
         }
+        Command::Bench { .. } => unreachable!("handled by run_bench"),
         Command::Convert { model, weights, output } => {
             let (config, m) = cli::build_model::<B>(Some(&model), Some(&weights), device)?;
             vicinity::weights::save_native(&m, &config, &output)?;
             println!("wrote {}", output.display());
         }
     }
+    Ok(())
+}
+
+fn run_bench(backend: BackendKind, command: Command) -> Result<()> {
+    let Command::Bench { model, resolution, batch, mode, dtype, warmup, iters, json } = command else {
+        unreachable!()
+    };
+    let mut rows = Vec::new();
+    for name in &model {
+        let config = vicinity::models::resolve_config(name)?;
+        let res = resolution.unwrap_or_else(|| config.default_resolution());
+        for &m in &mode {
+            let spec = bench::BenchSpec {
+                name,
+                config: &config,
+                mode: m,
+                dtype: &dtype,
+                resolution: res,
+                batch,
+                warmup,
+                iters,
+            };
+            let row = match (backend, dtype.as_str()) {
+                (BackendKind::Flex, "f32") => {
+                    bench::run::<burn::backend::Autodiff<vicinity::backend::Cpu>>(&spec, &Default::default())?
+                }
+                #[cfg(feature = "cuda")]
+                (BackendKind::Cuda, "f32") => {
+                    bench::run::<burn::backend::Autodiff<vicinity::backend::Gpu>>(&spec, &Default::default())?
+                }
+                #[cfg(feature = "cuda")]
+                (BackendKind::Cuda, "bf16") => bench::run::<
+                    burn::backend::Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>,
+                >(&spec, &Default::default())?,
+                (b, d) => anyhow::bail!("dtype {d} is not available on backend {b:?} (f32 everywhere, bf16 on cuda)"),
+            };
+            eprintln!("{}", bench::table(std::slice::from_ref(&row)).lines().nth(1).unwrap_or_default());
+            if let Some(path) = &json {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                writeln!(f, "{}", serde_json::to_string(&row)?)?;
+            }
+            rows.push(row);
+        }
+    }
+    print!("{}", bench::table(&rows));
     Ok(())
 }
