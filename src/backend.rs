@@ -31,3 +31,43 @@ impl BackendKind {
         }
     }
 }
+
+/// Where CubeCL keeps compiled kernels and autotune results: `--cache-dir`, else
+/// `$VICINITY_CACHE`, else `~/.cache/vicinity`. Reusing it turns a cold start (minutes of NVRTC
+/// compilation and autotuning) into seconds.
+pub fn cache_dir(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
+    explicit
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| std::env::var_os("VICINITY_CACHE").map(Into::into))
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/vicinity")))
+        .unwrap_or_else(|| std::path::PathBuf::from(".vicinity-cache"))
+}
+
+/// Points CubeCL's kernel and autotune caches at `dir` (CUDA builds; a no-op otherwise). Must run
+/// before the first GPU operation.
+pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl_runtime::config::{
+            CubeClRuntimeConfig, RuntimeConfig, autotune::AutotuneLevel, cache::CacheConfig,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the kernel cache folder {}: {e}", dir.display()))?;
+        let mut config = CubeClRuntimeConfig::default();
+        config.compilation.cache = Some(CacheConfig::File(dir.join("kernels")));
+        config.autotune.cache = CacheConfig::File(dir.join("autotune"));
+        config.autotune.level = match autotune {
+            None | Some("balanced") => AutotuneLevel::Balanced,
+            Some("minimal") => AutotuneLevel::Minimal,
+            Some("extensive") => AutotuneLevel::Extensive,
+            Some("full") => AutotuneLevel::Full,
+            Some(other) => {
+                anyhow::bail!("unknown autotune level {other}: minimal, balanced, extensive or full")
+            }
+        };
+        CubeClRuntimeConfig::set(config);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (dir, autotune);
+    Ok(())
+}

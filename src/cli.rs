@@ -13,7 +13,10 @@ use crate::weights;
 
 /// `vicinity models`: every registered model with its parameters and GFLOPs at its default size.
 pub fn list_models() -> Result<String> {
-    let mut out = format!("{:<22} {:>14} {:>8} {:>10}\n", "model", "params", "input", "GFLOPs");
+    let mut out = format!(
+        "{:<22} {:>14} {:>8} {:>10}\n",
+        "model", "params", "input", "GFLOPs"
+    );
     for name in MODEL_NAMES {
         let config = models::config_by_name(name)?;
         let res = config.default_resolution();
@@ -58,7 +61,7 @@ pub fn group_thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -110,7 +113,10 @@ pub fn features<B: Backend>(
         FeatureInput::Tensor(path) => {
             let (shape, values) = io::read_safetensors_f32(&path, "input")?;
             if shape.len() != 4 || shape[1] != 3 {
-                bail!("'input' in {} has shape {shape:?}; expected B×3×H×W", path.display());
+                bail!(
+                    "'input' in {} has shape {shape:?}; expected B×3×H×W",
+                    path.display()
+                );
             }
             Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, shape), device)
         }
@@ -139,4 +145,58 @@ pub fn features<B: Backend>(
         output.display(),
         tensors.len() - 1
     ))
+}
+
+/// `vicinity compare`: relative L2 error of every tensor two safetensors files share, and the
+/// worst one (e.g. CUDA features against a fixture).
+pub fn compare(actual: &Path, expected: &Path, tolerance: f64) -> Result<(String, bool)> {
+    let bytes = std::fs::read(expected).with_context(|| format!("cannot read {}", expected.display()))?;
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", expected.display()))?
+        .names()
+        .into_iter()
+        .cloned()
+        .collect();
+    let mut names = names;
+    names.sort();
+    let mut worst = 0.0f64;
+    let mut out = String::new();
+    let mut compared = 0;
+    for name in names {
+        let Ok((shape_a, a)) = io::read_safetensors_f32(actual, &name) else {
+            continue;
+        };
+        let (shape_b, b) = io::read_safetensors_f32(expected, &name)?;
+        if shape_a != shape_b {
+            bail!(
+                "{name}: shape {shape_a:?} in {} but {shape_b:?} in {}",
+                actual.display(),
+                expected.display()
+            );
+        }
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
+        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        let rel = (diff / norm.max(1e-300)).sqrt();
+        let rel = if rel.is_nan() { f64::INFINITY } else { rel };
+        worst = worst.max(rel);
+        compared += 1;
+        out.push_str(&format!("{name:<12} rel L2 {rel:.2e}\n"));
+    }
+    if compared == 0 {
+        bail!(
+            "{} and {} share no tensor names",
+            actual.display(),
+            expected.display()
+        );
+    }
+    let ok = worst <= tolerance;
+    out.push_str(&format!(
+        "worst rel L2 {worst:.2e} over {compared} tensors: {} (tolerance {tolerance:.0e})\n",
+        if ok { "OK" } else { "FAIL" }
+    ));
+    Ok((out, ok))
 }

@@ -16,7 +16,11 @@ pub struct LayerCost {
 
 impl LayerCost {
     pub fn new(name: impl Into<String>, macs: u64, params: u64) -> Self {
-        Self { name: name.into(), macs, params }
+        Self {
+            name: name.into(),
+            macs,
+            params,
+        }
     }
 }
 
@@ -27,7 +31,16 @@ pub fn linear(name: &str, n: u64, i: u64, o: u64, bias: bool) -> LayerCost {
 
 /// MACs and params of a `Conv2d` producing an `oh×ow` map.
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d(name: &str, cin: u64, cout: u64, k: u64, groups: u64, oh: u64, ow: u64, bias: bool) -> LayerCost {
+pub fn conv2d(
+    name: &str,
+    cin: u64,
+    cout: u64,
+    k: u64,
+    groups: u64,
+    oh: u64,
+    ow: u64,
+    bias: bool,
+) -> LayerCost {
     let weights = cout * (cin / groups) * k * k;
     LayerCost::new(name, weights * oh * ow, weights + if bias { cout } else { 0 })
 }

@@ -35,7 +35,11 @@ pub fn read_safetensors_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<
 }
 
 /// Loads image files into a normalised `B×3×size×size` batch (resized with a bilinear filter).
-pub fn load_images<B: Backend>(paths: &[impl AsRef<Path>], size: [usize; 2], device: &B::Device) -> Result<Tensor<B, 4>> {
+pub fn load_images<B: Backend>(
+    paths: &[impl AsRef<Path>],
+    size: [usize; 2],
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
     let [h, w] = size;
     let mut values = Vec::with_capacity(paths.len() * 3 * h * w);
     for path in paths {
@@ -50,7 +54,10 @@ pub fn load_images<B: Backend>(paths: &[impl AsRef<Path>], size: [usize; 2], dev
             }
         }
     }
-    Ok(Tensor::from_data(TensorData::new(values, [paths.len(), 3, h, w]), device))
+    Ok(Tensor::from_data(
+        TensorData::new(values, [paths.len(), 3, h, w]),
+        device,
+    ))
 }
 
 /// Writes float tensors to a safetensors file (atomically).

@@ -14,4 +14,5 @@ pub mod data;
 pub mod flops;
 pub mod io;
 pub mod models;
+pub mod train;
 pub mod weights;

@@ -9,11 +9,22 @@ use vicinity::backend::BackendKind;
 use vicinity::{bench, cli};
 
 #[derive(Parser)]
-#[command(name = "vicinity", version, about = "VVT and LSAGT vision transformers on Burn")]
+#[command(
+    name = "vicinity",
+    version,
+    about = "VVT and LSAGT vision transformers on Burn"
+)]
 struct Args {
     /// Compute backend: cuda (GPU builds) or flex (CPU).
     #[arg(long, global = true, value_enum, default_value = "auto")]
     backend: BackendKind,
+    /// Folder for compiled GPU kernels and autotune results (default: $VICINITY_CACHE or
+    /// ~/.cache/vicinity); reusing it makes later starts take seconds instead of minutes.
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
+    /// GPU autotuning effort: minimal, balanced (default), extensive or full.
+    #[arg(long, global = true)]
+    autotune: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +83,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Train a model (`--quick`: a short CPU demo on synthetic shapes). See docs/TRAINING.md.
+    Train(Box<vicinity::train::TrainArgs>),
+    /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset split.
+    Eval(vicinity::train::EvalArgs),
+    /// Top-5 classes (with probabilities) of image files.
+    Predict(vicinity::train::PredictArgs),
+    /// Relative L2 error of every tensor two safetensors files share (exit code 1 above tolerance).
+    Compare {
+        actual: PathBuf,
+        expected: PathBuf,
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+    },
     /// Convert an official .pth checkpoint to native safetensors (configuration included).
     Convert {
         #[arg(long)]
@@ -92,6 +116,16 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let backend = args.backend.resolve()?;
+    if backend == BackendKind::Cuda {
+        let dir = vicinity::backend::cache_dir(args.cache_dir.as_deref());
+        vicinity::backend::configure_gpu_cache(&dir, args.autotune.as_deref())?;
+    }
+    let args = match args.command {
+        Command::Train(a) => return vicinity::train::train_command(*a, backend),
+        Command::Eval(a) => return vicinity::train::eval_command(a, backend),
+        Command::Predict(a) => return vicinity::train::predict_command(a, backend),
+        command => Args { command, ..args },
+    };
     if let Command::Bench { .. } = args.command {
         return run_bench(backend, args.command);
     }
@@ -106,12 +140,22 @@ fn run(args: Args) -> Result<()> {
 fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
         Command::Models => print!("{}", cli::list_models()?),
-        Command::Flops { model, resolution, total } => {
+        Command::Flops {
+            model,
+            resolution,
+            total,
+        } => {
             let config = vicinity::models::resolve_config(&model)?;
             let res = resolution.unwrap_or_else(|| config.default_resolution());
             print!("{}", cli::flops_table(&config, res, !total)?);
         }
-        Command::Features { model, weights, input, resolution, output } => {
+        Command::Features {
+            model,
+            weights,
+            input,
+            resolution,
+            output,
+        } => {
             let input = match input.as_slice() {
                 [one] if one.extension().is_some_and(|e| e == "safetensors") => {
                     cli::FeatureInput::Tensor(one.clone())
@@ -129,7 +173,23 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             println!("{msg}");
         }
         Command::Bench { .. } => unreachable!("handled by run_bench"),
-        Command::Convert { model, weights, output } => {
+        Command::Compare {
+            actual,
+            expected,
+            tolerance,
+        } => {
+            let (table, ok) = cli::compare(&actual, &expected, tolerance)?;
+            print!("{table}");
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+        Command::Train(_) | Command::Eval(_) | Command::Predict(_) => unreachable!("handled in run"),
+        Command::Convert {
+            model,
+            weights,
+            output,
+        } => {
             let (config, m) = cli::build_model::<B>(Some(&model), Some(&weights), device)?;
             vicinity::weights::save_native(&m, &config, &output)?;
             println!("wrote {}", output.display());
@@ -139,7 +199,17 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
 }
 
 fn run_bench(backend: BackendKind, command: Command) -> Result<()> {
-    let Command::Bench { model, resolution, batch, mode, dtype, warmup, iters, json } = command else {
+    let Command::Bench {
+        model,
+        resolution,
+        batch,
+        mode,
+        dtype,
+        warmup,
+        iters,
+        json,
+    } = command
+    else {
         unreachable!()
     };
     let mut rows = Vec::new();
@@ -169,9 +239,17 @@ fn run_bench(backend: BackendKind, command: Command) -> Result<()> {
                 (BackendKind::Cuda, "bf16") => bench::run::<
                     burn::backend::Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>,
                 >(&spec, &Default::default())?,
-                (b, d) => anyhow::bail!("dtype {d} is not available on backend {b:?} (f32 everywhere, bf16 on cuda)"),
+                (b, d) => anyhow::bail!(
+                    "dtype {d} is not available on backend {b:?} (f32 everywhere, bf16 on cuda)"
+                ),
             };
-            eprintln!("{}", bench::table(std::slice::from_ref(&row)).lines().nth(1).unwrap_or_default());
+            eprintln!(
+                "{}",
+                bench::table(std::slice::from_ref(&row))
+                    .lines()
+                    .nth(1)
+                    .unwrap_or_default()
+            );
             if let Some(path) = &json {
                 use std::io::Write;
                 let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;

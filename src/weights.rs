@@ -39,13 +39,12 @@ pub fn read_pytorch(path: &Path) -> Result<HashMap<String, burn_store::TensorSna
     })?;
     for key in ["model", "state_dict", "model_ema"] {
         let wrapped = tensors.keys().all(|k| k.starts_with(&format!("{key}.")));
-        if tensors.is_empty() || wrapped {
-            if let Ok(inner) = open(Some(key))
-                && !inner.is_empty()
-            {
-                tensors = inner;
-                break;
-            }
+        if (tensors.is_empty() || wrapped)
+            && let Ok(inner) = open(Some(key))
+            && !inner.is_empty()
+        {
+            tensors = inner;
+            break;
         }
     }
     if tensors.is_empty() {
@@ -69,8 +68,11 @@ where
 {
     let tensors = read_pytorch(path)?;
     // Norm layers name their parameters gamma/beta in Burn and weight/bias in PyTorch.
-    let ours: std::collections::HashSet<String> =
-        module.collect(None, None, false).iter().map(|s| s.full_path()).collect();
+    let ours: std::collections::HashSet<String> = module
+        .collect(None, None, false)
+        .iter()
+        .map(|s| s.full_path())
+        .collect();
     let to_norm_name = |p: String| -> String {
         if ours.contains(&p) {
             return p;
@@ -135,7 +137,10 @@ fn check_apply(result: &ApplyResult, source: &str, official: impl Fn(&str) -> St
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a torn
 /// file and an existing file is only replaced by a complete one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?;
     let tmp: PathBuf = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
@@ -196,7 +201,11 @@ pub fn load_any<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => load_native(model, path),
         Some("pth" | "pt" | "bin" | "tar") => match model {
-            Model::Vvt(m) => Ok(Model::Vvt(load_official(m, path, crate::models::vvt::rename_official)?)),
+            Model::Vvt(m) => Ok(Model::Vvt(load_official(
+                m,
+                path,
+                crate::models::vvt::rename_official,
+            )?)),
             Model::Lsagt(m) => Ok(Model::Lsagt(load_official(
                 m,
                 path,

@@ -10,7 +10,11 @@ use vicinity::models::vvt::{VvtConfig, rename_official};
 use vicinity::models::{ModelConfig, config_by_name};
 
 fn usizes(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 /// The small configuration a fixture was made with.
@@ -66,20 +70,28 @@ fn a_checkpoint_of_another_model_is_refused_with_the_names() {
     // vvt_mini_sr has `attn.sr`/`attn.norm` tensors that vvt_mini has no place for.
     let model = fixture_config("vvt_mini").init::<B>(&device);
     let path = fixtures_dir().join("vvt_mini_sr.pth");
-    let err = vicinity::weights::load_official(model, &path, rename_official).unwrap_err().to_string();
+    let err = vicinity::weights::load_official(model, &path, rename_official)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("block1.0.attn.sr.weight"), "{err}");
     // And the other way round: missing names are listed too.
     let model = fixture_config("vvt_mini_sr").init::<B>(&device);
     let path = fixtures_dir().join("vvt_mini.pth");
-    let err = vicinity::weights::load_official(model, &path, rename_official).unwrap_err().to_string();
-    assert!(err.contains("does not provide") && err.contains("attn.sr"), "{err}");
+    let err = vicinity::weights::load_official(model, &path, rename_official)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not provide") && err.contains("attn.sr"),
+        "{err}"
+    );
 }
 
 /// Official (name, shape) pairs and the parameter count from `keys/NAME.tsv`.
 pub fn official_keys(name: &str) -> (Vec<(String, Vec<usize>)>, usize) {
     let text = std::fs::read_to_string(fixtures_dir().join(format!("keys/{name}.tsv"))).unwrap();
     let mut lines = text.lines();
-    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap().trim_start_matches("# ")).unwrap();
+    let header: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap().trim_start_matches("# ")).unwrap();
     let keys = lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -95,7 +107,9 @@ pub fn official_keys(name: &str) -> (Vec<(String, Vec<usize>)>, usize) {
 fn full_size_models_have_the_official_names_shapes_and_counts() {
     let device = Default::default();
     for name in ["vvt_tiny", "vvt_small", "vvt_medium", "vvt_large"] {
-        let ModelConfig::Vvt(config) = config_by_name(name).unwrap() else { panic!() };
+        let ModelConfig::Vvt(config) = config_by_name(name).unwrap() else {
+            panic!()
+        };
         config.validate().unwrap();
         let model = config.init::<B>(&device);
         let (keys, params) = official_keys(name);
@@ -113,12 +127,17 @@ fn full_size_models_have_the_official_names_shapes_and_counts() {
 }
 
 /// Every parameter's path and shape in PyTorch layout (Linear weights transposed back).
-pub fn param_shapes<M: burn_store::ModuleSnapshot<B>>(model: &M) -> std::collections::HashMap<String, Vec<usize>> {
+pub fn param_shapes<M: burn_store::ModuleSnapshot<B>>(
+    model: &M,
+) -> std::collections::HashMap<String, Vec<usize>> {
     model
         .collect(None, Some(Box::new(burn_store::BurnToPyTorchAdapter)), false)
         .into_iter()
         .map(|s| {
-            let path = s.full_path().replace(".gamma", ".weight").replace(".beta", ".bias");
+            let path = s
+                .full_path()
+                .replace(".gamma", ".weight")
+                .replace(".beta", ".bias");
             (path, s.shape.to_vec())
         })
         .collect()

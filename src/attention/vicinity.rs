@@ -48,8 +48,11 @@ const CLAMP_MAX: f64 = 1e4;
 const EPS: f64 = 1e-4;
 
 /// `sign(t)·min(max(|t|, 1e-4), 1e4)`: keeps magnitudes in range, zeros stay zero.
+///
+/// Written as `clamp_min` + `clamp_max` rather than `clamp`: CubeCL 0.10's fused `clamp` fails to
+/// compile on vectorised lines (seen on the H100, docs/GPU_NOTES.md).
 pub fn clamp_magnitude<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    t.clone().sign() * t.abs().clamp(CLAMP_MIN, CLAMP_MAX)
+    t.clone().sign() * t.abs().clamp_min(CLAMP_MIN).clamp_max(CLAMP_MAX)
 }
 
 #[derive(Config, Debug)]
@@ -105,7 +108,10 @@ impl VicinityAttentionConfig {
             let fan_out = (r * r * self.dim) as f64;
             let conv = Conv2dConfig::new([self.dim, self.dim], [r, r])
                 .with_stride([r, r])
-                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: (2.0 / fan_out).sqrt() })
+                .with_initializer(burn::nn::Initializer::Normal {
+                    mean: 0.0,
+                    std: (2.0 / fan_out).sqrt(),
+                })
                 .init(device);
             (Some(conv), Some(LayerNormConfig::new(self.dim).init(device)))
         } else {
@@ -129,7 +135,12 @@ impl VicinityAttentionConfig {
 
 /// Per-token angles `(a, b)` of an `h×w` grid, each `N×1`: `a = (π/2)·row/h`, `b = (π/2)·col/w`
 /// (2D), or `a = (π/2)·t/N` for the flat index `t` (1D).
-fn angles<B: Backend>(locality: Locality, h: usize, w: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn angles<B: Backend>(
+    locality: Locality,
+    h: usize,
+    w: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let n = h * w;
     let idx = Tensor::<B, 1, Int>::arange(0..n as i64, device);
     let (a, b) = match locality {
@@ -138,8 +149,15 @@ fn angles<B: Backend>(locality: Locality, h: usize, w: usize, device: &B::Device
             (a.clone(), a)
         }
         _ => {
-            let row = idx.clone().div_scalar(w as i64).float().mul_scalar(FRAC_PI_2 / h as f64);
-            let col = idx.remainder_scalar(w as i64).float().mul_scalar(FRAC_PI_2 / w as f64);
+            let row = idx
+                .clone()
+                .div_scalar(w as i64)
+                .float()
+                .mul_scalar(FRAC_PI_2 / h as f64);
+            let col = idx
+                .remainder_scalar(w as i64)
+                .float()
+                .mul_scalar(FRAC_PI_2 / w as f64);
             (row, col)
         }
     };
@@ -155,10 +173,7 @@ pub fn reweight<B: Backend>(x: Tensor<B, 4>, locality: Locality, h: usize, w: us
     let (a, b) = angles::<B>(locality, h, w, &x.device());
     let [n, _] = a.dims();
     let expand = |t: Tensor<B, 2>| t.reshape([1, 1, n, 1]);
-    let mut parts = vec![
-        x.clone() * expand(a.clone().cos()),
-        x.clone() * expand(a.sin()),
-    ];
+    let mut parts = vec![x.clone() * expand(a.clone().cos()), x.clone() * expand(a.sin())];
     if locality == Locality::TwoD {
         parts.push(x.clone() * expand(b.clone().cos()));
         parts.push(x * expand(b.sin()));
@@ -328,10 +343,16 @@ mod tests {
         for r in 0..h {
             for c in 0..w {
                 if r + 1 < h {
-                    assert!(weight(r + 1, c) < weight(r, c), "falls down the column at ({r},{c})");
+                    assert!(
+                        weight(r + 1, c) < weight(r, c),
+                        "falls down the column at ({r},{c})"
+                    );
                 }
                 if c + 1 < w {
-                    assert!(weight(r, c + 1) < weight(r, c), "falls along the row at ({r},{c})");
+                    assert!(
+                        weight(r, c + 1) < weight(r, c),
+                        "falls along the row at ({r},{c})"
+                    );
                 }
             }
         }
@@ -359,7 +380,11 @@ mod tests {
         let mut with = VicinityAttentionConfig::new(8, 2).init::<B>(&device);
         // An out_proj that outputs 1e-6 everywhere: the clamp lifts it to 1e-4, no clamp keeps it.
         with.out_proj.weight = with.out_proj.weight.clone().map(|w| w.zeros_like());
-        with.out_proj.bias = with.out_proj.bias.clone().map(|b| b.map(|t| t.zeros_like().add_scalar(1e-6)));
+        with.out_proj.bias = with
+            .out_proj
+            .bias
+            .clone()
+            .map(|b| b.map(|t| t.zeros_like().add_scalar(1e-6)));
         let mut without = with.clone();
         without.clamp = false;
         let max_abs = |t: Tensor<B, 3>| -> f32 { t.abs().max().into_scalar() };

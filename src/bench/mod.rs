@@ -85,6 +85,10 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             step();
             sync::<B::InnerBackend>(device)?;
             let first = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: first inference step (compilation + autotune) {first:.1} s",
+                spec.name
+            );
             for _ in 0..spec.warmup {
                 step();
             }
@@ -100,7 +104,8 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             let mut model = config.init::<B>(device)?;
             let mut optim = AdamWConfig::new().with_weight_decay(0.05).init();
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-            let y = Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
+            let y =
+                Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
             let loss_fn = CrossEntropyLossConfig::new().init(device);
             let mut last = None;
             let mut step = |model: crate::models::Model<B>| {
@@ -113,6 +118,10 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             model = step(model);
             sync::<B>(device)?;
             let first = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: first training step (compilation + autotune) {first:.1} s",
+                spec.name
+            );
             for _ in 0..spec.warmup {
                 model = step(model);
             }

@@ -33,6 +33,7 @@ pub enum ModelConfig {
 
 /// A model of either family, so the CLI and trainer can hold one without knowing which.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one model per process; boxing buys nothing
 pub enum Model<B: Backend> {
     Vvt(Vvt<B>),
     Lsagt(Lsagt<B>),
@@ -140,10 +141,7 @@ pub fn config_by_name(name: &str) -> Result<ModelConfig> {
 /// A registered name, or a path to a `.json`/`.toml` configuration file.
 pub fn resolve_config(name_or_path: &str) -> Result<ModelConfig> {
     let path = Path::new(name_or_path);
-    let is_file = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("json" | "toml")
-    );
+    let is_file = matches!(path.extension().and_then(|e| e.to_str()), Some("json" | "toml"));
     if is_file {
         ModelConfig::from_file(path)
     } else {
@@ -171,7 +169,7 @@ impl<B: Backend> Model<B> {
 
 /// Shared checks for configurations.
 pub(crate) fn ensure_divisible(what: &str, value: usize, by_what: &str, by: usize) -> Result<()> {
-    if by == 0 || value % by != 0 {
+    if by == 0 || !value.is_multiple_of(by) {
         bail!("{what} = {value} is not divisible by {by_what} = {by}");
     }
     Ok(())

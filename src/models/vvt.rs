@@ -116,7 +116,12 @@ impl VvtConfig {
             let (c, h, f) = (self.embed_dims[i], self.heads[i], self.fr_ratios[i]);
             let stage = format!("stage {}", i + 1);
             ensure_divisible(&format!("{stage}: embed_dim"), c, "heads", h)?;
-            ensure_divisible(&format!("{stage}: embed_dim/heads"), c / h, "feature reduction f", f)?;
+            ensure_divisible(
+                &format!("{stage}: embed_dim/heads"),
+                c / h,
+                "feature reduction f",
+                f,
+            )?;
             ensure_divisible(&format!("{stage}: embed_dim"), c, "se_ratio", self.se_ratio)?;
             if self.mlp_ratios[i] == 0 || self.sr_ratios[i] == 0 {
                 bail!("VVT config: {stage} has a zero mlp_ratio or sr_ratio");
@@ -146,7 +151,7 @@ impl VvtConfig {
 
     pub fn check_input(&self, h: usize, w: usize) -> Result<()> {
         let factor = 4 << (self.num_stages() - 1);
-        if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(factor) || !w.is_multiple_of(factor) {
             bail!("VVT takes images whose height and width are multiples of {factor}; got {h}x{w}");
         }
         for (i, (&(gh, gw), &r)) in self.grids(h, w).iter().zip(&self.sr_ratios).enumerate() {
@@ -166,7 +171,11 @@ impl VvtConfig {
         let mut block_index = 0;
         let mut stages = Vec::new();
         for i in 0..self.num_stages() {
-            let c_in = if i == 0 { self.in_chans } else { self.embed_dims[i - 1] };
+            let c_in = if i == 0 {
+                self.in_chans
+            } else {
+                self.embed_dims[i - 1]
+            };
             let c = self.embed_dims[i];
             let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
             let patch_embed = PatchEmbed {
@@ -207,7 +216,10 @@ impl VvtConfig {
                 norm: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
             });
         }
-        Vvt { stages, head: linear(*self.embed_dims.last().unwrap(), self.num_classes, device) }
+        Vvt {
+            stages,
+            head: linear(*self.embed_dims.last().unwrap(), self.num_classes, device),
+        }
     }
 }
 
@@ -232,7 +244,10 @@ fn conv<B: Backend>(
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
         .with_groups(groups)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: (2.0 / fan_out).sqrt() })
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: (2.0 / fan_out).sqrt(),
+        })
         .init(device)
 }
 
@@ -287,7 +302,11 @@ pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tens
     let batch = x.dims()[0];
     let mut shape = [1; D];
     shape[0] = batch;
-    let keep = Tensor::<B, D>::random(shape, burn::tensor::Distribution::Bernoulli(1.0 - rate), &x.device());
+    let keep = Tensor::<B, D>::random(
+        shape,
+        burn::tensor::Distribution::Bernoulli(1.0 - rate),
+        &x.device(),
+    );
     x * keep.div_scalar(1.0 - rate)
 }
 
@@ -312,7 +331,10 @@ impl<B: Backend> Vvt<B> {
         for (i, stage) in self.stages.iter().enumerate() {
             let grid = stage.patch_embed.proj.forward(x);
             let [b, c, h, w] = grid.dims();
-            let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, c, h * w]).swap_dims(1, 2));
+            let mut tokens = stage
+                .patch_embed
+                .norm
+                .forward(grid.reshape([b, c, h * w]).swap_dims(1, 2));
             for block in &stage.blocks {
                 tokens = block.forward(tokens, h, w);
             }
@@ -320,7 +342,10 @@ impl<B: Backend> Vvt<B> {
             outputs.push(tokens.clone());
             if i == last {
                 let pooled = tokens.mean_dim(1).reshape([b, c]);
-                return ModelOutput { logits: self.head.forward(pooled), stages: outputs };
+                return ModelOutput {
+                    logits: self.head.forward(pooled),
+                    stages: outputs,
+                };
             }
             x = tokens.swap_dims(1, 2).reshape([b, c, h, w]);
         }
@@ -364,10 +389,23 @@ pub fn costs(config: &VvtConfig, h: usize, w: usize) -> Vec<LayerCost> {
     for (i, &(gh, gw)) in grids.iter().enumerate() {
         let s = i + 1;
         let c = config.embed_dims[i] as u64;
-        let c_in = if i == 0 { config.in_chans as u64 } else { config.embed_dims[i - 1] as u64 };
+        let c_in = if i == 0 {
+            config.in_chans as u64
+        } else {
+            config.embed_dims[i - 1] as u64
+        };
         let k = if i == 0 { 7 } else { 3 };
         let n = (gh * gw) as u64;
-        out.push(flops::conv2d(&format!("patch_embed{s}.proj"), c_in, c, k, 1, gh as u64, gw as u64, true));
+        out.push(flops::conv2d(
+            &format!("patch_embed{s}.proj"),
+            c_in,
+            c,
+            k,
+            1,
+            gh as u64,
+            gw as u64,
+            true,
+        ));
         out.push(flops::norm(&format!("patch_embed{s}.norm"), c));
         let f = config.fr_ratios[i] as u64;
         let r = config.sr_ratios[i] as u64;
@@ -393,10 +431,23 @@ pub fn costs(config: &VvtConfig, h: usize, w: usize) -> Vec<LayerCost> {
             out.push(LayerCost::new(format!("{p}.attn.vicinity"), core, 0));
             out.push(flops::linear(&format!("{p}.attn.out_proj"), n, inner, c, true));
             let squeezed = c / config.se_ratio as u64;
-            out.push(LayerCost::new(format!("{p}.attn.se_fc"), 2 * c * squeezed, 2 * c * squeezed));
+            out.push(LayerCost::new(
+                format!("{p}.attn.se_fc"),
+                2 * c * squeezed,
+                2 * c * squeezed,
+            ));
             out.push(flops::norm(&format!("{p}.norm2"), c));
             out.push(flops::linear(&format!("{p}.mlp.fc1"), n, c, hidden, true));
-            out.push(flops::conv2d(&format!("{p}.mlp.dwconv"), hidden, hidden, 3, hidden, gh as u64, gw as u64, true));
+            out.push(flops::conv2d(
+                &format!("{p}.mlp.dwconv"),
+                hidden,
+                hidden,
+                3,
+                hidden,
+                gh as u64,
+                gw as u64,
+                true,
+            ));
             out.push(flops::linear(&format!("{p}.mlp.fc2"), n, hidden, c, true));
         }
         out.push(flops::norm(&format!("norm{s}"), c));
@@ -412,9 +463,18 @@ mod tests {
 
     #[test]
     fn rename_maps_every_kind_of_name() {
-        assert_eq!(rename_official("patch_embed1.proj.weight"), "stages.0.patch_embed.proj.weight");
-        assert_eq!(rename_official("block4.1.attn.se_fc.2.weight"), "stages.3.blocks.1.attn.se_fc2.weight");
-        assert_eq!(rename_official("block2.0.mlp.dwconv.dwconv.bias"), "stages.1.blocks.0.mlp.dwconv.bias");
+        assert_eq!(
+            rename_official("patch_embed1.proj.weight"),
+            "stages.0.patch_embed.proj.weight"
+        );
+        assert_eq!(
+            rename_official("block4.1.attn.se_fc.2.weight"),
+            "stages.3.blocks.1.attn.se_fc2.weight"
+        );
+        assert_eq!(
+            rename_official("block2.0.mlp.dwconv.dwconv.bias"),
+            "stages.1.blocks.0.mlp.dwconv.bias"
+        );
         assert_eq!(rename_official("norm3.weight"), "stages.2.norm.weight");
         assert_eq!(rename_official("head.bias"), "head.bias");
     }

@@ -26,7 +26,9 @@ pub fn fixture_tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
     let path = fixtures_dir().join(format!("{name}_io.safetensors"));
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = st.tensor(key).unwrap_or_else(|_| panic!("{key} not in {}", path.display()));
+    let view = st
+        .tensor(key)
+        .unwrap_or_else(|_| panic!("{key} not in {}", path.display()));
     assert_eq!(view.dtype(), safetensors::Dtype::F32);
     let values: Vec<f32> = view
         .data()

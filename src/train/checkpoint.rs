@@ -1,0 +1,183 @@
+//! The run directory and its checkpoints.
+//!
+//! ```text
+//! RUN/config.json        the resolved training configuration (for people; the state has it too)
+//! RUN/last/              the latest checkpoint (every epoch, on Ctrl-C, on --save-every)
+//! RUN/best/              the checkpoint with the best val top-1
+//!     model.safetensors  native weights with their model configuration (f32)
+//!     ema.safetensors    EMA weights (with --ema)
+//!     optim.safetensors  AdamW moments (and f32 master weights with bf16), by parameter name
+//!     state.json         RunState: position, schedule, history, classes, configuration
+//! RUN/metrics.csv, RUN/metrics.jsonl, RUN/curves.png
+//! ```
+//!
+//! A checkpoint directory is written whole into `.NAME.new/` (every file synced), then swapped in
+//! with renames: `NAME → .NAME.old`, `.NAME.new → NAME`, remove `.NAME.old`. An interruption at
+//! any moment leaves either the old or the new checkpoint complete, and [`resolve`] finds it
+//! (`NAME`, or `.NAME.old` when the crash fell between the two renames). A failed write (full
+//! disk, read-only folder) removes the partial `.NAME.new` and leaves `NAME` untouched.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::metrics::EpochMetrics;
+use super::schedule::Schedule;
+use crate::data::Normalize;
+use crate::models::ModelConfig;
+
+pub const STATE_FILE: &str = "state.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
+pub const OPTIM_FILE: &str = "optim.safetensors";
+
+/// Where a run stands; enough to continue it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub version: u32,
+    pub config: TrainConfig,
+    /// The model as trained (classes and resolution resolved).
+    pub model: ModelConfig,
+    pub classes: Vec<String>,
+    pub resolution: usize,
+    pub normalize: Normalize,
+    /// The epoch in progress (0-based) and the next batch of it.
+    pub epoch: usize,
+    pub batch: usize,
+    /// Optimizer steps done.
+    pub global_step: u64,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub schedule: Schedule,
+    pub ema_updates: u64,
+    pub best_top1: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub history: Vec<EpochMetrics>,
+    /// Partial sums of the epoch in progress.
+    pub epoch_loss_sum: f64,
+    pub epoch_loss_count: u64,
+    pub epoch_train_s: f64,
+    pub epoch_images: u64,
+    /// Training seconds over all sessions (evaluation included).
+    pub elapsed_s: f64,
+    pub finished: bool,
+}
+
+impl RunState {
+    pub const VERSION: u32 = 1;
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let state: RunState =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a run state", path.display()))?;
+        if state.version != Self::VERSION {
+            bail!(
+                "{} has run-state version {}; this build reads version {}",
+                path.display(),
+                state.version,
+                Self::VERSION
+            );
+        }
+        Ok(state)
+    }
+}
+
+/// Writes a checkpoint directory atomically: `fill` writes the files into a fresh temporary
+/// directory, which then replaces `dir`. On any error `dir` is left as it was.
+pub fn commit_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .context("checkpoint path has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let new = parent.join(format!(".{name}.new"));
+    let old = parent.join(format!(".{name}.old"));
+    let attempt = (|| -> Result<()> {
+        if new.exists() {
+            std::fs::remove_dir_all(&new).with_context(|| format!("cannot remove {}", new.display()))?;
+        }
+        std::fs::create_dir_all(&new).with_context(|| format!("cannot create {}", new.display()))?;
+        fill(&new)?;
+        sync_dir(&new);
+        Ok(())
+    })();
+    if let Err(e) = attempt {
+        let _ = std::fs::remove_dir_all(&new);
+        return Err(e.context(format!(
+            "could not write checkpoint {} (is the disk full or the folder read-only?); the previous checkpoint is untouched",
+            dir.display()
+        )));
+    }
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+        }
+        std::fs::rename(dir, &old).with_context(|| format!("cannot move {} aside", dir.display()))?;
+    }
+    std::fs::rename(&new, dir)
+        .with_context(|| format!("cannot move the new checkpoint to {}", dir.display()))?;
+    sync_dir(parent);
+    if old.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// The complete checkpoint directory for `RUN/NAME`: `NAME` itself, or `.NAME.old` when an
+/// interruption fell between the two renames of [`commit_dir`].
+pub fn resolve(run: &Path, name: &str) -> Option<PathBuf> {
+    [run.join(name), run.join(format!(".{name}.old"))]
+        .into_iter()
+        .find(|d| d.join(STATE_FILE).is_file())
+}
+
+/// Makes `to` a copy of the committed checkpoint `from` (e.g. `last` → `best`), atomically. Files
+/// are hard-linked when the filesystem allows it (checkpoint files are never modified in place, a
+/// new checkpoint is a new directory), copied otherwise.
+pub fn link_dir(from: &Path, to: &Path) -> Result<()> {
+    commit_dir(to, |tmp| {
+        for entry in std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))? {
+            let entry = entry?;
+            let dest = tmp.join(entry.file_name());
+            if std::fs::hard_link(entry.path(), &dest).is_err() {
+                let bytes = std::fs::read(entry.path())?;
+                write_synced(&dest, &bytes)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes a file inside a fresh checkpoint directory (no rename needed there), synced.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Fails early, with a clear message, when the run directory cannot be written.
+pub fn check_writable(run: &Path) -> Result<()> {
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create the run directory {}", run.display()))?;
+    let probe = run.join(format!(".write-test{}", std::process::id()));
+    let res = std::fs::write(&probe, b"ok");
+    let _ = std::fs::remove_file(&probe);
+    res.with_context(|| format!("the run directory {} is not writable", run.display()))
+}

@@ -1,0 +1,984 @@
+//! The training loop: fresh runs ([`train`]) and resumed ones ([`resume`]).
+//!
+//! One step: batch → tensors, forward, soft-target cross-entropy (f32), backward, AdamW with
+//! parameter groups and global-norm clipping, EMA. The loss and gradient norm stay on the device
+//! and are read back every `log_every` steps (one sync for the window), which is also when a
+//! NaN/Inf is detected, with the exact step named. Every random draw is a function of the seed and
+//! the position (data: seed, epoch, batch; drop-path: seed, global step), so a resumed run takes
+//! exactly the steps the uninterrupted run would have taken.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType, IntDType, TensorData};
+
+use super::checkpoint::{self, EMA_FILE, MODEL_FILE, OPTIM_FILE, RunState, STATE_FILE};
+use super::config::{Dtype, TrainConfig};
+use super::metrics::{EpochMetrics, EvalAccumulator, EvalSummary, history_csv, history_jsonl};
+use super::optim::{AdamW, Ema, HostTensors};
+use super::params::{self, cast_params, collect_flat, materialize, replace_flat, to_f32};
+use super::progress::Progress;
+use super::schedule::{BudgetInputs, Schedule, format_duration, plan_budget};
+use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
+use crate::models::{Model, ModelConfig};
+use crate::weights;
+
+/// Set by Ctrl-C / SIGTERM (see [`install_interrupt_handler`]): the loop checkpoints and pauses.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// First Ctrl-C (or SIGTERM): finish the current step, write `last`, stop. Second: exit at once
+/// (checkpoints are atomic, so even that leaves no torn file).
+pub fn install_interrupt_handler() {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_signal(_: libc::c_int) {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(130) };
+            }
+        }
+        // SAFETY: installing a handler that only touches an atomic and calls _exit.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// How a training session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The schedule is complete.
+    Finished,
+    /// Paused at a global step (`--stop-at-step`, or Ctrl-C); `last` holds the position.
+    Paused(u64),
+}
+
+/// What a session did.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    pub stop: Stop,
+    pub state: RunState,
+    /// (global step, loss) of every step whose loss was read back (all of them with `log_every` 1).
+    pub step_losses: Vec<(u64, f32)>,
+    /// The last evaluation of the raw weights.
+    pub last_eval: Option<EvalSummary>,
+}
+
+/// Soft-target cross-entropy `mean_b(−Σ_k t_bk · log_softmax(logits)_bk)`, computed in f32.
+pub fn soft_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2>) -> Tensor<B, 1> {
+    let logp = burn::tensor::activation::log_softmax(to_f32(logits), 1);
+    (logp * to_f32(targets)).sum_dim(1).mean().neg()
+}
+
+/// One-hot rows (`labels.len() × k`).
+pub fn one_hot(labels: &[usize], k: usize) -> Vec<f32> {
+    let mut t = vec![0.0; labels.len() * k];
+    for (i, &y) in labels.iter().enumerate() {
+        t[i * k + y] = 1.0;
+    }
+    t
+}
+
+/// Runs `model` over every batch of `loader` and accumulates the metrics.
+pub fn evaluate<B: Backend>(
+    model: &Model<B>,
+    loader: &Loader,
+    device: &B::Device,
+) -> Result<EvalAccumulator> {
+    let k = loader.dataset().num_classes();
+    let mut acc = EvalAccumulator::new(k);
+    for batch in loader.epoch(0, 0) {
+        let b = batch?;
+        let [h, w] = b.size;
+        let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [b.labels.len(), 3, h, w]), device);
+        let logits = model.forward(x);
+        let out_k = logits.dims()[1];
+        if out_k != k {
+            bail!("the model has {out_k} outputs but the dataset has {k} classes");
+        }
+        let (_, values) = crate::io::to_host(logits)?;
+        acc.add(&values, &b.labels);
+    }
+    Ok(acc)
+}
+
+/// Mixes a seed and a counter (splitmix64), for per-step backend seeds.
+fn mix_seed(seed: u64, n: u64) -> u64 {
+    let mut z = seed
+        ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Opens the train and validation splits (`auto`: `val`, else `test`) and checks they agree.
+pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, String)> {
+    let open = |val: &str| -> Result<(ImageDataset, ImageDataset)> {
+        let mut v = open_splits(&cfg.data, &[cfg.train_split.as_str(), val])?;
+        let val_ds = v.pop().expect("two splits");
+        let train_ds = v.pop().expect("two splits");
+        Ok((train_ds, val_ds))
+    };
+    let (train, val, split) = if cfg.val_split == "auto" {
+        match open("val") {
+            Ok((t, v)) => (t, v, "val".to_string()),
+            Err(first) => match open("test") {
+                Ok((t, v)) => (t, v, "test".to_string()),
+                Err(second) => {
+                    return Err(second.context(format!(
+                        "no validation split found in {} (tried 'val': {first:#}; then 'test'); name one with --val-split",
+                        cfg.data.display()
+                    )));
+                }
+            },
+        }
+    } else {
+        let (t, v) = open(&cfg.val_split)?;
+        (t, v, cfg.val_split.clone())
+    };
+    check_same_classes(&train, &val)?;
+    Ok((train, val, split))
+}
+
+/// The model configuration as trained: classifier size, resolution and drop-path applied.
+pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelConfig, usize)> {
+    let classes = cfg.num_classes.unwrap_or(data_classes);
+    if classes != data_classes {
+        bail!("--num-classes {classes} does not match the dataset, which has {data_classes} classes");
+    }
+    let mut model = cfg.model.clone().with_num_classes(classes);
+    let res = cfg.resolution.unwrap_or_else(|| model.default_resolution());
+    match &mut model {
+        ModelConfig::Vvt(c) => {
+            c.img_size = res;
+            if let Some(p) = cfg.drop_path {
+                c.drop_path = p;
+            }
+        }
+        ModelConfig::Lsagt(c) => {
+            c.image_size = res;
+            if let Some(p) = cfg.drop_path {
+                c.drop_path = p;
+            }
+        }
+    }
+    model.validate()?;
+    model
+        .check_input(res, res)
+        .with_context(|| format!("the model cannot train at {res}x{res} (--resolution)"))?;
+    Ok((model, res))
+}
+
+/// Makes bf16 the default float type of `device` (before any tensor exists on it).
+fn set_dtype<B: Backend>(dtype: Dtype, device: &B::Device) -> Result<()> {
+    if dtype == Dtype::Bf16
+        && let Err(e) = burn::tensor::set_default_dtypes::<B>(device, FloatDType::BF16, IntDType::I32)
+    {
+        // Already set (to bf16 by an earlier run in this process) is fine; anything else is not.
+        if burn::tensor::get_device_settings::<B>(device).float_dtype != FloatDType::BF16 {
+            bail!(
+                "cannot switch the device to bf16 ({e:?}): tensors were created on it before, or it lacks bf16"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn loaders(
+    cfg: &TrainConfig,
+    train: ImageDataset,
+    val: ImageDataset,
+    res: usize,
+) -> Result<(Loader, Loader)> {
+    let mut tc = LoaderConfig::train(cfg.batch_size, [res, res], cfg.augment.clone());
+    tc.seed = cfg.seed;
+    tc.workers = cfg.workers;
+    let mut vc = LoaderConfig::eval(cfg.eval_batch_size, [res, res], cfg.normalize());
+    vc.workers = cfg.workers;
+    let train_loader = Loader::new(Arc::new(train), tc).context("training data")?;
+    let val_loader = Loader::new(Arc::new(val), vc).context("validation data")?;
+    Ok((train_loader, val_loader))
+}
+
+/// The default run directory: `runs/<model>-<unix time>`.
+pub fn default_run_dir(model_name: &str) -> PathBuf {
+    let stem = Path::new(model_name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("{stem}-{secs}"))
+}
+
+/// Starts a new run in `cfg.out`.
+pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Result<TrainOutcome> {
+    let start = Instant::now();
+    cfg.validate()?;
+    let run_dir = cfg.out.clone();
+    if checkpoint::resolve(&run_dir, "last").is_some() {
+        bail!(
+            "{} already holds a run; continue it with --resume {} or pick another --out",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    checkpoint::check_writable(&run_dir)?;
+    let mut progress = Progress::new(cfg.quiet);
+    let (train_ds, val_ds, val_split) = open_data(&cfg)?;
+    cfg.val_split = val_split;
+    let classes = train_ds.classes.clone();
+    let (model_cfg, res) = resolve_model(&cfg, classes.len())?;
+    set_dtype::<B>(cfg.dtype, device)?;
+    B::seed(device, cfg.seed);
+    let model: Model<B> = model_cfg.init(device)?;
+    materialize(&model);
+    progress.line(&format!(
+        "training {} ({} parameters) on {} [{}: {} images, {}: {} images, {} classes] at {res}x{res}, {:?}",
+        cfg.model_name,
+        crate::cli::group_thousands(model.num_params() as u64),
+        cfg.data.display(),
+        cfg.train_split,
+        train_ds.len(),
+        cfg.val_split,
+        val_ds.len(),
+        classes.len(),
+        cfg.dtype
+    ));
+    let (train_loader, val_loader) = loaders(&cfg, train_ds, val_ds, res)?;
+    let steps_per_epoch = train_loader.len();
+    let optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    let ema = cfg.ema.map(Ema::new);
+    let total = (cfg.epochs * steps_per_epoch) as u64;
+    let state = RunState {
+        version: RunState::VERSION,
+        model: model_cfg,
+        classes,
+        resolution: res,
+        normalize: cfg.normalize(),
+        epoch: 0,
+        batch: 0,
+        global_step: 0,
+        epochs: cfg.epochs,
+        steps_per_epoch,
+        schedule: Schedule {
+            peak: cfg.peak_lr(),
+            min: cfg.min_lr,
+            warmup_steps: cfg.warmup.steps(total, steps_per_epoch),
+            total_steps: total,
+        },
+        ema_updates: 0,
+        best_top1: None,
+        best_epoch: None,
+        history: Vec::new(),
+        epoch_loss_sum: 0.0,
+        epoch_loss_count: 0,
+        epoch_train_s: 0.0,
+        epoch_images: 0,
+        elapsed_s: 0.0,
+        finished: false,
+        config: cfg,
+    };
+    weights::write_atomic(
+        &run_dir.join("config.json"),
+        &serde_json::to_vec_pretty(&state.config)?,
+    )?;
+    let mut session = Session {
+        device: device.clone(),
+        model,
+        optim,
+        ema,
+        train_loader,
+        val_loader,
+        run_dir,
+        progress,
+        step_losses: Vec::new(),
+        pending: Vec::new(),
+        session_start: start,
+        elapsed_before: 0.0,
+        step_s: None,
+        eval_s: None,
+        save_s: None,
+        last_eval: None,
+        window: None,
+        state,
+    };
+    if let Some(budget) = session.state.config.budget_s {
+        session.size_to_budget(budget)?;
+    }
+    session.describe();
+    session.run()
+}
+
+/// What may change when a run is resumed (everything else comes from the run).
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    pub workers: Option<usize>,
+    pub log_every: Option<usize>,
+    pub stop_at_step: Option<u64>,
+    pub debug_nan_at_step: Option<u64>,
+    pub quiet: bool,
+}
+
+/// Continues the run in `run_dir` from its `last` checkpoint, with the same data order and schedule.
+pub fn resume<B: AutodiffBackend>(
+    run_dir: &Path,
+    opts: ResumeOptions,
+    device: &B::Device,
+) -> Result<TrainOutcome> {
+    let start = Instant::now();
+    let ck = checkpoint::resolve(run_dir, "last").with_context(|| {
+        format!(
+            "{} has no checkpoint to resume (expected {}/last/{STATE_FILE})",
+            run_dir.display(),
+            run_dir.display()
+        )
+    })?;
+    let mut state = RunState::read(&ck)?;
+    let cfg = &mut state.config;
+    cfg.out = run_dir.to_path_buf();
+    if let Some(w) = opts.workers {
+        cfg.workers = w;
+    }
+    if let Some(l) = opts.log_every {
+        cfg.log_every = l.max(1);
+    }
+    cfg.stop_at_step = opts.stop_at_step;
+    cfg.debug_nan_at_step = opts.debug_nan_at_step;
+    cfg.quiet = opts.quiet;
+    let mut progress = Progress::new(cfg.quiet);
+    if state.finished {
+        progress.line(&format!(
+            "{} is already finished ({} epochs)",
+            run_dir.display(),
+            state.history.len()
+        ));
+        return Ok(TrainOutcome {
+            run_dir: run_dir.to_path_buf(),
+            stop: Stop::Finished,
+            step_losses: Vec::new(),
+            last_eval: None,
+            state,
+        });
+    }
+    checkpoint::check_writable(run_dir)?;
+    let (train_ds, val_ds, _) = open_data(cfg)?;
+    if train_ds.classes != state.classes {
+        bail!("the dataset's classes are not the ones this run was trained on");
+    }
+    set_dtype::<B>(cfg.dtype, device)?;
+    let model: Model<B> = state.model.init(device)?;
+    let model = weights::load_native(model, &ck.join(MODEL_FILE))?;
+    let model = if cfg.dtype == Dtype::Bf16 {
+        cast_params(model, FloatDType::BF16)
+    } else {
+        model
+    };
+    let mut optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    optim
+        .load_host(read_all_f32(&ck.join(OPTIM_FILE))?, state.global_step, device)
+        .with_context(|| {
+            format!(
+                "cannot restore the optimizer from {}",
+                ck.join(OPTIM_FILE).display()
+            )
+        })?;
+    let ema = match cfg.ema {
+        Some(decay) => {
+            let mut e = Ema::new(decay);
+            e.updates = state.ema_updates;
+            let path = ck.join(EMA_FILE);
+            if path.exists() {
+                let m: Model<B::InnerBackend> = state.model.init(device)?;
+                e.values = collect_flat(&weights::load_native(m, &path)?);
+            }
+            Some(e)
+        }
+        None => None,
+    };
+    let (train_loader, val_loader) = loaders(cfg, train_ds, val_ds, state.resolution)?;
+    if train_loader.len() != state.steps_per_epoch {
+        bail!(
+            "the training split now gives {} batches per epoch, the run had {}; was the dataset changed?",
+            train_loader.len(),
+            state.steps_per_epoch
+        );
+    }
+    progress.line(&format!(
+        "resuming {} at epoch {}, batch {} (step {}/{})",
+        run_dir.display(),
+        state.epoch + 1,
+        state.batch,
+        state.global_step,
+        state.schedule.total_steps
+    ));
+    let elapsed_before = state.elapsed_s;
+    let session = Session {
+        device: device.clone(),
+        model,
+        optim,
+        ema,
+        train_loader,
+        val_loader,
+        run_dir: run_dir.to_path_buf(),
+        progress,
+        step_losses: Vec::new(),
+        pending: Vec::new(),
+        session_start: start,
+        elapsed_before,
+        step_s: None,
+        eval_s: None,
+        save_s: None,
+        last_eval: None,
+        window: None,
+        state,
+    };
+    session.run()
+}
+
+/// Every F32 tensor of a safetensors file, by name.
+pub fn read_all_f32(path: &Path) -> Result<HostTensors> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!("{name} in {} is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// A step whose loss and gradient norm are still on the device.
+struct Pending<B: Backend> {
+    step: u64,
+    epoch: usize,
+    batch: usize,
+    loss: Tensor<B, 1>,
+    grad_norm: Tensor<B, 1>,
+}
+
+struct Session<B: AutodiffBackend> {
+    device: B::Device,
+    model: Model<B>,
+    optim: AdamW<B::InnerBackend>,
+    ema: Option<Ema<B::InnerBackend>>,
+    train_loader: Loader,
+    val_loader: Loader,
+    run_dir: PathBuf,
+    progress: Progress,
+    step_losses: Vec<(u64, f32)>,
+    pending: Vec<Pending<B::InnerBackend>>,
+    session_start: Instant,
+    /// Training seconds of earlier sessions.
+    elapsed_before: f64,
+    /// Measured seconds per step, per evaluation pass, per checkpoint.
+    step_s: Option<f64>,
+    eval_s: Option<f64>,
+    save_s: Option<f64>,
+    last_eval: Option<EvalSummary>,
+    /// Start of the current timing window: (instant, global step).
+    window: Option<(Instant, u64)>,
+    state: RunState,
+}
+
+impl<B: AutodiffBackend> Session<B> {
+    fn cfg(&self) -> &TrainConfig {
+        &self.state.config
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.session_start.elapsed().as_secs_f64()
+    }
+
+    fn describe(&mut self) {
+        let s = self.state.schedule;
+        let c = &self.state.config;
+        let text = format!(
+            "schedule: {} epochs x {} steps = {} steps, batch {}, lr {:.3e} (warm-up {} steps, cosine to {:.1e}), wd {}, clip {}, ema {}, run dir {}",
+            self.state.epochs,
+            self.state.steps_per_epoch,
+            s.total_steps,
+            c.batch_size,
+            s.peak,
+            s.warmup_steps,
+            s.min,
+            c.optimizer.weight_decay,
+            c.clip.map_or("off".into(), |v| v.to_string()),
+            c.ema.map_or("off".into(), |v| v.to_string()),
+            self.run_dir.display()
+        );
+        self.progress.line(&text);
+    }
+
+    /// One training step; the loss and gradient norm stay on the device.
+    fn step(&mut self, batch: crate::data::Batch, lr: f64) -> Result<()> {
+        let n = batch.len();
+        let [h, w] = batch.size;
+        let k = batch.num_classes;
+        let mut images = batch.images;
+        if self.cfg().debug_nan_at_step == Some(self.state.global_step) {
+            images.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        B::seed(&self.device, mix_seed(self.cfg().seed, self.state.global_step));
+        let x = Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), &self.device);
+        let targets = batch.targets.unwrap_or_else(|| one_hot(&batch.labels, k));
+        let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
+        let model = self.model.clone();
+        let loss = soft_cross_entropy(model.forward(x), t);
+        let loss_value = loss.clone().inner();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let clip = self.cfg().clip;
+        let (model, stats) = self.optim.step(model, grads, lr, clip, self.ema.as_mut());
+        self.model = model;
+        if self.ema.is_some() {
+            self.state.ema_updates += 1;
+        }
+        self.pending.push(Pending {
+            step: self.state.global_step,
+            epoch: self.state.epoch,
+            batch: batch.index,
+            loss: loss_value,
+            grad_norm: stats.grad_norm,
+        });
+        self.state.global_step += 1;
+        self.state.batch = batch.index + 1;
+        self.state.epoch_images += n as u64;
+        Ok(())
+    }
+
+    /// Reads the pending losses back (one sync), stops on a non-finite value, refreshes the line.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let losses: Vec<Tensor<B::InnerBackend, 1>> = pending.iter().map(|p| p.loss.clone()).collect();
+        let norms: Vec<Tensor<B::InnerBackend, 1>> = pending.iter().map(|p| p.grad_norm.clone()).collect();
+        let (_, losses) = crate::io::to_host(Tensor::cat(losses, 0))?;
+        let (_, norms) = crate::io::to_host(Tensor::cat(norms, 0))?;
+        for ((p, &loss), &norm) in pending.iter().zip(&losses).zip(&norms) {
+            if !loss.is_finite() || !norm.is_finite() {
+                let what = if loss.is_finite() {
+                    format!("the gradient norm is {norm}")
+                } else {
+                    format!("the loss is {loss}")
+                };
+                let last = match checkpoint::resolve(&self.run_dir, "last") {
+                    Some(d) => match RunState::read(&d) {
+                        Ok(s) => format!(
+                            "the last good checkpoint, {} (step {}), is untouched",
+                            d.display(),
+                            s.global_step
+                        ),
+                        Err(_) => format!("the last good checkpoint is {}", d.display()),
+                    },
+                    None => "no checkpoint had been written yet".into(),
+                };
+                bail!(
+                    "training diverged: {what} at step {} (epoch {}, batch {} of {}); the run stopped without saving; {last}. \
+                     Try a lower --lr, --clip, a longer --warmup, or --dtype f32",
+                    p.step + 1,
+                    p.epoch + 1,
+                    p.batch + 1,
+                    self.state.steps_per_epoch
+                );
+            }
+            self.state.epoch_loss_sum += loss as f64;
+            self.state.epoch_loss_count += 1;
+            self.step_losses.push((p.step, loss));
+        }
+        // Timing window: wall time between read-backs (the device is in sync at both ends).
+        let now = Instant::now();
+        let step = self.state.global_step;
+        if let Some((t0, s0)) = self.window
+            && step > s0
+        {
+            let per = now.duration_since(t0).as_secs_f64() / (step - s0) as f64;
+            self.step_s = Some(match self.step_s {
+                Some(old) => 0.7 * old + 0.3 * per,
+                None => per,
+            });
+        }
+        self.window = Some((now, step));
+        let last_loss = *losses.last().unwrap_or(&f32::NAN);
+        let text = self.progress_text(last_loss);
+        self.progress.update(&text);
+        Ok(())
+    }
+
+    fn progress_text(&self, loss: f32) -> String {
+        let s = &self.state;
+        let total = s.schedule.total_steps;
+        let lr = s.schedule.lr(s.global_step.saturating_sub(1));
+        let (speed, eta) = match self.step_s {
+            Some(step_s) => {
+                let remaining = total.saturating_sub(s.global_step) as f64 * step_s;
+                let epochs_left = s.epochs.saturating_sub(s.epoch) as f64;
+                let evals = self.eval_s.unwrap_or(0.0) * (epochs_left / self.cfg().eval_every as f64).ceil();
+                (
+                    format!("{:.0} img/s", self.cfg().batch_size as f64 / step_s),
+                    format_duration(remaining + evals),
+                )
+            }
+            None => ("- img/s".into(), "?".into()),
+        };
+        format!(
+            "epoch {}/{}  step {}/{} (batch {}/{})  loss {loss:.4}  lr {lr:.3e}  {speed}  ETA {eta}",
+            s.epoch + 1,
+            s.epochs,
+            s.global_step,
+            total,
+            s.batch,
+            s.steps_per_epoch
+        )
+    }
+
+    /// Measures steps and an evaluation on throwaway copies, then sizes the run to the budget.
+    fn size_to_budget(&mut self, budget: f64) -> Result<()> {
+        self.progress.line(&format!(
+            "sizing the run to a budget of {}: measuring a few steps...",
+            format_duration(budget)
+        ));
+        let mut model = self.model.clone();
+        let mut optim = self.optim.clone();
+        let lr = self.state.schedule.peak * 1e-3;
+        let clip = self.cfg().clip;
+        let spe = self.state.steps_per_epoch;
+        let mut times = Vec::new();
+        for (i, batch) in self.train_loader.epoch(0, 0).take(spe.min(12)).enumerate() {
+            let b = batch?;
+            let t0 = Instant::now();
+            let n = b.len();
+            let [h, w] = b.size;
+            let k = b.num_classes;
+            B::seed(&self.device, mix_seed(self.cfg().seed, i as u64));
+            let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [n, 3, h, w]), &self.device);
+            let targets = b.targets.unwrap_or_else(|| one_hot(&b.labels, k));
+            let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
+            let loss = soft_cross_entropy(model.forward(x), t);
+            let grads = GradientsParams::from_grads(loss.clone().backward(), &model);
+            model = optim.step(model, grads, lr, clip, None).0;
+            let _ = loss.into_scalar();
+            times.push(t0.elapsed().as_secs_f64());
+            // First step compiles; then at least 3 timed steps or 3% of the budget.
+            let timed: f64 = times.iter().skip(1).sum();
+            if times.len() >= 4 && (timed >= 0.03 * budget || times.len() >= 8) {
+                break;
+            }
+        }
+        let timed = &times[1.min(times.len() - 1)..];
+        let step_s = timed.iter().sum::<f64>() / timed.len() as f64;
+        // Evaluation: time a few batches (the first compiles), scale to the split.
+        let valid = model.valid();
+        let vb = self.val_loader.len();
+        let mut eval_times = Vec::new();
+        for batch in self.val_loader.epoch(0, 0).take(3) {
+            let b = batch?;
+            let t0 = Instant::now();
+            let [h, w] = b.size;
+            let x = Tensor::<B::InnerBackend, 4>::from_data(
+                TensorData::new(b.images, [b.labels.len(), 3, h, w]),
+                &self.device,
+            );
+            let _ = crate::io::to_host(valid.forward(x))?;
+            eval_times.push(t0.elapsed().as_secs_f64());
+        }
+        let per_batch = eval_times[1.min(eval_times.len() - 1)..].iter().sum::<f64>()
+            / eval_times[1.min(eval_times.len() - 1)..].len() as f64;
+        let passes = if self.ema.is_some() { 2.0 } else { 1.0 };
+        let eval_s = per_batch * vb as f64 * passes;
+        // A checkpoint of the initial state times the saves (and makes the run resumable from step 0).
+        let t0 = Instant::now();
+        self.save(false)?;
+        let save_s = t0.elapsed().as_secs_f64();
+        let inputs = BudgetInputs {
+            budget_s: budget,
+            elapsed_s: self.elapsed(),
+            step_s,
+            steps_per_epoch: spe,
+            eval_s,
+            eval_every: self.cfg().eval_every,
+            reserve_s: 2.0 + 0.02 * budget + save_s,
+            epoch_overhead_s: save_s,
+        };
+        let plan = plan_budget(&inputs)?;
+        self.state.epochs = plan.epochs;
+        self.state.schedule.total_steps = plan.total_steps;
+        self.state.schedule.warmup_steps = self.cfg().warmup.steps(plan.total_steps, spe);
+        self.save(false)?; // the initial checkpoint again, now with the sized schedule
+        self.step_s = Some(step_s);
+        self.eval_s = Some(eval_s);
+        self.save_s = Some(save_s);
+        self.progress.line(&format!(
+            "measured {:.3} s/step ({:.0} img/s), {:.1} s per evaluation, {:.2} s per checkpoint; {} spent; {} epochs ({} steps) fit",
+            step_s,
+            self.cfg().batch_size as f64 / step_s,
+            eval_s,
+            save_s,
+            format_duration(self.elapsed()),
+            plan.epochs,
+            plan.total_steps
+        ));
+        Ok(())
+    }
+
+    /// The weights to save (f32): the f32 master copy with bf16, else the model itself.
+    fn model_to_save(&self) -> Model<B::InnerBackend> {
+        let valid = self.model.valid();
+        match self.optim.master_weights() {
+            Some(master) if !master.is_empty() => replace_flat(valid, &master, Some(FloatDType::F32)),
+            _ => params::cast_params(valid, FloatDType::F32),
+        }
+    }
+
+    fn ema_model(&self, dtype: Option<FloatDType>) -> Option<Model<B::InnerBackend>> {
+        self.ema
+            .as_ref()
+            .map(|e| replace_flat(self.model.valid(), &e.values, dtype))
+    }
+
+    /// Writes `last` (and `best` too when `best` is set) atomically.
+    fn save(&mut self, best: bool) -> Result<()> {
+        self.state.elapsed_s = self.elapsed();
+        let model = self.model_to_save();
+        let ema = self.ema_model(Some(FloatDType::F32));
+        let optim = self.optim.to_host()?;
+        let state_json = serde_json::to_vec_pretty(&self.state)?;
+        let config = self.state.model.clone();
+        let last = self.run_dir.join("last");
+        checkpoint::commit_dir(&last, |dir| {
+            weights::save_native(&model, &config, &dir.join(MODEL_FILE))?;
+            if let Some(ema) = &ema {
+                weights::save_native(ema, &config, &dir.join(EMA_FILE))?;
+            }
+            crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
+            checkpoint::write_synced(&dir.join(STATE_FILE), &state_json)
+        })?;
+        if best {
+            checkpoint::link_dir(&last, &self.run_dir.join("best"))?;
+        }
+        Ok(())
+    }
+
+    fn evaluate_models(&mut self) -> Result<(EvalSummary, Option<EvalSummary>, f64)> {
+        let t0 = Instant::now();
+        let raw = evaluate(&self.model.valid(), &self.val_loader, &self.device)?.summary();
+        let ema = match self.ema_model(None) {
+            Some(m) => Some(evaluate(&m, &self.val_loader, &self.device)?.summary()),
+            None => None,
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        self.eval_s = Some(secs);
+        Ok((raw, ema, secs))
+    }
+
+    fn write_reports(&self) -> Result<()> {
+        let h = &self.state.history;
+        weights::write_atomic(&self.run_dir.join("metrics.csv"), history_csv(h).as_bytes())?;
+        weights::write_atomic(&self.run_dir.join("metrics.jsonl"), history_jsonl(h).as_bytes())?;
+        let png = super::plot::curves_png(h, &self.cfg().model_name)?;
+        weights::write_atomic(&self.run_dir.join("curves.png"), &png)
+    }
+
+    fn paused(mut self, train_start: Instant) -> Result<TrainOutcome> {
+        self.flush()?;
+        self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
+        self.save(false)?;
+        let step = self.state.global_step;
+        self.progress.line(&format!(
+            "paused at step {step} (epoch {}, batch {}); checkpoint in {}; continue with: vicinity train --resume {}",
+            self.state.epoch + 1,
+            self.state.batch,
+            self.run_dir.join("last").display(),
+            self.run_dir.display()
+        ));
+        Ok(self.outcome(Stop::Paused(step)))
+    }
+
+    fn outcome(self, stop: Stop) -> TrainOutcome {
+        TrainOutcome {
+            run_dir: self.run_dir,
+            stop,
+            state: self.state,
+            step_losses: self.step_losses,
+            last_eval: self.last_eval,
+        }
+    }
+
+    fn run(mut self) -> Result<TrainOutcome> {
+        let deadline = self.cfg().budget_s;
+        while !self.state.finished && self.state.epoch < self.state.epochs {
+            let total = self.state.schedule.total_steps;
+            let epoch = self.state.epoch;
+            let train_start = Instant::now();
+            self.window = None;
+            let mut out_of_time = false;
+            // (A run paused after the last batch of an epoch resumes straight into its end.)
+            if self.state.global_step < total && self.state.batch < self.state.steps_per_epoch {
+                let mut batches = self.train_loader.epoch(epoch, self.state.batch);
+                loop {
+                    if self.state.global_step >= total {
+                        break;
+                    }
+                    if let Some(budget) = deadline {
+                        let need = self.step_s.unwrap_or(0.0)
+                            + self.eval_s.unwrap_or(0.0)
+                            + self.save_s.unwrap_or(0.0)
+                            + 1.0
+                            + 0.02 * budget;
+                        if self.elapsed() + need > budget {
+                            out_of_time = true;
+                            break;
+                        }
+                    }
+                    let Some(batch) = batches.next() else { break };
+                    let lr = self.state.schedule.lr(self.state.global_step);
+                    self.step(batch?, lr)?;
+                    if self.pending.len() >= self.cfg().log_every {
+                        self.flush()?;
+                    }
+                    let step = self.state.global_step;
+                    if self.cfg().stop_at_step == Some(step) || INTERRUPTED.load(Ordering::SeqCst) {
+                        drop(batches);
+                        return self.paused(train_start);
+                    }
+                    let save_every = self.cfg().save_every;
+                    if save_every > 0
+                        && step.is_multiple_of(save_every)
+                        && self.state.batch < self.state.steps_per_epoch
+                    {
+                        self.flush()?;
+                        self.save(false)?;
+                    }
+                }
+            }
+            self.flush()?;
+            self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
+            let last_epoch = out_of_time
+                || self.state.global_step >= self.state.schedule.total_steps
+                || epoch + 1 >= self.state.epochs;
+            if out_of_time {
+                self.progress.line(&format!(
+                    "stopping at step {} to stay within the budget (the measured speed was optimistic)",
+                    self.state.global_step
+                ));
+            }
+            self.end_epoch(last_epoch)?;
+        }
+        if !self.state.finished {
+            self.state.finished = true;
+            self.save(false)?;
+        }
+        let total = format_duration(self.elapsed());
+        let best = self
+            .state
+            .best_top1
+            .map_or("-".into(), |b| format!("{:.2}%", b * 100.0));
+        self.progress.line(&format!(
+            "finished: {} epochs, {} steps in {total}; best val top-1 {best}; run dir {}",
+            self.state.history.len(),
+            self.state.global_step,
+            self.run_dir.display()
+        ));
+        Ok(self.outcome(Stop::Finished))
+    }
+
+    fn end_epoch(&mut self, last_epoch: bool) -> Result<()> {
+        let epoch = self.state.epoch;
+        let evaluate_now = last_epoch || (epoch + 1).is_multiple_of(self.cfg().eval_every);
+        let (raw, ema, eval_s) = if evaluate_now {
+            let (r, e, s) = self.evaluate_models()?;
+            (Some(r), e, s)
+        } else {
+            (None, None, 0.0)
+        };
+        let s = &mut self.state;
+        let train_s = s.epoch_train_s.max(1e-9);
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            step: s.global_step,
+            train_loss: s.epoch_loss_sum / s.epoch_loss_count.max(1) as f64,
+            val_loss: raw.map(|r| r.loss),
+            val_top1: raw.map(|r| r.top1),
+            val_top5: raw.map(|r| r.top5),
+            ema_top1: ema.map(|r| r.top1),
+            ema_top5: ema.map(|r| r.top5),
+            lr: s.schedule.lr(s.global_step.saturating_sub(1)),
+            epoch_s: train_s,
+            eval_s,
+            img_per_s: s.epoch_images as f64 / train_s,
+        };
+        let improved = m
+            .val_top1
+            .is_some_and(|v| v.is_finite() && s.best_top1.is_none_or(|b| v > b));
+        if improved {
+            s.best_top1 = m.val_top1;
+            s.best_epoch = Some(epoch + 1);
+        }
+        s.history.push(m.clone());
+        s.epoch += 1;
+        s.batch = 0;
+        s.epoch_loss_sum = 0.0;
+        s.epoch_loss_count = 0;
+        s.epoch_train_s = 0.0;
+        s.epoch_images = 0;
+        s.finished = last_epoch;
+        if raw.is_some() {
+            self.last_eval = raw;
+        }
+        let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0));
+        let ema_text = if self.ema.is_some() {
+            format!(" (ema top-1 {})", pct(m.ema_top1))
+        } else {
+            String::new()
+        };
+        self.progress.line(&format!(
+            "epoch {}/{}: train loss {:.4}, val loss {}, top-1 {}, top-5 {}{ema_text}, lr {:.2e}, {:.1} s, {:.0} img/s{}",
+            m.epoch,
+            self.state.epochs,
+            m.train_loss,
+            m.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+            pct(m.val_top1),
+            pct(m.val_top5),
+            m.lr,
+            m.epoch_s,
+            m.img_per_s,
+            if improved { " [best]" } else { "" }
+        ));
+        let t0 = Instant::now();
+        self.save(improved)?;
+        self.save_s = Some(t0.elapsed().as_secs_f64());
+        self.write_reports()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_differ_per_step() {
+        assert_ne!(mix_seed(1, 0), mix_seed(1, 1));
+        assert_ne!(mix_seed(1, 0), mix_seed(2, 0));
+    }
+}
