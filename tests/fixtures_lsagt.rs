@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use burn::module::Module;
 use common::*;
 use vicinity::flops::totals;
@@ -70,34 +68,6 @@ fn a_checkpoint_of_another_model_is_refused_with_the_names() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not match"), "{err}");
-}
-
-/// Official (name, shape) pairs and the header JSON from `keys/NAME.tsv`.
-fn official_keys(name: &str) -> (Vec<(String, Vec<usize>)>, serde_json::Value) {
-    let text = std::fs::read_to_string(fixtures_dir().join(format!("keys/{name}.tsv"))).unwrap();
-    let mut lines = text.lines();
-    let header: serde_json::Value =
-        serde_json::from_str(lines.next().unwrap().trim_start_matches("# ")).unwrap();
-    let keys = lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (name, shape) = l.split_once('\t').unwrap();
-            let shape = shape.split('x').map(|d| d.parse().unwrap()).collect();
-            (name.to_string(), shape)
-        })
-        .collect();
-    (keys, header)
-}
-
-/// Every parameter's path and shape in PyTorch layout (Linear weights transposed back, LayerNorm
-/// `gamma`/`beta` named `weight`/`bias`), read without materialising the (lazily initialised)
-/// weights.
-fn param_shapes<M: burn_store::ModuleSnapshot<B>>(model: &M) -> HashMap<String, Vec<usize>> {
-    model
-        .collect(None, Some(Box::new(burn_store::BurnToPyTorchAdapter)), false)
-        .into_iter()
-        .map(|s| (s.full_path(), s.shape.to_vec()))
-        .collect()
 }
 
 #[test]

@@ -86,23 +86,6 @@ fn a_checkpoint_of_another_model_is_refused_with_the_names() {
     );
 }
 
-/// Official (name, shape) pairs and the parameter count from `keys/NAME.tsv`.
-pub fn official_keys(name: &str) -> (Vec<(String, Vec<usize>)>, usize) {
-    let text = std::fs::read_to_string(fixtures_dir().join(format!("keys/{name}.tsv"))).unwrap();
-    let mut lines = text.lines();
-    let header: serde_json::Value =
-        serde_json::from_str(lines.next().unwrap().trim_start_matches("# ")).unwrap();
-    let keys = lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (name, shape) = l.split_once('\t').unwrap();
-            let shape = shape.split('x').map(|d| d.parse().unwrap()).collect();
-            (name.to_string(), shape)
-        })
-        .collect();
-    (keys, header["params"].as_u64().unwrap() as usize)
-}
-
 #[test]
 fn full_size_models_have_the_official_names_shapes_and_counts() {
     let device = Default::default();
@@ -112,7 +95,8 @@ fn full_size_models_have_the_official_names_shapes_and_counts() {
         };
         config.validate().unwrap();
         let model = config.init::<B>(&device);
-        let (keys, params) = official_keys(name);
+        let (keys, header) = official_keys(name);
+        let params = header["params"].as_u64().unwrap() as usize;
         assert_eq!(model.num_params(), params, "{name}: parameter count");
         let ours = param_shapes(&model);
         assert_eq!(ours.len(), keys.len(), "{name}: number of tensors");
@@ -124,21 +108,4 @@ fn full_size_models_have_the_official_names_shapes_and_counts() {
             assert_eq!(theirs, &shape, "{name}: shape of {official}");
         }
     }
-}
-
-/// Every parameter's path and shape in PyTorch layout (Linear weights transposed back).
-pub fn param_shapes<M: burn_store::ModuleSnapshot<B>>(
-    model: &M,
-) -> std::collections::HashMap<String, Vec<usize>> {
-    model
-        .collect(None, Some(Box::new(burn_store::BurnToPyTorchAdapter)), false)
-        .into_iter()
-        .map(|s| {
-            let path = s
-                .full_path()
-                .replace(".gamma", ".weight")
-                .replace(".beta", ".bias");
-            (path, s.shape.to_vec())
-        })
-        .collect()
 }

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelOutput, ensure_divisible};
+use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{
     GlobalAttention, LocalShiftAttention, LsagtAttentionConfig, trunc_normal_linear,
 };
@@ -757,22 +757,6 @@ impl<B: Backend> Stage<B> {
         }
         x
     }
-}
-
-/// Stochastic depth: in training (autodiff backends) drops the residual branch per sample with
-/// probability `rate` and rescales the kept ones; the identity otherwise.
-fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
-    if rate <= 0.0 || !B::ad_enabled(&x.device()) {
-        return x;
-    }
-    let mut shape = [1; D];
-    shape[0] = x.dims()[0];
-    let keep = Tensor::<B, D>::random(
-        shape,
-        burn::tensor::Distribution::Bernoulli(1.0 - rate),
-        &x.device(),
-    );
-    x * keep.div_scalar(1.0 - rate)
 }
 
 #[derive(Module, Debug)]

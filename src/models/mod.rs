@@ -174,3 +174,20 @@ pub(crate) fn ensure_divisible(what: &str, value: usize, by_what: &str, by: usiz
     }
     Ok(())
 }
+
+/// Stochastic depth: in training (autodiff backends) drops the residual branch per sample with
+/// probability `rate` and rescales the kept ones; the identity otherwise.
+pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
+    if rate <= 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    let batch = x.dims()[0];
+    let mut shape = [1; D];
+    shape[0] = batch;
+    let keep = Tensor::<B, D>::random(
+        shape,
+        burn::tensor::Distribution::Bernoulli(1.0 - rate),
+        &x.device(),
+    );
+    x * keep.div_scalar(1.0 - rate)
+}

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelOutput, ensure_divisible};
+use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
 
@@ -291,23 +291,6 @@ impl<B: Backend> Block<B> {
         let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), h, w), self.drop_path);
         x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x), h, w), self.drop_path)
     }
-}
-
-/// Stochastic depth: in training (autodiff backends) drops the residual branch per sample with
-/// probability `rate` and rescales the kept ones; the identity otherwise.
-pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
-    if rate <= 0.0 || !B::ad_enabled(&x.device()) {
-        return x;
-    }
-    let batch = x.dims()[0];
-    let mut shape = [1; D];
-    shape[0] = batch;
-    let keep = Tensor::<B, D>::random(
-        shape,
-        burn::tensor::Distribution::Bernoulli(1.0 - rate),
-        &x.device(),
-    );
-    x * keep.div_scalar(1.0 - rate)
 }
 
 #[derive(Module, Debug)]

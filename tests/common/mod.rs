@@ -52,3 +52,33 @@ pub fn rel_l2<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
     let norm: f32 = b.powi_scalar(2).sum().into_scalar();
     (diff / norm.max(1e-30)).sqrt()
 }
+
+/// Official (name, shape) pairs and the header JSON from `keys/NAME.tsv`.
+pub fn official_keys(name: &str) -> (Vec<(String, Vec<usize>)>, serde_json::Value) {
+    let text = std::fs::read_to_string(fixtures_dir().join(format!("keys/{name}.tsv"))).unwrap();
+    let mut lines = text.lines();
+    let header: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap().trim_start_matches("# ")).unwrap();
+    let keys = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (name, shape) = l.split_once('\t').unwrap();
+            let shape = shape.split('x').map(|d| d.parse().unwrap()).collect();
+            (name.to_string(), shape)
+        })
+        .collect();
+    (keys, header)
+}
+
+/// Every parameter's path and shape in PyTorch layout (Linear weights transposed back, LayerNorm
+/// `gamma`/`beta` named `weight`/`bias`), read without materialising the (lazily initialised)
+/// weights.
+pub fn param_shapes<M: burn_store::ModuleSnapshot<B>>(
+    model: &M,
+) -> std::collections::HashMap<String, Vec<usize>> {
+    model
+        .collect(None, Some(Box::new(burn_store::BurnToPyTorchAdapter)), false)
+        .into_iter()
+        .map(|s| (s.full_path(), s.shape.to_vec()))
+        .collect()
+}
