@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod flops;
+pub mod init;
 pub mod io;
 pub mod models;
 pub mod train;

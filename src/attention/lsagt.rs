@@ -15,7 +15,9 @@
 //! Each kind has a `forward_reference` that computes the same thing with plain loops over host
 //! memory, used by the tests.
 
-use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+
+use crate::init::linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -55,9 +57,9 @@ impl LsagtAttentionConfig {
             self.heads
         );
         (
-            trunc_normal_linear(self.dim, self.dim, device),
-            trunc_normal_linear(self.dim, self.kv_dim(), device),
-            trunc_normal_linear(self.dim, self.dim, device),
+            linear(self.dim, self.dim, true, device),
+            linear(self.dim, self.kv_dim(), true, device),
+            linear(self.dim, self.dim, true, device),
             DropoutConfig::new(self.dropout).init(),
         )
     }
@@ -85,16 +87,6 @@ impl LsagtAttentionConfig {
             kv_heads: self.kv_heads(),
         }
     }
-}
-
-/// `Linear` with the official init: weights normal(0, 0.02) (the released trunc_normal_ cuts at
-/// ±2 absolute, which never binds at std 0.02), bias 0.
-pub(crate) fn trunc_normal_linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
-    let mut linear = LinearConfig::new(i, o)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
-        .init(device);
-    linear.bias = Some(Initializer::Zeros.init([o], device));
-    linear
 }
 
 /// Splits the `wkv` output `[..., 2·kvh·d_h]` into keys and values (first half keys).

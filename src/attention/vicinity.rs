@@ -9,11 +9,13 @@
 
 use std::f64::consts::FRAC_PI_2;
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::conv::Conv2d;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
+
+use crate::init::{ConvInit, conv2d, linear};
 
 /// How token positions re-weight attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -97,33 +99,20 @@ impl VicinityAttentionConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> VicinityAttention<B> {
         let inner = self.dim / self.feature_reduction;
         let squeezed = self.dim / self.se_ratio;
-        let linear = |i, o, bias| {
-            LinearConfig::new(i, o)
-                .with_bias(bias)
-                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
-                .init(device)
-        };
         let r = self.spatial_reduction;
         let (sr, norm) = if r > 1 {
-            let fan_out = (r * r * self.dim) as f64;
-            let conv = Conv2dConfig::new([self.dim, self.dim], [r, r])
-                .with_stride([r, r])
-                .with_initializer(burn::nn::Initializer::Normal {
-                    mean: 0.0,
-                    std: (2.0 / fan_out).sqrt(),
-                })
-                .init(device);
+            let conv = conv2d(self.dim, self.dim, r, r, 0, 1, ConvInit::FanOut, device);
             (Some(conv), Some(LayerNormConfig::new(self.dim).init(device)))
         } else {
             (None, None)
         };
         VicinityAttention {
-            q_proj: linear(self.dim, inner, true),
-            k_proj: linear(self.dim, inner, true),
-            v_proj: linear(self.dim, inner, true),
-            out_proj: linear(inner, self.dim, true),
-            se_fc1: linear(self.dim, squeezed, false),
-            se_fc2: linear(squeezed, self.dim, false),
+            q_proj: linear(self.dim, inner, true, device),
+            k_proj: linear(self.dim, inner, true, device),
+            v_proj: linear(self.dim, inner, true, device),
+            out_proj: linear(inner, self.dim, true, device),
+            se_fc1: linear(self.dim, squeezed, false, device),
+            se_fc2: linear(squeezed, self.dim, false, device),
             sr,
             norm,
             heads: self.heads,

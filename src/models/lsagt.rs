@@ -15,7 +15,7 @@
 
 use anyhow::{Context, Result, bail};
 use burn::module::Param;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::prelude::*;
@@ -23,10 +23,9 @@ use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelOutput, drop_path, ensure_divisible};
-use crate::attention::lsagt::{
-    GlobalAttention, LocalShiftAttention, LsagtAttentionConfig, trunc_normal_linear,
-};
+use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
+use crate::init::{ConvInit, conv2d, linear};
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -485,7 +484,9 @@ impl LsagtConfig {
         let d0 = self.dims[0][0];
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let patch_embed = ShiftedPatchEmbed {
-            projections: (0..t).map(|_| conv(3, d0, k, s, p, device)).collect(),
+            projections: (0..t)
+                .map(|_| conv2d(3, d0, k, s, p, 1, ConvInit::Normal002, device))
+                .collect(),
             scheme: self.scheme,
         };
         let grids = self.grids(self.image_size, self.image_size);
@@ -506,8 +507,8 @@ impl LsagtConfig {
                             local: local.then(|| attn.init_local(device)),
                             global: (!local).then(|| attn.init_global(device)),
                             mlp: Mlp {
-                                fc1: trunc_normal_linear(d, d * self.mlp_ratio, device),
-                                fc2: trunc_normal_linear(d * self.mlp_ratio, d, device),
+                                fc1: linear(d, d * self.mlp_ratio, true, device),
+                                fc2: linear(d * self.mlp_ratio, d, true, device),
                                 drop: DropoutConfig::new(self.dropout).init(),
                             },
                         }
@@ -520,7 +521,7 @@ impl LsagtConfig {
                     norm2: layer_norm(d, device),
                     blocks,
                     reduce: (i < last).then(|| Reduce {
-                        conv: conv(d, d_out, 3, 1, 1, device),
+                        conv: conv2d(d, d_out, 3, 1, 1, 1, ConvInit::Normal002, device),
                         norm: layer_norm(d_out, device),
                         pool: MaxPool2dConfig::new([3, 3])
                             .with_strides([2, 2])
@@ -537,31 +538,13 @@ impl LsagtConfig {
             patch_embed,
             stages,
             norm: layer_norm(d_last, device),
-            mlp_head: trunc_normal_linear(d_last, self.num_classes, device),
+            mlp_head: linear(d_last, self.num_classes, true, device),
         }
     }
 }
 
 fn layer_norm<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(d).with_epsilon(LN_EPS).init(device)
-}
-
-/// Conv2d with the official init: weights normal(0, 0.02), bias 0.
-fn conv<B: Backend>(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    device: &B::Device,
-) -> Conv2d<B> {
-    let mut conv = Conv2dConfig::new([cin, cout], [k, k])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
-        .init(device);
-    conv.bias = Some(Initializer::Zeros.init([cout], device));
-    conv
 }
 
 /// `torch.roll(x, shift, dim)`: element `i` moves to `i + shift` (mod size).

@@ -4,8 +4,8 @@
 //! official `patch_embed{i+1}` / `block{i+1}` / `norm{i+1}`), see [`rename_official`].
 
 use anyhow::{Result, bail};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::conv::Conv2d;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
+use crate::init::{ConvInit, conv2d, linear};
 
 fn default_true() -> bool {
     true
@@ -179,7 +180,7 @@ impl VvtConfig {
             let c = self.embed_dims[i];
             let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
             let patch_embed = PatchEmbed {
-                proj: conv(c_in, c, k, s, k / 2, 1, device),
+                proj: conv2d(c_in, c, k, s, k / 2, 1, ConvInit::FanOut, device),
                 norm: LayerNormConfig::new(c).with_epsilon(1e-5).init(device),
             };
             let blocks = (0..self.depths[i])
@@ -202,9 +203,9 @@ impl VvtConfig {
                             .init(device),
                         norm2: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
                         mlp: Mlp {
-                            fc1: linear(c, hidden, device),
-                            dwconv: conv(hidden, hidden, 3, 1, 1, hidden, device),
-                            fc2: linear(hidden, c, device),
+                            fc1: linear(c, hidden, true, device),
+                            dwconv: conv2d(hidden, hidden, 3, 1, 1, hidden, ConvInit::FanOut, device),
+                            fc2: linear(hidden, c, true, device),
                         },
                         drop_path: rate,
                     }
@@ -218,37 +219,9 @@ impl VvtConfig {
         }
         Vvt {
             stages,
-            head: linear(*self.embed_dims.last().unwrap(), self.num_classes, device),
+            head: linear(*self.embed_dims.last().unwrap(), self.num_classes, true, device),
         }
     }
-}
-
-fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(i, o)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
-        .init(device)
-}
-
-/// Conv2d with the official init: normal(0, √(2/fan_out)), fan_out = k·k·C_out/groups.
-fn conv<B: Backend>(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    groups: usize,
-    device: &B::Device,
-) -> Conv2d<B> {
-    let fan_out = (k * k * cout / groups) as f64;
-    Conv2dConfig::new([cin, cout], [k, k])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-        .with_groups(groups)
-        .with_initializer(Initializer::Normal {
-            mean: 0.0,
-            std: (2.0 / fan_out).sqrt(),
-        })
-        .init(device)
 }
 
 /// Overlapping patch embedding: strided conv + LayerNorm.
