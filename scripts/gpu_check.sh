@@ -1,34 +1,74 @@
 #!/usr/bin/env bash
-# GPU check for the core models (run on the device machine from the repo root):
-#   1. `vicinity features` on the fixtures with --backend cuda, compared with the fixture outputs;
-#   2. training steps (forward + backward + AdamW) and inference of vvt_tiny 224² and lsagt_cifar_tiny 32².
-# Needs .carry/vicinity.gz (gzip of the release build with --features cuda; gzipped to fit the 64 MiB
-# transfer limit) and .carry/fixtures (copy of ../shared/fixtures).
-# The CubeCL kernel/autotune cache travels as .carry/cache.tar (in) and $OUT/cache.tar (out).
+# GPU checks and benchmarks, run on the device machine from the repo root. Stages (STAGES, in order):
+#   fixtures   `vicinity features` on the fixtures with --backend cuda, compared with the fixture outputs
+#   bench      training and inference of vvt_tiny 224² (batch 64) and lsagt_cifar_tiny 32² (batch 128),
+#              f32 and bf16 (BENCH_DTYPES)
+#   memory     vvt_tiny batch 16 f32 training at 224/384/512/768 (speed and memory, CSV + PNG)
+#   attention  one attention layer of each kind against the token grid side
+# Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
+# transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
+# .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
+# machine returns at most 8 files from $OUT, so scratch files stay in /tmp.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 BIN=${BIN:-/tmp/vicinity}
 [ -x "$BIN" ] || { gunzip -c .carry/vicinity.gz > "$BIN" && chmod +x "$BIN"; }
 FIX=${FIX:-.carry/fixtures}
 OUT=${OUT:-/tmp/out}
+STAGES=${STAGES:-fixtures bench}
 FIXTURES=${FIXTURES:-"vvt_mini:vvt_mini.json vvt_mini_sr:vvt_mini_sr.json lsagt_cifar_mini:lsagt_cifar_mini.toml lsagt_imagenet_mini:lsagt_imagenet_mini.toml"}
-export VICINITY_CACHE=/tmp/vicinity-cache
-mkdir -p "$OUT" "$VICINITY_CACHE"
+BENCH_DTYPES=${BENCH_DTYPES:-bf16 f32}
+ITERS=${ITERS:---warmup 3 --iters 10}
+export VICINITY_CACHE=/tmp/vicinity-cache VICINITY_KERNEL_LOG=/tmp/kernels.log
+SCRATCH=/tmp/scratch
+mkdir -p "$OUT" "$VICINITY_CACHE" "$SCRATCH"
+exec > >(tee -a "$OUT/log.txt") 2>&1
 [ -f .carry/cache.tar ] && tar -xzf .carry/cache.tar -C "$VICINITY_CACHE"
-# Only a cache under the 16 MiB return limit comes back; a bigger one is dropped rather than truncated.
-snapshot() { tar -czf /tmp/cache.tar -C "$VICINITY_CACHE" . 2>/dev/null && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] && cp /tmp/cache.tar "$OUT/cache.tar"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for pair in ${FIXTURES}; do
-  [ "$pair" = none ] && continue
-  name=${pair%%:*}; cfg=${pair#*:}
-  start=$(date +%s)
-  timeout 300 "$BIN" --backend cuda features --model "configs/$cfg" --weights "$FIX/$name.pth" \
-    --input "$FIX/${name}_io.safetensors" -o "$OUT/${name}_cuda.safetensors" 2>"$OUT/${name}.err" | tail -1
-  echo "$name features: $(( $(date +%s) - start )) s"
-  "$BIN" compare "$OUT/${name}_cuda.safetensors" "$FIX/${name}_io.safetensors" --tolerance 1e-3 | sed "s/^/PARITY $name /"
+
+# Runs a command with a time limit, then prints its wall time and how many kernels it compiled.
+timed() {
+  local label=$1 limit=$2; shift 2
+  local before start rc
+  before=$(wc -l < "$VICINITY_KERNEL_LOG" 2>/dev/null || echo 0)
+  start=$(date +%s%N)
+  timeout "$limit" "$@"; rc=$?
+  printf 'TIME %-40s %6d ms  rc=%s  kernels compiled=%s\n' "$label" "$(( ($(date +%s%N) - start) / 1000000 ))" \
+    "$rc" "$(( $(wc -l < "$VICINITY_KERNEL_LOG" 2>/dev/null || echo 0) - before ))"
+}
+
+for stage in $STAGES; do
+  echo "== stage $stage"
+  case $stage in
+  fixtures)
+    for pair in $FIXTURES; do
+      name=${pair%%:*}; cfg=${pair#*:}
+      timed "features $name" 300 "$BIN" --backend cuda features --model "configs/$cfg" --weights "$FIX/$name.pth" \
+        --input "$FIX/${name}_io.safetensors" -o "$SCRATCH/${name}_cuda.safetensors" | tail -1
+      "$BIN" compare "$SCRATCH/${name}_cuda.safetensors" "$FIX/${name}_io.safetensors" --tolerance 1e-3 | sed "s/^/PARITY $name /"
+    done ;;
+  bench)
+    for dtype in $BENCH_DTYPES; do
+      timed "bench vvt_tiny 224 b64 $dtype" ${VVT_LIMIT:-200} "$BIN" --backend cuda bench --model vvt_tiny \
+        --resolution 224 --batch 64 --dtype "$dtype" $ITERS --json "$OUT/bench.jsonl"
+      timed "bench lsagt_cifar_tiny 32 b128 $dtype" ${LSAGT_LIMIT:-200} "$BIN" --backend cuda bench \
+        --model lsagt_cifar_tiny --resolution 32 --batch 128 --dtype "$dtype" $ITERS --json "$OUT/bench.jsonl"
+    done ;;
+  memory)
+    timed "memory sweep vvt_tiny b16 f32" ${MEM_LIMIT:-300} "$BIN" --backend cuda bench --model vvt_tiny --batch 16 \
+      --mode train --sweep-res ${MEM_RES:-224,384,512,768} --warmup 2 --iters 5 --report "$SCRATCH/memory" \
+      --json "$OUT/bench.jsonl"
+    cp "$SCRATCH/memory/bench.csv" "$OUT/memory.csv"; cp "$SCRATCH/memory/bench.png" "$OUT/memory.png" ;;
+  attention)
+    timed "attention sweep" ${ATTN_LIMIT:-300} "$BIN" --backend cuda bench --attention vicinity lsagt-local lsagt-global \
+      --batch 16 --sweep-res ${ATTN_SIDES:-14,28,56,112} --warmup 2 --iters 5 --report "$SCRATCH/attention" \
+      --json "$OUT/bench.jsonl"
+    cp "$SCRATCH/attention/bench.csv" "$OUT/attention.csv"; cp "$SCRATCH/attention/bench.png" "$OUT/attention.png" ;;
+  *) echo "unknown stage $stage" ;;
+  esac
 done
-timeout ${VVT_LIMIT:-240} "$BIN" --backend cuda bench --model vvt_tiny --resolution 224 --batch 64 ${BENCH_ARGS:---warmup 3 --iters 10} --json "$OUT/bench.jsonl" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench_vvt.log" | grep -v "^\s*$" | tail -4
-timeout ${LSAGT_LIMIT:-240} "$BIN" --backend cuda bench --model lsagt_cifar_tiny --resolution 32 --batch 128 ${BENCH_ARGS:---warmup 3 --iters 10} --json "$OUT/bench.jsonl" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench_lsagt.log" | grep -v "^\s*$" | tail -4
-snapshot
+
+# Only a cache under the 16 MiB return limit comes back; a bigger one is dropped rather than truncated.
+tar -czf /tmp/cache.tar -C "$VICINITY_CACHE" . && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] && cp /tmp/cache.tar "$OUT/cache.tar"
+echo "== kernels compiled, by name"; sed 's/^.*\[Compiling kernel\] *//' /tmp/kernels.log 2>/dev/null | cut -c1-60 | sort | uniq -c | sort -rn | head -25
 echo "== bench rows"; cat "$OUT/bench.jsonl" 2>/dev/null
-for f in "$OUT"/*.err; do [ -s "$f" ] && { echo "== $f"; head -c 1500 "$f"; }; done

@@ -15,5 +15,7 @@ pub mod flops;
 pub mod init;
 pub mod io;
 pub mod models;
+pub mod ops;
+pub mod plot;
 pub mod train;
 pub mod weights;

@@ -22,7 +22,8 @@ struct Args {
     /// ~/.cache/vicinity); reusing it makes later starts take seconds instead of minutes.
     #[arg(long, global = true)]
     cache_dir: Option<PathBuf>,
-    /// GPU autotuning effort: minimal, balanced (default), extensive or full.
+    /// GPU autotuning effort (binaries built with `--features autotune`): minimal, balanced
+    /// (default), extensive or full.
     #[arg(long, global = true)]
     autotune: Option<String>,
     #[command(subcommand)]
@@ -62,27 +63,7 @@ enum Command {
         output: PathBuf,
     },
     /// Training and inference throughput on synthetic data (first step timed on its own).
-    Bench {
-        /// Registered model names or config files.
-        #[arg(long, num_args = 1.., required = true)]
-        model: Vec<String>,
-        #[arg(long)]
-        resolution: Option<usize>,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        #[arg(long, value_enum, num_args = 1.., default_values = ["train", "infer"])]
-        mode: Vec<bench::Mode>,
-        /// f32, or bf16 (CUDA only; the whole model runs in bf16).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 10)]
-        iters: usize,
-        /// Also write the rows as JSON lines to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Bench(Box<BenchArgs>),
     /// Train a model (`--quick`: a short CPU demo on synthetic shapes). See docs/TRAINING.md.
     Train(Box<vicinity::train::TrainArgs>),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset split.
@@ -107,6 +88,72 @@ enum Command {
     },
 }
 
+/// Calls `$body` with `B` bound to the autodiff backend of (`$backend`, `$dtype`).
+macro_rules! with_dtype {
+    ($backend:expr, $dtype:expr, |$b:ident| $body:expr) => {{
+        match ($backend, AsRef::<str>::as_ref($dtype)) {
+            (BackendKind::Flex, "f32") => {
+                type $b = burn::backend::Autodiff<vicinity::backend::Cpu>;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            (BackendKind::Cuda, "f32") => {
+                type $b = burn::backend::Autodiff<vicinity::backend::Gpu>;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            (BackendKind::Cuda, "bf16") => {
+                type $b = burn::backend::Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>;
+                $body
+            }
+            (b, d) => {
+                anyhow::bail!("dtype {d} is not available on backend {b:?} (f32 everywhere, bf16 on cuda)")
+            }
+        }
+    }};
+}
+
+/// `vicinity bench`: see docs/BENCH.md.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Registered model names or config files.
+    #[arg(long, num_args = 1..)]
+    model: Vec<String>,
+    /// Time one attention layer alone instead of (or as well as) whole models; `--resolution` /
+    /// `--sweep-res` then give the side of the token grid (N = side²).
+    #[arg(long, value_enum, num_args = 1..)]
+    attention: Vec<bench::attention::AttentionKind>,
+    /// Channels of the attention-only layer (VVT-T stage 1: 64).
+    #[arg(long, default_value_t = 64)]
+    attention_dim: usize,
+    #[arg(long, default_value_t = 1)]
+    attention_heads: usize,
+    /// Input resolution (square); defaults to the model's own.
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Several resolutions, e.g. `224,384,512,768` (overrides --resolution).
+    #[arg(long, value_delimiter = ',')]
+    sweep_res: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, value_enum, num_args = 1.., default_values = ["train", "infer"])]
+    mode: Vec<bench::Mode>,
+    /// f32, or bf16 (CUDA only; the whole model runs in bf16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Also append each row as a JSON line to this file (as it finishes).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write bench.csv, bench.jsonl and a bench.png chart (speed and memory against resolution)
+    /// into this folder at the end.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
 fn main() {
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");
@@ -126,8 +173,8 @@ fn run(args: Args) -> Result<()> {
         Command::Predict(a) => return vicinity::train::predict_command(a, backend),
         command => Args { command, ..args },
     };
-    if let Command::Bench { .. } = args.command {
-        return run_bench(backend, args.command);
+    if let Command::Bench(a) = args.command {
+        return run_bench(backend, *a);
     }
     match backend {
         BackendKind::Flex => dispatch::<vicinity::backend::Cpu>(args.command, &Default::default()),
@@ -172,7 +219,7 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             )?;
             println!("{msg}");
         }
-        Command::Bench { .. } => unreachable!("handled by run_bench"),
+        Command::Bench(_) => unreachable!("handled by run_bench"),
         Command::Compare {
             actual,
             expected,
@@ -198,65 +245,91 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-fn run_bench(backend: BackendKind, command: Command) -> Result<()> {
-    let Command::Bench {
-        model,
-        resolution,
-        batch,
-        mode,
-        dtype,
-        warmup,
-        iters,
-        json,
-    } = command
-    else {
-        unreachable!()
-    };
+fn run_bench(backend: BackendKind, a: BenchArgs) -> Result<()> {
+    let gpu = backend == BackendKind::Cuda;
     let mut rows = Vec::new();
-    for name in &model {
-        let config = vicinity::models::resolve_config(name)?;
-        let res = resolution.unwrap_or_else(|| config.default_resolution());
-        for &m in &mode {
-            let spec = bench::BenchSpec {
-                name,
-                config: &config,
-                mode: m,
-                dtype: &dtype,
-                resolution: res,
-                batch,
-                warmup,
-                iters,
-            };
-            let row = match (backend, dtype.as_str()) {
-                (BackendKind::Flex, "f32") => {
-                    bench::run::<burn::backend::Autodiff<vicinity::backend::Cpu>>(&spec, &Default::default())?
-                }
-                #[cfg(feature = "cuda")]
-                (BackendKind::Cuda, "f32") => {
-                    bench::run::<burn::backend::Autodiff<vicinity::backend::Gpu>>(&spec, &Default::default())?
-                }
-                #[cfg(feature = "cuda")]
-                (BackendKind::Cuda, "bf16") => bench::run::<
-                    burn::backend::Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>,
-                >(&spec, &Default::default())?,
-                (b, d) => anyhow::bail!(
-                    "dtype {d} is not available on backend {b:?} (f32 everywhere, bf16 on cuda)"
-                ),
-            };
-            eprintln!(
-                "{}",
-                bench::table(std::slice::from_ref(&row))
-                    .lines()
-                    .nth(1)
-                    .unwrap_or_default()
-            );
-            if let Some(path) = &json {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-                writeln!(f, "{}", serde_json::to_string(&row)?)?;
-            }
-            rows.push(row);
+    let mut push = |row: bench::BenchRow| -> Result<()> {
+        eprintln!(
+            "{}",
+            bench::table(std::slice::from_ref(&row))
+                .lines()
+                .nth(1)
+                .unwrap_or_default()
+        );
+        if let Some(path) = &a.json {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            writeln!(f, "{}", serde_json::to_string(&row)?)?;
         }
+        rows.push(row);
+        Ok(())
+    };
+    anyhow::ensure!(
+        !a.model.is_empty() || !a.attention.is_empty(),
+        "name at least one --model (see `vicinity models`) or --attention kind"
+    );
+    for name in &a.model {
+        let config = vicinity::models::resolve_config(name)?;
+        let resolutions = match (&a.sweep_res[..], a.resolution) {
+            ([], res) => vec![res.unwrap_or_else(|| config.default_resolution())],
+            (sweep, _) => sweep.to_vec(),
+        };
+        for res in resolutions {
+            for &mode in &a.mode {
+                let spec = bench::BenchSpec {
+                    name,
+                    config: &config,
+                    mode,
+                    dtype: &a.dtype,
+                    resolution: res,
+                    batch: a.batch,
+                    warmup: a.warmup,
+                    iters: a.iters,
+                    gpu,
+                };
+                push(with_dtype!(backend, &a.dtype, |B| bench::run::<B>(
+                    &spec,
+                    &Default::default()
+                ))?)?;
+            }
+        }
+    }
+    for &kind in &a.attention {
+        let sides = match (&a.sweep_res[..], a.resolution) {
+            ([], res) => vec![res.unwrap_or(56)],
+            (sweep, _) => sweep.to_vec(),
+        };
+        for side in sides {
+            for &mode in &a.mode {
+                let spec = bench::attention::AttentionSpec {
+                    kind,
+                    side,
+                    batch: a.batch,
+                    dim: a.attention_dim,
+                    heads: a.attention_heads,
+                    variants: 18,
+                    mode,
+                    dtype: a.dtype.clone(),
+                    warmup: a.warmup,
+                    iters: a.iters,
+                    gpu,
+                };
+                push(with_dtype!(backend, &a.dtype, |B| {
+                    bench::attention::run_attention::<B>(&spec, &Default::default())
+                })?)?;
+            }
+        }
+    }
+    if let Some(dir) = &a.report {
+        std::fs::create_dir_all(dir)?;
+        vicinity::weights::write_atomic(&dir.join("bench.csv"), bench::csv(&rows).as_bytes())?;
+        let jsonl: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+            .collect::<Result<_, _>>()?;
+        vicinity::weights::write_atomic(&dir.join("bench.jsonl"), jsonl.as_bytes())?;
+        vicinity::weights::write_atomic(&dir.join("bench.png"), &bench::sweep_png(&rows)?)?;
+        eprintln!("wrote {}/bench.{{csv,jsonl,png}}", dir.display());
     }
     print!("{}", bench::table(&rows));
     Ok(())

@@ -16,6 +16,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::init::{ConvInit, conv2d, linear};
+use crate::ops::conv2d_nhwc;
 
 /// How token positions re-weight attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -226,11 +227,9 @@ impl<B: Backend> VicinityAttention<B> {
         // Keys/values from a spatially reduced grid when r > 1.
         let (src, kh, kw) = match (&self.sr, &self.norm) {
             (Some(sr), Some(norm)) => {
-                let grid = x.clone().swap_dims(1, 2).reshape([batch, c, h, w]);
-                let reduced = sr.forward(grid);
-                let [_, _, kh, kw] = reduced.dims();
-                let tokens = reduced.reshape([batch, c, kh * kw]).swap_dims(1, 2);
-                (norm.forward(tokens), kh, kw)
+                let reduced = conv2d_nhwc(sr, x.clone().reshape([batch, h, w, c]));
+                let [_, kh, kw, _] = reduced.dims();
+                (norm.forward(reduced.reshape([batch, kh * kw, c])), kh, kw)
             }
             _ => (x.clone(), h, w),
         };
@@ -249,8 +248,10 @@ impl<B: Backend> VicinityAttention<B> {
                 let qr = reweight(q, self.locality, h, w);
                 let kr = reweight(k, self.locality, kh, kw);
                 let kv = self.maybe_clamp(kr.clone().swap_dims(2, 3).matmul(v));
-                let k_sum = kr.sum_dim(2).swap_dims(2, 3);
-                let z = self.maybe_clamp(qr.clone().matmul(k_sum).add_scalar(EPS).recip());
+                // q'·Σk' as a broadcast product and a sum: a matrix-vector matmul here trips
+                // CubeCL's default (untuned) matmul kernel.
+                let k_sum = kr.sum_dim(2);
+                let z = self.maybe_clamp((qr.clone() * k_sum).sum_dim(3).add_scalar(EPS).recip());
                 let num = self.maybe_clamp(qr.matmul(kv));
                 self.maybe_clamp(num * z)
             }

@@ -14,6 +14,8 @@ use serde::Serialize;
 
 use crate::models::ModelConfig;
 
+pub mod attention;
+
 /// What one bench row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +39,11 @@ pub struct BenchRow {
     pub images_per_s: f64,
     /// Loss of the last timed training step (a NaN here means the step is broken).
     pub last_loss: Option<f32>,
+    /// Most memory held by live tensors at any sync point of a measured step (after the forward, the
+    /// backward and the optimiser step), GiB; the counterpart of `torch.cuda.max_memory_allocated`.
+    pub peak_in_use_gib: Option<f64>,
+    /// Most memory CubeCL's pools reserved from the device, GiB.
+    pub peak_reserved_gib: Option<f64>,
 }
 
 pub struct BenchSpec<'a> {
@@ -48,6 +55,30 @@ pub struct BenchSpec<'a> {
     pub batch: usize,
     pub warmup: usize,
     pub iters: usize,
+    /// Sample GPU memory (CUDA only).
+    pub gpu: bool,
+}
+
+/// The highest GPU memory seen at the sync points where it is sampled.
+#[derive(Default)]
+struct PeakMemory {
+    enabled: bool,
+    in_use: u64,
+    reserved: u64,
+}
+
+impl PeakMemory {
+    fn sample(&mut self) {
+        if let Some(m) = self.enabled.then(crate::backend::gpu_memory).flatten() {
+            self.in_use = self.in_use.max(m.in_use);
+            self.reserved = self.reserved.max(m.reserved);
+        }
+    }
+
+    fn gib(&self) -> (Option<f64>, Option<f64>) {
+        let gib = |b: u64| (self.enabled && b > 0).then(|| b as f64 / (1u64 << 30) as f64);
+        (gib(self.in_use), gib(self.reserved))
+    }
 }
 
 fn sync<B: Backend>(device: &B::Device) -> Result<()> {
@@ -60,8 +91,14 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
     config.check_input(spec.resolution, spec.resolution)?;
     let shape = [spec.batch, 3, spec.resolution, spec.resolution];
     let classes = config.num_classes();
-    let row = |first: f64, total: f64, loss: Option<f32>| {
+    B::memory_cleanup(device);
+    let mut memory = PeakMemory {
+        enabled: spec.gpu,
+        ..Default::default()
+    };
+    let row = |first: f64, total: f64, loss: Option<f32>, memory: &PeakMemory| {
         let mean = total / spec.iters as f64;
+        let (peak_in_use_gib, peak_reserved_gib) = memory.gib();
         BenchRow {
             model: spec.name.to_string(),
             mode: spec.mode,
@@ -72,6 +109,8 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             mean_step_ms: mean * 1e3,
             images_per_s: spec.batch as f64 / mean,
             last_loss: loss,
+            peak_in_use_gib,
+            peak_reserved_gib,
         }
     };
     match spec.mode {
@@ -85,6 +124,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             step();
             sync::<B::InnerBackend>(device)?;
             let first = start.elapsed().as_secs_f64();
+            memory.sample();
             eprintln!(
                 "{}: first inference step (compilation + autotune) {first:.1} s",
                 spec.name
@@ -98,7 +138,8 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 step();
             }
             sync::<B::InnerBackend>(device)?;
-            Ok(row(first, start.elapsed().as_secs_f64(), None))
+            memory.sample();
+            Ok(row(first, start.elapsed().as_secs_f64(), None, &memory))
         }
         Mode::Train => {
             let mut model = config.init::<B>(device)?;
@@ -107,6 +148,25 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             let y =
                 Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
             let loss_fn = CrossEntropyLossConfig::new().init(device);
+            // The first step (compilation included) syncs after the forward and the backward, where
+            // memory peaks; later steps run without extra syncs.
+            let start = Instant::now();
+            memory.sample();
+            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+            sync::<B>(device)?;
+            memory.sample();
+            let grads = loss.backward();
+            sync::<B>(device)?;
+            memory.sample();
+            let grads = GradientsParams::from_grads(grads, &model);
+            model = optim.step(1e-4, model, grads);
+            sync::<B>(device)?;
+            memory.sample();
+            let first = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: first training step (compilation + autotune) {first:.1} s",
+                spec.name
+            );
             let mut last = None;
             let mut step = |model: crate::models::Model<B>| {
                 let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
@@ -114,14 +174,6 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 last = Some(loss);
                 optim.step(1e-4, model, grads)
             };
-            let start = Instant::now();
-            model = step(model);
-            sync::<B>(device)?;
-            let first = start.elapsed().as_secs_f64();
-            eprintln!(
-                "{}: first training step (compilation + autotune) {first:.1} s",
-                spec.name
-            );
             for _ in 0..spec.warmup {
                 model = step(model);
             }
@@ -133,7 +185,8 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             sync::<B>(device)?;
             let total = start.elapsed().as_secs_f64();
             let loss = last.map(|l| l.into_scalar().elem::<f32>());
-            Ok(row(first, total, loss))
+            memory.sample();
+            Ok(row(first, total, loss, &memory))
         }
     }
 }
@@ -141,12 +194,13 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
 /// A fixed-width table of bench rows.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut out = format!(
-        "{:<20} {:<6} {:<5} {:>5} {:>6} {:>10} {:>10} {:>12}\n",
-        "model", "mode", "dtype", "res", "batch", "first s", "step ms", "images/s"
+        "{:<20} {:<6} {:<5} {:>5} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
+        "model", "mode", "dtype", "res", "batch", "first s", "step ms", "images/s", "used GiB", "pool GiB"
     );
+    let gib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:<6} {:<5} {:>5} {:>6} {:>10.2} {:>10.2} {:>12.0}\n",
+            "{:<20} {:<6} {:<5} {:>5} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
             r.model,
             format!("{:?}", r.mode).to_lowercase(),
             r.dtype,
@@ -154,8 +208,127 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.batch,
             r.first_step_s,
             r.mean_step_ms,
-            r.images_per_s
+            r.images_per_s,
+            gib(r.peak_in_use_gib),
+            gib(r.peak_reserved_gib),
         ));
     }
     out
+}
+
+/// The rows as CSV (one header line).
+pub fn csv(rows: &[BenchRow]) -> String {
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+    let mut out = String::from(
+        "model,mode,dtype,resolution,batch,first_step_s,mean_step_ms,images_per_s,peak_in_use_gib,peak_reserved_gib\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{:.3},{:.3},{:.1},{},{}\n",
+            r.model,
+            format!("{:?}", r.mode).to_lowercase(),
+            r.dtype,
+            r.resolution,
+            r.batch,
+            r.first_step_s,
+            r.mean_step_ms,
+            r.images_per_s,
+            opt(r.peak_in_use_gib),
+            opt(r.peak_reserved_gib),
+        ));
+    }
+    out
+}
+
+/// A resolution sweep as a PNG: images/s (left) and peak memory in use (right) against the
+/// resolution, one line per model, mode and dtype.
+pub fn sweep_png(rows: &[BenchRow]) -> Result<Vec<u8>> {
+    use crate::plot::{PALETTE, Panel, Series, two_panels_png};
+    let mut keys: Vec<(String, Mode, String)> = Vec::new();
+    for r in rows {
+        let key = (r.model.clone(), r.mode, r.dtype.clone());
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let series = |value: &dyn Fn(&BenchRow) -> Option<f64>| -> Vec<Series> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, (model, mode, dtype))| Series {
+                name: format!("{model} {} {dtype}", format!("{mode:?}").to_lowercase()),
+                color: PALETTE[i % PALETTE.len()],
+                points: rows
+                    .iter()
+                    .filter(|r| &r.model == model && r.mode == *mode && &r.dtype == dtype)
+                    .filter_map(|r| value(r).map(|v| (r.resolution as f64, v)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let mut xticks: Vec<f64> = rows.iter().map(|r| r.resolution as f64).collect();
+    xticks.sort_by(f64::total_cmp);
+    xticks.dedup();
+    let speed = Panel {
+        ylabel: "images/s".into(),
+        xlabel: "resolution".into(),
+        xticks: xticks.clone(),
+        yrange: None,
+        legend_below: false,
+        series: series(&|r| Some(r.images_per_s)),
+    };
+    let memory = Panel {
+        ylabel: "peak memory GiB".into(),
+        xlabel: "resolution".into(),
+        xticks,
+        yrange: None,
+        legend_below: false,
+        series: series(&|r| r.peak_in_use_gib),
+    };
+    let batch = rows.first().map_or(0, |r| r.batch);
+    two_panels_png(&format!("vicinity bench, batch {batch}"), &speed, &memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(res: usize, ips: f64, mem: Option<f64>) -> BenchRow {
+        BenchRow {
+            model: "vvt_tiny".into(),
+            mode: Mode::Train,
+            dtype: "f32".into(),
+            resolution: res,
+            batch: 16,
+            first_step_s: 1.0,
+            mean_step_ms: 10.0,
+            images_per_s: ips,
+            last_loss: Some(2.3),
+            peak_in_use_gib: mem,
+            peak_reserved_gib: mem.map(|m| m * 1.5),
+        }
+    }
+
+    #[test]
+    fn csv_has_one_line_per_row_and_empty_memory_on_cpu() {
+        let rows = [row(224, 100.0, Some(1.5)), row(384, 40.0, None)];
+        let text = csv(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
+        assert!(lines[1].starts_with("vvt_tiny,train,f32,224,16,"));
+        assert!(lines[1].ends_with(",1.5000,2.2500"), "{}", lines[1]);
+        assert!(lines[2].ends_with(",,"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn sweep_chart_is_a_png() {
+        let rows = [
+            row(224, 100.0, Some(1.5)),
+            row(384, 40.0, Some(4.0)),
+            row(512, 20.0, Some(7.0)),
+        ];
+        let png = sweep_png(&rows).unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (960, 400));
+    }
 }

@@ -26,6 +26,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
+use crate::ops::conv2d_nhwc;
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -609,15 +610,15 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
             .iter()
             .enumerate()
             .map(|(t, proj)| {
-                let y = proj.forward(self.variant(img.clone(), t));
-                let [b, d, gh, gw] = y.dims();
+                let y = conv2d_nhwc(proj, self.variant(img.clone(), t).permute([0, 2, 3, 1]));
+                let [b, gh, gw, d] = y.dims();
                 assert!(
                     grid.is_none_or(|g| g == (gh, gw)),
                     "LSAGT: shifted variant {t} gives a {gh}x{gw} token grid, unlike variant 0 \
                      (see LsagtConfig::check_input for valid input sizes)"
                 );
                 grid = Some((gh, gw));
-                y.reshape([b, d, gh * gw]).swap_dims(1, 2)
+                y.reshape([b, gh * gw, d])
             })
             .collect();
         (Tensor::stack(tokens, 0), grid.expect("at least one variant"))
@@ -660,9 +661,8 @@ impl<B: Backend> Reduce<B> {
     /// `B×N×D` tokens of a `rows×cols` grid → `B×N'×D'` tokens and the new grid.
     pub fn forward(&self, x: Tensor<B, 3>, (gh, gw): (usize, usize)) -> (Tensor<B, 3>, (usize, usize)) {
         let [b, _, d] = x.dims();
-        let y = self.conv.forward(x.swap_dims(1, 2).reshape([b, d, gh, gw]));
-        let y = self.norm.forward(y.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]);
-        let y = self.pool.forward(y);
+        let y = conv2d_nhwc(&self.conv, x.reshape([b, gh, gw, d]));
+        let y = self.pool.forward(self.norm.forward(y).permute([0, 3, 1, 2]));
         let [_, c, h2, w2] = y.dims();
         (y.reshape([b, c, h2 * w2]).swap_dims(1, 2), (h2, w2))
     }

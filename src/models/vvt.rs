@@ -14,6 +14,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
+use crate::ops::{conv2d_nhwc, depthwise_conv2d_nhwc};
 
 fn default_true() -> bool {
     true
@@ -243,8 +244,7 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
         let x = self.fc1.forward(x);
         let [b, n, c] = x.dims();
-        let grid = x.swap_dims(1, 2).reshape([b, c, h, w]);
-        let x = self.dwconv.forward(grid).reshape([b, c, n]).swap_dims(1, 2);
+        let x = depthwise_conv2d_nhwc(&self.dwconv, x.reshape([b, h, w, c])).reshape([b, n, c]);
         self.fc2.forward(gelu(x))
     }
 }
@@ -281,16 +281,14 @@ pub struct Vvt<B: Backend> {
 
 impl<B: Backend> Vvt<B> {
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
-        let mut x = x;
+        // Channels-last from here on: the grid of tokens is `B×H×W×C`.
+        let mut x = x.permute([0, 2, 3, 1]);
         let mut outputs = Vec::with_capacity(self.stages.len());
         let last = self.stages.len() - 1;
         for (i, stage) in self.stages.iter().enumerate() {
-            let grid = stage.patch_embed.proj.forward(x);
-            let [b, c, h, w] = grid.dims();
-            let mut tokens = stage
-                .patch_embed
-                .norm
-                .forward(grid.reshape([b, c, h * w]).swap_dims(1, 2));
+            let grid = conv2d_nhwc(&stage.patch_embed.proj, x);
+            let [b, h, w, c] = grid.dims();
+            let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, h * w, c]));
             for block in &stage.blocks {
                 tokens = block.forward(tokens, h, w);
             }
@@ -303,7 +301,7 @@ impl<B: Backend> Vvt<B> {
                     stages: outputs,
                 };
             }
-            x = tokens.swap_dims(1, 2).reshape([b, c, h, w]);
+            x = tokens.reshape([b, h, w, c]);
         }
         unreachable!("a VVT has at least one stage")
     }

@@ -1,0 +1,206 @@
+//! Convolutions written as shifted slices and matrix products.
+//!
+//! Without CubeCL autotuning, Burn's CUDA convolution falls back to direct kernels whose weight
+//! gradient reduces over batch × height × width in one thread per weight: a handful of patch
+//! embeddings then cost more than the rest of a training step. Here the models' convolutions become
+//! im2col + one matmul (dense kernels) or nine shifted multiply-adds (depth-wise 3×3), which fuse and
+//! run on the tensor cores. The layouts are channels-last (`B×H×W×C`), the layout of the tokens.
+//! Each function is tested against `burn::nn::conv::Conv2d::forward` (the reference path).
+
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::Slice;
+
+/// Zero padding of `p` on both sides of the two spatial dims of `B×H×W×C`.
+fn pad_nhwc<B: Backend>(x: Tensor<B, 4>, p: usize) -> Tensor<B, 4> {
+    if p == 0 {
+        return x;
+    }
+    let [b, h, w, c] = x.dims();
+    let device = x.device();
+    let rows = Tensor::zeros([b, p, w, c], &device);
+    let x = Tensor::cat(vec![rows.clone(), x, rows], 1);
+    let cols = Tensor::zeros([b, h + 2 * p, p, c], &device);
+    Tensor::cat(vec![cols.clone(), x, cols], 2)
+}
+
+/// Output side of a convolution.
+fn out_size(size: usize, k: usize, stride: usize, pad: usize) -> usize {
+    (size + 2 * pad - k) / stride + 1
+}
+
+/// Window `(i, j)` of every output position: `B×Ho×Wo×C`.
+fn window<B: Backend>(
+    xp: &Tensor<B, 4>,
+    (i, j): (usize, usize),
+    (ho, wo): (usize, usize),
+    s: usize,
+) -> Tensor<B, 4> {
+    let span = |start: usize, n: usize| {
+        Slice::new(
+            start as isize,
+            Some((start + s * (n - 1) + 1) as isize),
+            s as isize,
+        )
+    };
+    xp.clone()
+        .slice([Slice::full(), span(i, ho), span(j, wo), Slice::full()])
+}
+
+/// Square kernel, stride and padding of a convolution (Burn keeps them per axis).
+fn geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
+    let [_, _, k, k2] = conv.weight.dims();
+    assert_eq!(k, k2, "only square kernels are used by the models");
+    let pad = match &conv.padding {
+        burn::nn::PaddingConfig2d::Explicit(a, ..) => *a,
+        burn::nn::PaddingConfig2d::Valid => 0,
+        other => panic!("unsupported padding {other:?}"),
+    };
+    (k, conv.stride[0], pad)
+}
+
+/// A dense (groups = 1) convolution of channels-last `x` (`B×H×W×Cin`) → `B×Ho×Wo×Cout`, as
+/// im2col + one matmul. Non-overlapping kernels (stride = kernel, no padding) need no copy beyond a
+/// reshape.
+pub fn conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (k, s, p) = geometry(conv);
+    let [cout, cin, _, _] = conv.weight.dims();
+    assert_eq!(conv.groups, 1, "conv2d_nhwc is for dense convolutions");
+    let [b, h, w, c] = x.dims();
+    assert_eq!(
+        c, cin,
+        "conv2d_nhwc: {c} input channels, the kernel expects {cin}"
+    );
+    let (ho, wo) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    // Patches ordered (row, col, channel), the order of the permuted weight below.
+    let cols = if k == s && p == 0 && h == ho * k && w == wo * k {
+        x.reshape([b, ho, k, wo, k, c])
+            .permute([0, 1, 3, 2, 4, 5])
+            .reshape([b * ho * wo, k * k * c])
+    } else {
+        let xp = pad_nhwc(x, p);
+        let windows = (0..k * k)
+            .map(|ij| window(&xp, (ij / k, ij % k), (ho, wo), s))
+            .collect();
+        Tensor::stack::<5>(windows, 3).reshape([b * ho * wo, k * k * c])
+    };
+    let weight = conv
+        .weight
+        .val()
+        .permute([2, 3, 1, 0])
+        .reshape([k * k * cin, cout]);
+    let mut y = cols.matmul(weight);
+    if let Some(bias) = &conv.bias {
+        y = y + bias.val().reshape([1, cout]);
+    }
+    y.reshape([b, ho, wo, cout])
+}
+
+/// A depth-wise (groups = channels) convolution of channels-last `x`, as `k²` shifted slices times
+/// per-channel weights, summed (one fused element-wise pass on the GPU).
+pub fn depthwise_conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (k, s, p) = geometry(conv);
+    let [b, h, w, c] = x.dims();
+    assert!(
+        conv.groups == c && conv.weight.dims()[0] == c && conv.weight.dims()[1] == 1,
+        "depthwise_conv2d_nhwc needs one filter per channel"
+    );
+    let (ho, wo) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    // `[k², C]`: row `ij` holds every channel's weight at kernel position (i, j).
+    let weight = conv.weight.val().reshape([c, k * k]).transpose();
+    let xp = pad_nhwc(x, p);
+    let mut y: Option<Tensor<B, 4>> = None;
+    for ij in 0..k * k {
+        let wij = weight.clone().slice([ij..ij + 1, 0..c]).reshape([1, 1, 1, c]);
+        let term = window(&xp, (ij / k, ij % k), (ho, wo), s) * wij;
+        y = Some(match y {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    let y = y.expect("kernel has at least one tap");
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, 1, 1, c]),
+        None => y,
+    }
+    .reshape([b, ho, wo, c])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{ConvInit, conv2d};
+    use burn::tensor::Distribution;
+
+    type B = burn::backend::Autodiff<crate::backend::Cpu>;
+
+    fn rel<Bk: Backend>(a: Tensor<Bk, 4>, b: Tensor<Bk, 4>) -> f32 {
+        let num: f32 = (a - b.clone()).powi_scalar(2).sum().sqrt().into_scalar().elem();
+        let den: f32 = b.powi_scalar(2).sum().sqrt().into_scalar().elem();
+        num / den.max(1e-12)
+    }
+
+    fn reference(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Tensor<B, 4> {
+        conv.forward(x.clone().permute([0, 3, 1, 2]))
+            .permute([0, 2, 3, 1])
+    }
+
+    /// Every (kernel, stride, padding) the models use, plus odd grid sizes.
+    #[test]
+    fn dense_conv_matches_burn_conv2d_forward_and_gradients() {
+        let device = Default::default();
+        for (cin, cout, k, s, p, h, w) in [
+            (3, 8, 7, 4, 3, 32, 32),
+            (4, 6, 3, 2, 1, 9, 7),
+            (3, 5, 3, 1, 1, 8, 8),
+            (5, 4, 2, 2, 0, 8, 6),
+            (3, 4, 4, 4, 0, 9, 8),
+            (3, 4, 3, 1, 0, 6, 6),
+        ] {
+            let conv = conv2d::<B>(cin, cout, k, s, p, 1, ConvInit::Normal002, &device);
+            let conv = Conv2d {
+                bias: Some(conv.bias.clone().unwrap().map(|b| b.add_scalar(0.3))),
+                ..conv
+            };
+            let x = Tensor::<B, 4>::random([2, h, w, cin], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            let ours = conv2d_nhwc(&conv, x.clone());
+            let want = reference(&conv, &x);
+            assert_eq!(ours.dims(), want.dims(), "k{k} s{s} p{p}");
+            assert!(
+                rel(ours.clone(), want.clone()) < 1e-5,
+                "forward k{k} s{s} p{p} {h}x{w}"
+            );
+            // Same gradients for the input and the weight under a random linear loss.
+            let probe = Tensor::<B, 4>::random(want.dims(), Distribution::Normal(0.0, 1.0), &device);
+            // Separate graphs: a backward pass consumes the nodes it shares with another graph.
+            let g1 = (ours * probe.clone()).sum().backward();
+            let g2 = (reference(&conv, &x) * probe).sum().backward();
+            let gx = |g: &_| x.grad(g).unwrap();
+            let gw = |g: &_| conv.weight.val().grad(g).unwrap();
+            assert!(rel(gx(&g1), gx(&g2)) < 1e-5, "dx k{k} s{s} p{p}");
+            assert!(rel(gw(&g1), gw(&g2)) < 1e-5, "dw k{k} s{s} p{p}");
+        }
+    }
+
+    #[test]
+    fn depthwise_conv_matches_burn_conv2d_forward_and_gradients() {
+        let device = Default::default();
+        for (c, h, w) in [(6, 7, 5), (4, 8, 8)] {
+            let conv = conv2d::<B>(c, c, 3, 1, 1, c, ConvInit::FanOut, &device);
+            let x =
+                Tensor::<B, 4>::random([2, h, w, c], Distribution::Normal(0.0, 1.0), &device).require_grad();
+            let ours = depthwise_conv2d_nhwc(&conv, x.clone());
+            let want = reference(&conv, &x);
+            assert!(rel(ours.clone(), want.clone()) < 1e-5, "forward {h}x{w}");
+            let probe = Tensor::<B, 4>::random(want.dims(), Distribution::Normal(0.0, 1.0), &device);
+            // Separate graphs: a backward pass consumes the nodes it shares with another graph.
+            let g1 = (ours * probe.clone()).sum().backward();
+            let g2 = (reference(&conv, &x) * probe).sum().backward();
+            let gx = |g: &_| x.grad(g).unwrap();
+            let gw = |g: &_| conv.weight.val().grad(g).unwrap();
+            assert!(rel(gx(&g1), gx(&g2)) < 1e-5, "dx");
+            assert!(rel(gw(&g1), gw(&g2)) < 1e-5, "dw");
+        }
+    }
+}
