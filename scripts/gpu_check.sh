@@ -5,6 +5,9 @@
 #              f32 and bf16 (BENCH_DTYPES)
 #   memory     vvt_tiny batch 16 f32 training at 224/384/512/768 (speed and memory, CSV + PNG)
 #   attention  one attention layer of each kind against the token grid side
+#   profile    per-kernel GPU time of a few training steps (PROFILE_MODELS), summed by kernel family
+#   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
+#              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags; metrics and curves come back
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
 # transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
 # .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
@@ -64,6 +67,21 @@ for stage in $STAGES; do
       --batch 16 --sweep-res ${ATTN_SIDES:-14,28,56,112} --warmup 2 --iters 5 --report "$SCRATCH/attention" \
       --json "$OUT/bench.jsonl"
     cp "$SCRATCH/attention/bench.csv" "$OUT/attention.csv"; cp "$SCRATCH/attention/bench.png" "$OUT/attention.png" ;;
+  profile)
+    for spec in ${PROFILE_MODELS:-vvt_tiny:224:64 lsagt_cifar_tiny:32:128}; do
+      IFS=: read -r model res batch <<< "$spec"
+      rm -f /tmp/prof.log
+      CUBECL_DEBUG_LOG=/tmp/prof.log CUBECL_DEBUG_OPTION=profile timed "profile $model" 120 "$BIN" --backend cuda \
+        bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode train --warmup 1 --iters 3 > /dev/null
+      echo "-- profile $model ${res}² batch $batch bf16, training (first step included)"
+      python3 scripts/profile_summary.py /tmp/prof.log 22
+    done ;;
+  train)
+    model=${TRAIN_MODEL:-vvt_tiny}
+    timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \
+      --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --budget "${TRAIN_BUDGET:-4m}" \
+      --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model" ${TRAIN_ARGS:-}
+    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model/$f" "$OUT/$model-$f" 2>/dev/null; done ;;
   *) echo "unknown stage $stage" ;;
   esac
 done
