@@ -18,6 +18,7 @@
 use burn::nn::{Dropout, DropoutConfig, Linear};
 
 use crate::init::linear;
+use crate::ops::linear_forward;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -120,13 +121,13 @@ impl<B: Backend> LocalShiftAttention<B> {
         let (kvh, dh) = (self.kv_heads, d / self.heads);
         let g = self.heads / kvh;
         // Query head `kvh_i·g + g_i` uses key/value head `kvh_i`; one row per (token, kv head).
-        let q = self.wq.forward(x).reshape([b * n * kvh, g, dh]);
-        let (k, v) = split_kv(self.wkv.forward(variants));
+        let q = linear_forward(&self.wq, x).reshape([b * n * kvh, g, dh]);
+        let (k, v) = split_kv(linear_forward(&self.wkv, variants));
         let k = k.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
         let v = v.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
         let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((dh as f64).powf(-0.5));
         let out = softmax(scores, 2).matmul(v).reshape([b, n, d]);
-        self.proj_drop.forward(self.proj.forward(out))
+        self.proj_drop.forward(linear_forward(&self.proj, out))
     }
 
     /// The same computation with explicit loops over tokens, heads and variants.
@@ -207,7 +208,7 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b, n, kvh, g, dh])
             .permute([0, 2, 3, 1, 4])
             .reshape([b * kvh, g * n, dh]);
-        let (k, v) = split_kv(self.wkv.forward(x));
+        let (k, v) = split_kv(linear_forward(&self.wkv, x));
         let per_head = |t: Tensor<B, 3>| {
             t.reshape([b, n, kvh, dh])
                 .swap_dims(1, 2)
@@ -220,7 +221,7 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b, kvh, g, n, dh])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, n, d]);
-        self.proj_drop.forward(self.proj.forward(out))
+        self.proj_drop.forward(linear_forward(&self.proj, out))
     }
 
     /// The same computation with explicit loops over queries, heads and keys.
