@@ -5,8 +5,7 @@
 //! embeddings then cost more than the rest of a training step. Here the models' convolutions become
 //! im2col + one matmul (dense kernels) or nine shifted multiply-adds (depth-wise 3×3), which fuse and
 //! run on the tensor cores. The layouts are channels-last (`B×H×W×C`), the layout of the tokens.
-//! [`linear_forward`] splits long row ranges into chunks for the same reason. Each function is tested
-//! against Burn's own module (the reference path).
+//! Each function is tested against `burn::nn::conv::Conv2d::forward` (the reference path).
 
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
@@ -127,54 +126,6 @@ pub fn depthwise_conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> T
     .reshape([b, ho, wo, c])
 }
 
-/// `Linear::forward` over many rows, as a batched matmul of row chunks against the (broadcast)
-/// weight: the same result, but the backward pass then computes the weight gradient as one product
-/// per chunk plus a sum over chunks (split-K), where a single `xᵀ·g` with K = rows in the millions
-/// runs on a handful of thread blocks with CubeCL's default matmul.
-pub fn linear_forward<B: Backend, const D: usize>(
-    layer: &burn::nn::Linear<B>,
-    x: Tensor<B, D>,
-) -> Tensor<B, D> {
-    let dims = x.dims();
-    let rows: usize = dims[..D - 1].iter().product();
-    if !chunked(rows) {
-        return layer.forward(x);
-    }
-    let [d_in, d_out] = layer.weight.dims();
-    let y = rows_matmul(
-        x.reshape([rows, d_in]),
-        layer.weight.val(),
-        layer.bias.as_ref().map(|b| b.val()),
-    );
-    let mut out_dims = dims;
-    out_dims[D - 1] = d_out;
-    y.reshape(out_dims)
-}
-
-/// Rows per chunk in [`rows_matmul`].
-const CHUNK_ROWS: usize = 4096;
-
-fn chunked(rows: usize) -> bool {
-    rows >= 2 * CHUNK_ROWS && rows.is_multiple_of(CHUNK_ROWS)
-}
-
-/// `x·w (+ b)` for `x: R×I`, `w: I×O`, split into chunks of rows when there are many (see [`linear_forward`]).
-fn rows_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
-    let [rows, d_in] = x.dims();
-    let d_out = w.dims()[1];
-    let y = if chunked(rows) {
-        x.reshape([rows / CHUNK_ROWS, CHUNK_ROWS, d_in])
-            .matmul(w.unsqueeze::<3>())
-            .reshape([rows, d_out])
-    } else {
-        x.matmul(w)
-    };
-    match bias {
-        Some(b) => y + b.reshape([1, d_out]),
-        None => y,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,55 +180,6 @@ mod tests {
             let gw = |g: &_| conv.weight.val().grad(g).unwrap();
             assert!(rel(gx(&g1), gx(&g2)) < 1e-5, "dx k{k} s{s} p{p}");
             assert!(rel(gw(&g1), gw(&g2)) < 1e-5, "dw k{k} s{s} p{p}");
-        }
-    }
-
-    #[test]
-    fn chunked_linear_matches_linear_forward_and_gradients() {
-        let device = Default::default();
-        let layer = crate::init::linear::<B>(6, 5, true, &device);
-        let layer = burn::nn::Linear {
-            bias: Some(
-                layer
-                    .bias
-                    .clone()
-                    .unwrap()
-                    .map(|b| b.add_scalar(0.2).detach().require_grad()),
-            ),
-            ..layer
-        };
-        // 3·2·4096 rows take the chunked path; 3·5 rows the plain one.
-        for rows in [2 * CHUNK_ROWS, 5] {
-            let x =
-                Tensor::<B, 3>::random([3, rows, 6], Distribution::Normal(0.0, 1.0), &device).require_grad();
-            let probe = Tensor::<B, 3>::random([3, rows, 5], Distribution::Normal(0.0, 1.0), &device);
-            let ours = linear_forward(&layer, x.clone());
-            let want = layer.forward(x.clone());
-            let r = |a: Tensor<B, 3>, b: Tensor<B, 3>| rel(a.unsqueeze::<4>(), b.unsqueeze::<4>());
-            assert!(r(ours.clone(), want.clone()) < 1e-5, "forward, {rows} rows");
-            let g1 = (ours * probe.clone()).sum().backward();
-            let g2 = (layer.forward(x.clone()) * probe).sum().backward();
-            let rg = |a: Tensor<burn::backend::Flex, 2>, b: Tensor<burn::backend::Flex, 2>| {
-                rel(a.unsqueeze::<4>(), b.unsqueeze::<4>())
-            };
-            let gw = |g: &_| layer.weight.val().grad(g).unwrap();
-            let gb = |g: &_| {
-                layer
-                    .bias
-                    .as_ref()
-                    .unwrap()
-                    .val()
-                    .grad(g)
-                    .unwrap()
-                    .unsqueeze::<2>()
-            };
-            assert!(rg(gw(&g1), gw(&g2)) < 1e-4, "weight gradient, {rows} rows");
-            assert!(rg(gb(&g1), gb(&g2)) < 1e-4, "bias gradient, {rows} rows");
-            let gx = |g: &_| x.grad(g).unwrap();
-            assert!(
-                rel(gx(&g1).unsqueeze::<4>(), gx(&g2).unsqueeze::<4>()) < 1e-5,
-                "input gradient"
-            );
         }
     }
 

@@ -18,7 +18,6 @@
 use burn::nn::{Dropout, DropoutConfig, Linear};
 
 use crate::init::linear;
-use crate::ops::linear_forward;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -121,13 +120,13 @@ impl<B: Backend> LocalShiftAttention<B> {
         let (kvh, dh) = (self.kv_heads, d / self.heads);
         let g = self.heads / kvh;
         // Query head `kvh_i·g + g_i` uses key/value head `kvh_i`; one row per (token, kv head).
-        let q = linear_forward(&self.wq, x).reshape([b * n * kvh, g, dh]);
-        let (k, v) = split_kv(linear_forward(&self.wkv, variants));
+        let q = self.wq.forward(x).reshape([b * n * kvh, g, dh]);
+        let (k, v) = split_kv(self.wkv.forward(variants));
         let k = k.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
         let v = v.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
         let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((dh as f64).powf(-0.5));
         let out = softmax(scores, 2).matmul(v).reshape([b, n, d]);
-        self.proj_drop.forward(linear_forward(&self.proj, out))
+        self.proj_drop.forward(self.proj.forward(out))
     }
 
     /// The same computation with explicit loops over tokens, heads and variants.
@@ -208,7 +207,7 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b, n, kvh, g, dh])
             .permute([0, 2, 3, 1, 4])
             .reshape([b * kvh, g * n, dh]);
-        let (k, v) = split_kv(linear_forward(&self.wkv, x));
+        let (k, v) = split_kv(self.wkv.forward(x));
         let per_head = |t: Tensor<B, 3>| {
             t.reshape([b, n, kvh, dh])
                 .swap_dims(1, 2)
@@ -221,7 +220,7 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b, kvh, g, n, dh])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, n, d]);
-        self.proj_drop.forward(linear_forward(&self.proj, out))
+        self.proj_drop.forward(self.proj.forward(out))
     }
 
     /// The same computation with explicit loops over queries, heads and keys.

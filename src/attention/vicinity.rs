@@ -16,7 +16,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::{conv2d_nhwc, linear_forward};
+use crate::ops::conv2d_nhwc;
 
 /// How token positions re-weight attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -239,9 +239,9 @@ impl<B: Backend> VicinityAttention<B> {
             let [b, len, inner] = t.dims();
             t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
         };
-        let q = relu(split(linear_forward(&self.q_proj, x)));
-        let k = relu(split(linear_forward(&self.k_proj, src.clone())));
-        let v = split(linear_forward(&self.v_proj, src));
+        let q = relu(split(self.q_proj.forward(x)));
+        let k = relu(split(self.k_proj.forward(src.clone())));
+        let v = split(self.v_proj.forward(src));
 
         let out = match core {
             Core::Linear => {
@@ -265,7 +265,7 @@ impl<B: Backend> VicinityAttention<B> {
         };
         let [_, _, _, d] = out.dims();
         let merged = out.swap_dims(1, 2).reshape([batch, n, heads * d]);
-        let out = self.maybe_clamp(linear_forward(&self.out_proj, merged));
+        let out = self.maybe_clamp(self.out_proj.forward(merged));
         let fused = out.clone() + out * gate.reshape([batch, 1, c]);
         self.maybe_clamp(fused)
     }

@@ -26,7 +26,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::{conv2d_nhwc, linear_forward};
+use crate::ops::conv2d_nhwc;
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -635,8 +635,8 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.drop.forward(gelu(linear_forward(&self.fc1, x)));
-        self.drop.forward(linear_forward(&self.fc2, x))
+        let x = self.drop.forward(gelu(self.fc1.forward(x)));
+        self.drop.forward(self.fc2.forward(x))
     }
 }
 
