@@ -686,8 +686,10 @@ impl<B: AutodiffBackend> Session<B> {
                 break;
             }
         }
-        let timed = &times[1.min(times.len() - 1)..];
-        let step_s = timed.iter().sum::<f64>() / timed.len() as f64;
+        // The median of the later half: early steps still compile kernels.
+        let mut later = times[times.len() / 2..].to_vec();
+        later.sort_by(f64::total_cmp);
+        let step_s = later[later.len() / 2];
         // Evaluation: time a few batches (the first compiles), scale to the split.
         let valid = model.valid();
         let vb = self.val_loader.len();
@@ -825,6 +827,43 @@ impl<B: AutodiffBackend> Session<B> {
         }
     }
 
+    /// After the first epoch, sizes the run again from that epoch's measured speed: the steps timed
+    /// before training can be far slower than later ones (kernels still compiling), and a run sized on
+    /// them would stop minutes early. Only ever adds epochs; the deadline check handles the opposite.
+    fn resize_to_budget(&mut self, epoch_train_s: f64) {
+        let (Some(budget), steps) = (self.cfg().budget_s, self.state.global_step) else {
+            return;
+        };
+        if steps == 0 {
+            return;
+        }
+        let step_s = epoch_train_s / steps as f64;
+        let save_s = self.save_s.unwrap_or(0.0);
+        let inputs = BudgetInputs {
+            budget_s: budget,
+            elapsed_s: self.elapsed() - epoch_train_s,
+            step_s,
+            steps_per_epoch: self.state.steps_per_epoch,
+            eval_s: self.eval_s.unwrap_or(0.0),
+            eval_every: self.cfg().eval_every,
+            reserve_s: 2.0 + 0.02 * budget + save_s,
+            epoch_overhead_s: save_s,
+        };
+        let Ok(plan) = plan_budget(&inputs) else { return };
+        if plan.total_steps <= self.state.schedule.total_steps {
+            return;
+        }
+        let spe = self.state.steps_per_epoch;
+        self.progress.line(&format!(
+            "first epoch ran at {:.2} s/step: re-sized the run from {} to {} epochs ({} steps)",
+            step_s, self.state.epochs, plan.epochs, plan.total_steps
+        ));
+        self.state.epochs = plan.epochs;
+        self.state.schedule.total_steps = plan.total_steps;
+        self.state.schedule.warmup_steps = self.cfg().warmup.steps(plan.total_steps, spe);
+        self.step_s = Some(step_s);
+    }
+
     fn run(mut self) -> Result<TrainOutcome> {
         let deadline = self.cfg().budget_s;
         while !self.state.finished && self.state.epoch < self.state.epochs {
@@ -874,6 +913,9 @@ impl<B: AutodiffBackend> Session<B> {
             }
             self.flush()?;
             self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
+            if epoch == 0 && !out_of_time {
+                self.resize_to_budget(train_start.elapsed().as_secs_f64());
+            }
             let last_epoch = out_of_time
                 || self.state.global_step >= self.state.schedule.total_steps
                 || epoch + 1 >= self.state.epochs;
