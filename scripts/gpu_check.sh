@@ -75,6 +75,7 @@ for stage in $STAGES; do
         bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode train --warmup 1 --iters 3 > /dev/null
       echo "-- profile $model ${res}² batch $batch bf16, training (first step included)"
       python3 scripts/profile_summary.py /tmp/prof.log 22
+      [ -n "${PROFILE_FULL:-}" ] && python3 scripts/profile_summary.py /tmp/prof.log 30 --full
     done ;;
   train)
     model=${TRAIN_MODEL:-vvt_tiny}

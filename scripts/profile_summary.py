@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sums CubeCL's per-kernel profile log (CUBECL_DEBUG_OPTION=profile) by kernel family.
 
-Usage: profile_summary.py LOG [TOP]. Lines look like `| 12.3µs     | burn_cubecl::kernel::...<...>`.
+Usage: profile_summary.py LOG [TOP] [--full]. `--full` groups by the whole kernel name (generic
+arguments included, cut at 140 characters) instead of the family. Lines look like `| 12.3µs     | burn_cubecl::kernel::...<...>`.
 """
 import re
 import sys
@@ -18,22 +19,25 @@ def family(name: str) -> str:
 
 
 def main() -> None:
-    path = sys.argv[1]
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+    args = [a for a in sys.argv[1:] if a != "--full"]
+    full = "--full" in sys.argv
+    path = args[0]
+    top = int(args[1]) if len(args) > 1 else 25
+    width = 140 if full else 60
     total = defaultdict(float)
     count = defaultdict(int)
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = LINE.match(line.strip())
             if m:
-                key = family(m.group(3))
+                key = m.group(3).strip()[:width] if full else family(m.group(3))
                 total[key] += float(m.group(1)) * UNITS[m.group(2)]
                 count[key] += 1
     grand = sum(total.values()) or 1.0
-    print(f"{'kernel family':<60} {'calls':>7} {'total ms':>10} {'share':>7}")
+    print(f"{'kernel':<{width}} {'calls':>7} {'total ms':>10} {'share':>7}")
     for key, t in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{key[:60]:<60} {count[key]:>7} {t * 1e3:>10.2f} {100 * t / grand:>6.1f}%")
-    print(f"{'all kernels':<60} {sum(count.values()):>7} {grand * 1e3:>10.2f}")
+        print(f"{key:<{width}} {count[key]:>7} {t * 1e3:>10.2f} {100 * t / grand:>6.1f}%")
+    print(f"{'all kernels':<{width}} {sum(count.values()):>7} {grand * 1e3:>10.2f}")
 
 
 if __name__ == "__main__":
