@@ -7,7 +7,7 @@
 #   attention  one attention layer of each kind against the token grid side
 #   profile    per-kernel GPU time of a few training steps (PROFILE_MODELS), summed by kernel family
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
-#              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags; metrics and curves come back
+#              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
 # transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
 # .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
