@@ -1,15 +1,13 @@
 //! `bench --attention`: one attention layer alone, timed against the token count, so the attention
 //! kinds can be compared without the rest of the model.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
-use super::{BenchRow, Mode, PeakMemory, sync};
+use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::attention::vicinity::{VicinityAttention, VicinityAttentionConfig};
 
@@ -78,29 +76,6 @@ impl<B: Backend> Layer<B> {
     }
 }
 
-/// Runs `step` once (timed apart, compilation included), `warmup` times, then `iters` timed times;
-/// returns (first step seconds, timed seconds).
-fn time_steps(
-    spec_iters: (usize, usize),
-    mut step: impl FnMut() -> Result<()>,
-    sync: impl Fn() -> Result<()>,
-) -> Result<(f64, f64)> {
-    let start = Instant::now();
-    step()?;
-    sync()?;
-    let first = start.elapsed().as_secs_f64();
-    for _ in 0..spec_iters.0 {
-        step()?;
-    }
-    sync()?;
-    let start = Instant::now();
-    for _ in 0..spec_iters.1 {
-        step()?;
-    }
-    sync()?;
-    Ok((first, start.elapsed().as_secs_f64()))
-}
-
 /// Times one attention layer: forward (infer) or forward + backward of a scalar loss (train).
 pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Device) -> Result<BenchRow> {
     anyhow::ensure!(
@@ -115,55 +90,50 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
         enabled: spec.gpu,
         ..Default::default()
     };
-    let iters = (spec.warmup, spec.iters);
+    let loops = (spec.warmup, spec.iters);
     let x_shape = [spec.batch, n, spec.dim];
     let v_shape = [spec.variants, spec.batch, n, spec.dim];
-    let (first, total) = match spec.mode {
+    let (first_s, timed_s) = match spec.mode {
         Mode::Infer => {
             let layer = Layer::<B::InnerBackend>::new(spec, device);
             let x = Tensor::random(x_shape, Distribution::Normal(0.0, 1.0), device);
             let variants = Tensor::random(v_shape, Distribution::Normal(0.0, 1.0), device);
-            time_steps(
-                iters,
-                || {
-                    let _ = layer.forward(x.clone(), &variants, spec.side);
-                    Ok(())
-                },
-                || sync::<B::InnerBackend>(device),
-            )?
+            let step = |()| {
+                let _ = layer.forward(x.clone(), &variants, spec.side);
+            };
+            let sync = || sync::<B::InnerBackend>(device);
+            let first = first_step(|| step(()), sync)?;
+            (first, timed_loop((), loops, step, sync)?.1)
         }
         Mode::Train => {
             let layer = Layer::<B>::new(spec, device);
             let x = Tensor::<B, 3>::random(x_shape, Distribution::Normal(0.0, 1.0), device).require_grad();
             let variants =
                 Tensor::<B, 4>::random(v_shape, Distribution::Normal(0.0, 1.0), device).require_grad();
-            time_steps(
-                iters,
-                || {
-                    let out = layer.forward(x.clone(), &variants, spec.side);
-                    let _grads = out.powi_scalar(2).mean().backward();
-                    Ok(())
-                },
-                || sync::<B>(device),
-            )?
+            let step = |()| {
+                let out = layer.forward(x.clone(), &variants, spec.side);
+                let _grads = out.powi_scalar(2).mean().backward();
+            };
+            let sync = || sync::<B>(device);
+            let first = first_step(|| step(()), sync)?;
+            (first, timed_loop((), loops, step, sync)?.1)
         }
     };
     memory.sample();
-    let mean = total / spec.iters as f64;
-    let (peak_in_use_gib, peak_reserved_gib) = memory.gib();
-    Ok(BenchRow {
-        model: spec.kind.name().to_string(),
-        mode: spec.mode,
-        dtype: spec.dtype.clone(),
-        resolution: spec.side,
-        batch: spec.batch,
-        first_step_s: first,
-        mean_step_ms: mean * 1e3,
-        images_per_s: spec.batch as f64 / mean,
-        last_loss: None,
-        peak_in_use_gib,
-        peak_reserved_gib,
-    })
+    let measured = Measured {
+        first_s,
+        timed_s,
+        iters: spec.iters,
+        memory,
+    };
+    Ok(BenchRow::new(
+        spec.kind.name(),
+        spec.mode,
+        &spec.dtype,
+        spec.side,
+        spec.batch,
+        &measured,
+    ))
 }
 
 #[cfg(test)]

@@ -26,6 +26,15 @@ pub enum Mode {
     Infer,
 }
 
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Infer => "infer",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub model: String,
@@ -85,6 +94,62 @@ fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))
 }
 
+/// What a row measured: the first step apart, then `iters` timed steps, and the memory peak.
+struct Measured {
+    first_s: f64,
+    timed_s: f64,
+    iters: usize,
+    memory: PeakMemory,
+}
+
+impl BenchRow {
+    fn new(model: &str, mode: Mode, dtype: &str, resolution: usize, batch: usize, m: &Measured) -> Self {
+        let mean = m.timed_s / m.iters as f64;
+        let (peak_in_use_gib, peak_reserved_gib) = m.memory.gib();
+        BenchRow {
+            model: model.to_string(),
+            mode,
+            dtype: dtype.to_string(),
+            resolution,
+            batch,
+            first_step_s: m.first_s,
+            mean_step_ms: mean * 1e3,
+            images_per_s: batch as f64 / mean,
+            last_loss: None,
+            peak_in_use_gib,
+            peak_reserved_gib,
+        }
+    }
+}
+
+/// Runs `step` `warmup` times, then `iters` timed times (synchronised before and after); returns
+/// the state and the timed seconds.
+fn timed_loop<S>(
+    mut state: S,
+    (warmup, iters): (usize, usize),
+    mut step: impl FnMut(S) -> S,
+    sync: impl Fn() -> Result<()>,
+) -> Result<(S, f64)> {
+    for _ in 0..warmup {
+        state = step(state);
+    }
+    sync()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        state = step(state);
+    }
+    sync()?;
+    Ok((state, start.elapsed().as_secs_f64()))
+}
+
+/// Times one step on its own (compilation included), synchronised.
+fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    step();
+    sync()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// Runs one bench row on backend `B` (autodiff for training; its inner backend for inference).
 pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<BenchRow> {
     let config = spec.config;
@@ -96,50 +161,22 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
         enabled: spec.gpu,
         ..Default::default()
     };
-    let row = |first: f64, total: f64, loss: Option<f32>, memory: &PeakMemory| {
-        let mean = total / spec.iters as f64;
-        let (peak_in_use_gib, peak_reserved_gib) = memory.gib();
-        BenchRow {
-            model: spec.name.to_string(),
-            mode: spec.mode,
-            dtype: spec.dtype.to_string(),
-            resolution: spec.resolution,
-            batch: spec.batch,
-            first_step_s: first,
-            mean_step_ms: mean * 1e3,
-            images_per_s: spec.batch as f64 / mean,
-            last_loss: loss,
-            peak_in_use_gib,
-            peak_reserved_gib,
-        }
-    };
-    match spec.mode {
+    let loops = (spec.warmup, spec.iters);
+    let (first_s, timed_s, last_loss) = match spec.mode {
         Mode::Infer => {
             let model = config.init::<B::InnerBackend>(device)?;
             let x = Tensor::<B::InnerBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-            let step = || {
+            let step = |()| {
                 let _ = model.forward(x.clone());
             };
-            let start = Instant::now();
-            step();
-            sync::<B::InnerBackend>(device)?;
-            let first = start.elapsed().as_secs_f64();
+            let first = first_step(|| step(()), || sync::<B::InnerBackend>(device))?;
             memory.sample();
             eprintln!(
                 "{}: first inference step (compilation + autotune) {first:.1} s",
                 spec.name
             );
-            for _ in 0..spec.warmup {
-                step();
-            }
-            sync::<B::InnerBackend>(device)?;
-            let start = Instant::now();
-            for _ in 0..spec.iters {
-                step();
-            }
-            sync::<B::InnerBackend>(device)?;
-            memory.sample();
-            Ok(row(first, start.elapsed().as_secs_f64(), None, &memory))
+            let ((), timed) = timed_loop((), loops, step, || sync::<B::InnerBackend>(device))?;
+            (first, timed, None)
         }
         Mode::Train => {
             let mut model = config.init::<B>(device)?;
@@ -168,27 +205,34 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 spec.name
             );
             let mut last = None;
-            let mut step = |model: crate::models::Model<B>| {
+            let step = |model: crate::models::Model<B>| {
                 let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 last = Some(loss);
                 optim.step(1e-4, model, grads)
             };
-            for _ in 0..spec.warmup {
-                model = step(model);
-            }
-            sync::<B>(device)?;
-            let start = Instant::now();
-            for _ in 0..spec.iters {
-                model = step(model);
-            }
-            sync::<B>(device)?;
-            let total = start.elapsed().as_secs_f64();
-            let loss = last.map(|l| l.into_scalar().elem::<f32>());
-            memory.sample();
-            Ok(row(first, total, loss, &memory))
+            let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;
+            (first, timed, last.map(|l| l.into_scalar().elem::<f32>()))
         }
-    }
+    };
+    memory.sample();
+    let measured = Measured {
+        first_s,
+        timed_s,
+        iters: spec.iters,
+        memory,
+    };
+    Ok(BenchRow {
+        last_loss,
+        ..BenchRow::new(
+            spec.name,
+            spec.mode,
+            spec.dtype,
+            spec.resolution,
+            spec.batch,
+            &measured,
+        )
+    })
 }
 
 /// A fixed-width table of bench rows.
@@ -202,7 +246,7 @@ pub fn table(rows: &[BenchRow]) -> String {
         out.push_str(&format!(
             "{:<20} {:<6} {:<5} {:>5} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
             r.model,
-            format!("{:?}", r.mode).to_lowercase(),
+            r.mode.name(),
             r.dtype,
             r.resolution,
             r.batch,
@@ -226,7 +270,7 @@ pub fn csv(rows: &[BenchRow]) -> String {
         out.push_str(&format!(
             "{},{},{},{},{},{:.3},{:.3},{:.1},{},{}\n",
             r.model,
-            format!("{:?}", r.mode).to_lowercase(),
+            r.mode.name(),
             r.dtype,
             r.resolution,
             r.batch,
@@ -255,7 +299,7 @@ pub fn sweep_png(rows: &[BenchRow]) -> Result<Vec<u8>> {
         keys.iter()
             .enumerate()
             .map(|(i, (model, mode, dtype))| Series {
-                name: format!("{model} {} {dtype}", format!("{mode:?}").to_lowercase()),
+                name: format!("{model} {} {dtype}", mode.name()),
                 color: PALETTE[i % PALETTE.len()],
                 points: rows
                     .iter()
