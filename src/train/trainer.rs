@@ -25,7 +25,7 @@ use super::metrics::{EpochMetrics, EvalAccumulator, EvalSummary, history_csv, hi
 use super::optim::{AdamW, Ema, HostTensors};
 use super::params::{self, cast_params, collect_flat, materialize, replace_flat, to_f32};
 use super::progress::Progress;
-use super::schedule::{BudgetInputs, Schedule, format_duration, plan_budget};
+use super::schedule::{BudgetInputs, BudgetPlan, Schedule, format_duration, plan_budget};
 use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
 use crate::models::{Model, ModelConfig};
 use crate::weights;
@@ -713,24 +713,12 @@ impl<B: AutodiffBackend> Session<B> {
         let t0 = Instant::now();
         self.save(false)?;
         let save_s = t0.elapsed().as_secs_f64();
-        let inputs = BudgetInputs {
-            budget_s: budget,
-            elapsed_s: self.elapsed(),
-            step_s,
-            steps_per_epoch: spe,
-            eval_s,
-            eval_every: self.cfg().eval_every,
-            reserve_s: 2.0 + 0.02 * budget + save_s,
-            epoch_overhead_s: save_s,
-        };
-        let plan = plan_budget(&inputs)?;
-        self.state.epochs = plan.epochs;
-        self.state.schedule.total_steps = plan.total_steps;
-        self.state.schedule.warmup_steps = self.cfg().warmup.steps(plan.total_steps, spe);
-        self.save(false)?; // the initial checkpoint again, now with the sized schedule
-        self.step_s = Some(step_s);
         self.eval_s = Some(eval_s);
         self.save_s = Some(save_s);
+        let plan = self.plan_budget(budget, self.elapsed(), step_s)?;
+        self.apply_plan(plan);
+        self.save(false)?; // the initial checkpoint again, now with the sized schedule
+        self.step_s = Some(step_s);
         self.progress.line(&format!(
             "measured {:.3} s/step ({:.0} img/s), {:.1} s per evaluation, {:.2} s per checkpoint; {} spent; {} epochs ({} steps) fit",
             step_s,
@@ -838,30 +826,41 @@ impl<B: AutodiffBackend> Session<B> {
             return;
         }
         let step_s = epoch_train_s / steps as f64;
+        let Ok(plan) = self.plan_budget(budget, self.elapsed() - epoch_train_s, step_s) else {
+            return;
+        };
+        if plan.total_steps <= self.state.schedule.total_steps {
+            return;
+        }
+        self.progress.line(&format!(
+            "first epoch ran at {:.2} s/step: re-sized the run from {} to {} epochs ({} steps)",
+            step_s, self.state.epochs, plan.epochs, plan.total_steps
+        ));
+        self.apply_plan(plan);
+        self.step_s = Some(step_s);
+    }
+
+    /// The run that fits `budget` when training started `elapsed_s` into it, at `step_s` per step
+    /// (evaluation and checkpoint costs as measured by `size_to_budget`).
+    fn plan_budget(&self, budget: f64, elapsed_s: f64, step_s: f64) -> Result<BudgetPlan> {
         let save_s = self.save_s.unwrap_or(0.0);
-        let inputs = BudgetInputs {
+        plan_budget(&BudgetInputs {
             budget_s: budget,
-            elapsed_s: self.elapsed() - epoch_train_s,
+            elapsed_s,
             step_s,
             steps_per_epoch: self.state.steps_per_epoch,
             eval_s: self.eval_s.unwrap_or(0.0),
             eval_every: self.cfg().eval_every,
             reserve_s: 2.0 + 0.02 * budget + save_s,
             epoch_overhead_s: save_s,
-        };
-        let Ok(plan) = plan_budget(&inputs) else { return };
-        if plan.total_steps <= self.state.schedule.total_steps {
-            return;
-        }
+        })
+    }
+
+    fn apply_plan(&mut self, plan: BudgetPlan) {
         let spe = self.state.steps_per_epoch;
-        self.progress.line(&format!(
-            "first epoch ran at {:.2} s/step: re-sized the run from {} to {} epochs ({} steps)",
-            step_s, self.state.epochs, plan.epochs, plan.total_steps
-        ));
         self.state.epochs = plan.epochs;
         self.state.schedule.total_steps = plan.total_steps;
         self.state.schedule.warmup_steps = self.cfg().warmup.steps(plan.total_steps, spe);
-        self.step_s = Some(step_s);
     }
 
     fn run(mut self) -> Result<TrainOutcome> {
