@@ -248,8 +248,8 @@ impl<B: Backend> VicinityAttention<B> {
                 let qr = reweight(q, self.locality, h, w);
                 let kr = reweight(k, self.locality, kh, kw);
                 let kv = self.maybe_clamp(kr.clone().swap_dims(2, 3).matmul(v));
-                // q'·Σk' as a broadcast product and a sum: a matrix-vector matmul here trips
-                // CubeCL's default (untuned) matmul kernel.
+                // q'·Σk' as a broadcast product and a sum rather than a matrix-vector matmul
+                // (n = 1), a shape CubeCL's untuned matmul handles poorly; it fuses instead.
                 let k_sum = kr.sum_dim(2);
                 let z = self.maybe_clamp((qr.clone() * k_sum).sum_dim(3).add_scalar(EPS).recip());
                 let num = self.maybe_clamp(qr.matmul(kv));

@@ -93,11 +93,11 @@ pub fn write_shapes(root: &Path, per_class: (usize, usize), size: u32) -> Result
     Ok(())
 }
 
-/// The tiny VVT of the demo (4 stages, one block each; ~0.1M parameters at 8 classes).
-pub fn tiny_vvt(classes: usize) -> ModelConfig {
+/// A four-stage, one-block-per-stage VVT at 32×32 with the given widths and heads.
+fn small_vvt(embed_dims: [usize; 4], heads: [usize; 4], drop_path: f64, classes: usize) -> ModelConfig {
     ModelConfig::Vvt(VvtConfig {
-        embed_dims: vec![16, 32, 48, 64],
-        heads: vec![1, 2, 3, 4],
+        embed_dims: embed_dims.to_vec(),
+        heads: heads.to_vec(),
         mlp_ratios: vec![2, 2, 2, 2],
         depths: vec![1, 1, 1, 1],
         sr_ratios: vec![1, 1, 1, 1],
@@ -106,10 +106,15 @@ pub fn tiny_vvt(classes: usize) -> ModelConfig {
         num_classes: classes,
         locality: Locality::TwoD,
         clamp: true,
-        drop_path: 0.0,
+        drop_path,
         img_size: 32,
         in_chans: 3,
     })
+}
+
+/// The tiny VVT of the demo (4 stages, one block each; ~0.1M parameters at 8 classes).
+pub fn tiny_vvt(classes: usize) -> ModelConfig {
+    small_vvt([16, 32, 48, 64], [1, 2, 3, 4], 0.0, classes)
 }
 
 /// The demo's configuration: shapes in `data`, the run in `out`, sized to `budget_s` seconds.
@@ -136,19 +141,5 @@ pub fn quick_config(data: PathBuf, out: PathBuf, budget_s: f64) -> TrainConfig {
 
 /// A micro VVT for tests and smoke runs (~10k parameters at 32×32).
 pub fn micro_vvt(classes: usize) -> ModelConfig {
-    ModelConfig::Vvt(VvtConfig {
-        embed_dims: vec![8, 16, 16, 16],
-        heads: vec![1, 1, 1, 1],
-        mlp_ratios: vec![2, 2, 2, 2],
-        depths: vec![1, 1, 1, 1],
-        sr_ratios: vec![1, 1, 1, 1],
-        fr_ratios: vec![2, 2, 2, 2],
-        se_ratio: 1,
-        num_classes: classes,
-        locality: Locality::TwoD,
-        clamp: true,
-        drop_path: 0.1,
-        img_size: 32,
-        in_chans: 3,
-    })
+    small_vvt([8, 16, 16, 16], [1, 1, 1, 1], 0.1, classes)
 }

@@ -131,16 +131,49 @@ fn input_settings(
     Ok((res, norm))
 }
 
+/// A checkpoint ready for `eval`/`predict`: its model, the run state saved beside it (if any), and
+/// the input resolution and normalisation to use.
+struct Loaded<B: Backend> {
+    state: Option<RunState>,
+    config: ModelConfig,
+    model: Model<B>,
+    res: usize,
+    norm: Normalize,
+}
+
+fn load_for_inference<B: Backend>(
+    weights: &Path,
+    model: Option<&str>,
+    resolution: Option<usize>,
+    normalize: Option<&str>,
+    device: &B::Device,
+) -> Result<Loaded<B>> {
+    let state = run_state_beside(weights);
+    let (config, model) = crate::cli::build_model(model, Some(weights), device)?;
+    let (res, norm) = input_settings(&config, state.as_ref(), resolution, normalize)?;
+    Ok(Loaded {
+        state,
+        config,
+        model,
+        res,
+        norm,
+    })
+}
+
 /// `vicinity eval`: metrics of a checkpoint on a dataset split.
 pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Result<EvalReport> {
-    let state = run_state_beside(&opts.weights);
-    let (config, model): (ModelConfig, Model<B>) =
-        crate::cli::build_model(opts.model.as_deref(), Some(&opts.weights), device)?;
-    let (res, norm) = input_settings(
-        &config,
-        state.as_ref(),
+    let Loaded {
+        state,
+        config,
+        model,
+        res,
+        norm,
+    } = load_for_inference::<B>(
+        &opts.weights,
+        opts.model.as_deref(),
         opts.resolution,
         opts.normalize.as_deref(),
+        device,
     )?;
     let dataset = open_split(&opts.data, &opts.split)?;
     if dataset.num_classes() != config.num_classes() {
@@ -281,14 +314,18 @@ pub fn predict<B: Backend>(
     if opts.images.is_empty() {
         bail!("no images given");
     }
-    let state = run_state_beside(&opts.weights);
-    let (config, model): (ModelConfig, Model<B>) =
-        crate::cli::build_model(opts.model.as_deref(), Some(&opts.weights), device)?;
-    let (res, norm) = input_settings(
-        &config,
-        state.as_ref(),
+    let Loaded {
+        state,
+        config,
+        model,
+        res,
+        norm,
+    } = load_for_inference::<B>(
+        &opts.weights,
+        opts.model.as_deref(),
         opts.resolution,
         opts.normalize.as_deref(),
+        device,
     )?;
     let k = config.num_classes();
     let (names, source) = class_names(k, opts.classes.as_deref(), state.as_ref())?;
