@@ -6,6 +6,8 @@
 #   memory     vvt_tiny batch 16 f32 training at 224/384/512/768 (speed and memory, CSV + PNG)
 #   attention  one attention layer of each kind against the token grid side
 #   profile    per-kernel GPU time of a few training steps (PROFILE_MODELS), summed by kernel family
+#   ab         kernel-choice A/B: each AB_CONFIGS entry `reduce:matmul` (VICINITY_REDUCE, VICINITY_MATMUL;
+#              `-` = default) on each AB_MODELS entry `model:res:batch[:mode]`, bf16; a table of img/s last
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
 #              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
@@ -77,6 +79,24 @@ for stage in $STAGES; do
       python3 scripts/profile_summary.py /tmp/prof.log 22
       [ -n "${PROFILE_FULL:-}" ] && python3 scripts/profile_summary.py /tmp/prof.log 30 --full
     done ;;
+  ab)
+    for spec in ${AB_MODELS:-lsagt_cifar_tiny:32:128 vvt_tiny:224:64}; do
+      IFS=: read -r model res batch mode <<< "$spec"
+      for cfg in ${AB_CONFIGS:-unit:- -:-}; do
+        IFS=: read -r reduce matmul <<< "$cfg"
+        [ "$reduce" = - ] && reduce=""; [ "$matmul" = - ] && matmul=""
+        VICINITY_REDUCE=$reduce VICINITY_MATMUL=$matmul timed "ab $model $cfg" ${AB_LIMIT:-150} "$BIN" --backend cuda \
+          bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode "${mode:-train}" \
+          --warmup 2 --iters ${AB_ITERS:-6} --json "$SCRATCH/ab-$model-$cfg.jsonl" | tail -2
+      done
+    done
+    echo "-- A/B (img/s, bf16)"
+    for f in "$SCRATCH"/ab-*.jsonl; do
+      python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r=json.loads(l); print("AB %-40s %-6s %9.1f img/s  first %.1f s" % (sys.argv[1].split("/ab-")[1][:-6], r["mode"], r["images_per_s"], r["first_step_s"]))' "$f"
+    done
+    cat "$SCRATCH"/ab-*.jsonl >> "$OUT/bench.jsonl" ;;
   train)
     model=${TRAIN_MODEL:-vvt_tiny}
     timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \

@@ -265,15 +265,68 @@ impl<R: Runtime> ReduceOptimization<R> {
         #[cfg(feature = "autotune")]
         fused_reduce_autotune::<R>(arg, context);
 
+        // vicinity patch: pick the routine from the problem's shape (see `shape_routine`) instead
+        // of always one thread per output; the unit routine and then the unfused path are the
+        // fallbacks.
         #[cfg(not(feature = "autotune"))]
-        if arg
-            .execute_fused(
-                context,
-                RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy)),
-            )
-            .is_err()
         {
-            arg.execute_fallback(context);
+            let routine = self.shape_routine(context);
+            let unit = || RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
+            let fused = match routine {
+                RoutineStrategy::Unit(_) => arg.execute_fused(context, routine).is_ok(),
+                other => {
+                    arg.execute_fused(context, other).is_ok()
+                        || arg.execute_fused(context, unit()).is_ok()
+                }
+            };
+            if !fused {
+                arg.execute_fallback(context);
+            }
+        }
+    }
+
+    /// vicinity patch: the same shape rule as burn-cubecl's `shape_routine` (vendor/burn-cubecl):
+    /// few outputs over a long axis get a plane or a cube per output. Cubes here cannot merge
+    /// planes, because the result is fused on write.
+    fn shape_routine(&self, context: &Context<CubeFusionHandle<R>>) -> RoutineStrategy {
+        let unit = RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
+        // `VICINITY_REDUCE=unit` restores the one-thread-per-output routine everywhere (A/B runs).
+        static UNIT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *UNIT_ONLY.get_or_init(|| std::env::var("VICINITY_REDUCE").is_ok_and(|v| v == "unit")) {
+            return unit;
+        }
+        let Some(input) = context.tensors.get(&self.info.reduce.op.input.id) else {
+            return unit;
+        };
+        if matches!(
+            self.info.reduce.inst,
+            ReduceInstruction::ArgMax | ReduceInstruction::ArgMin
+        ) {
+            return unit;
+        }
+        let shape = input.shape.as_slice();
+        let axis = self.info.reduce.axis;
+        if axis >= shape.len() {
+            return unit;
+        }
+        let vector = (16 / input.dtype.size().max(1)).max(1);
+        let reduce_len = shape[axis].max(1);
+        let count = shape.iter().product::<usize>() / reduce_len;
+        let (work, len) = if axis == shape.len() - 1 {
+            (count, reduce_len.div_ceil(vector))
+        } else {
+            (count.div_ceil(vector), reduce_len)
+        };
+        if len <= 64 || work >= 16_384 {
+            unit
+        } else if work >= 512 {
+            RoutineStrategy::Plane(BlueprintStrategy::Inferred(
+                cubek::reduce::routines::plane::PlaneStrategy { independent: true },
+            ))
+        } else {
+            RoutineStrategy::Cube(BlueprintStrategy::Inferred(
+                cubek::reduce::routines::cube::CubeStrategy { use_planes: false },
+            ))
         }
     }
 

@@ -1,0 +1,242 @@
+use super::init_matmul_output;
+use crate::{CubeRuntime, kernel::quantization::dequantize, tensor::CubeTensor};
+use burn_backend::{DType, QTensorPrimitive};
+use burn_std::QuantLevel;
+use cubek::{
+    matmul::{
+        definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError},
+        launch::Strategy,
+    },
+    std::InputBinding,
+};
+
+#[cfg(feature = "autotune")]
+use super::matmul_autotune;
+
+/// The strategy to be used when launching a matmul kernel.
+pub enum MatmulStrategy {
+    #[cfg(feature = "autotune")]
+    /// Using autotune to choose the best kernel based on runtime information.
+    Autotune,
+    /// Cube implementation of matmul.
+    Cube,
+}
+
+impl Default for MatmulStrategy {
+    fn default() -> Self {
+        // if autotune is enabled, default to autotune
+        #[cfg(feature = "autotune")]
+        return MatmulStrategy::Autotune;
+
+        #[cfg(not(feature = "autotune"))]
+        MatmulStrategy::Cube
+    }
+}
+
+/// Launch a matmul kernel using the given strategy.
+pub fn matmul<R: CubeRuntime>(
+    lhs: CubeTensor<R>,
+    rhs: CubeTensor<R>,
+    out: Option<CubeTensor<R>>,
+    strategy: MatmulStrategy,
+    out_dtype: DType,
+) -> Result<CubeTensor<R>, MatmulSetupError> {
+    match strategy {
+        MatmulStrategy::Cube => {
+            let out = out.unwrap_or_else(|| init_matmul_output(&lhs, &rhs, out_dtype));
+            // vicinity patch: `VICINITY_MATMUL` picks the kernel of untuned matmuls (see
+            // `env_strategy`); CubeCL's default kernel is the fallback if it cannot launch.
+            match env_strategy() {
+                Some(strategy) => {
+                    if launch_matmul(strategy, lhs.clone(), rhs.clone(), out.clone()).is_err() {
+                        launch_matmul(&Default::default(), lhs, rhs, out.clone())?;
+                    }
+                }
+                None => launch_matmul(&Default::default(), lhs, rhs, out.clone())?,
+            }
+            Ok(out)
+        }
+        #[cfg(feature = "autotune")]
+        MatmulStrategy::Autotune => Ok(matmul_autotune(lhs, rhs, out, out_dtype)),
+    }
+}
+
+pub(crate) fn launch_matmul_naive<R: CubeRuntime>(
+    strategy: &Strategy,
+    mut lhs: CubeTensor<R>,
+    mut rhs: CubeTensor<R>,
+    out: CubeTensor<R>,
+) -> Result<(), MatmulSetupError> {
+    // Naive has very specific layout requirements for block scaled tensors, so we need to manually
+    // dequantize if it fails to launch normally. This is because naive is assumed to always work.
+    if lhs.qparams.is_some() || rhs.qparams.is_some() {
+        match launch_matmul(strategy, lhs.clone(), rhs.clone(), out.clone()) {
+            Err(_) => {
+                if lhs.qparams.is_some() {
+                    lhs = dequantize(lhs, out.dtype);
+                }
+                if rhs.qparams.is_some() {
+                    rhs = dequantize(rhs, out.dtype);
+                }
+                launch_matmul(strategy, lhs, rhs, out)
+            }
+            Ok(_) => Ok(()),
+        }
+    } else {
+        launch_matmul(strategy, lhs, rhs, out)
+    }
+}
+
+pub(crate) fn launch_matmul<R: CubeRuntime>(
+    strategy: &Strategy,
+    lhs: CubeTensor<R>,
+    mut rhs: CubeTensor<R>,
+    out: CubeTensor<R>,
+) -> Result<(), MatmulSetupError> {
+    let client = &out.client;
+
+    let lhs_quant_handles = lhs.quantized_handles();
+    let out_dtype: DType = out.dtype;
+
+    let (lhs_dtype, lhs_handle) = match lhs_quant_handles {
+        None => {
+            let lhs_dtype = lhs.dtype;
+            (
+                lhs_dtype,
+                InputBinding::new(lhs.binding(), lhs_dtype.into()),
+            )
+        }
+        Some((data, scale)) => {
+            let scheme = *lhs.scheme();
+            let data_dtype = data.dtype;
+            let scale_dtype = scale.dtype;
+            (
+                out_dtype,
+                InputBinding::quantized(
+                    data.binding(),
+                    scale.binding(),
+                    lhs.meta.shape().clone(),
+                    scheme,
+                    data_dtype.into(),
+                    scale_dtype.into(),
+                ),
+            )
+        }
+    };
+
+    let rhs_quant_handles = rhs.quantized_handles();
+
+    let (rhs_dtype, rhs_handle) = match rhs_quant_handles {
+        None => (
+            lhs_dtype,
+            InputBinding::new(rhs.binding(), lhs_dtype.into()),
+        ),
+        Some((data, scale)) => {
+            // Extremely hacky fix to ensure naive can run in every case
+            if matches!(strategy, Strategy::Naive)
+                && matches!(rhs.scheme().level, QuantLevel::Block(_))
+            {
+                rhs = dequantize(rhs.clone(), lhs_dtype);
+                let rhs_dtype = rhs.dtype;
+                (
+                    lhs_dtype,
+                    InputBinding::new(rhs.binding(), rhs_dtype.into()),
+                )
+            } else {
+                let scheme = *rhs.scheme();
+                let data_dtype = data.dtype;
+                let scale_dtype = scale.dtype;
+                (
+                    out_dtype,
+                    InputBinding::quantized(
+                        data.binding(),
+                        scale.binding(),
+                        rhs.meta.shape().clone(),
+                        scheme,
+                        data_dtype.into(),
+                        scale_dtype.into(),
+                    ),
+                )
+            }
+        }
+    };
+
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: lhs_dtype.into(),
+        rhs: rhs_dtype.into(),
+        out: out_dtype.into(),
+    });
+
+    cubek::matmul::launch::launch_ref(
+        strategy,
+        client,
+        lhs_handle,
+        rhs_handle,
+        out.clone().binding(),
+        &mut dtypes,
+    )?;
+
+    Ok(())
+}
+
+/// vicinity patch: the matmul kernel named by the `VICINITY_MATMUL` environment variable, read
+/// once. Names follow CubeCL's tunables; unset, empty or `auto` keep CubeCL's default
+/// (`simple_cyclic_cmma`). An unknown name panics with the list of known ones.
+pub fn env_strategy() -> Option<&'static Strategy> {
+    use cubek::matmul::{
+        components::tile::TileMatmulKind,
+        routines::{
+            BlueprintStrategy, double_buffering::DoubleBufferingArgs,
+            ordered_double_buffering::OrderedSelectionArgs, simple::SimpleArgs,
+        },
+    };
+    static STRATEGY: std::sync::OnceLock<Option<Strategy>> = std::sync::OnceLock::new();
+    STRATEGY
+        .get_or_init(|| {
+            let name = std::env::var("VICINITY_MATMUL").unwrap_or_default();
+            let simple = |multi_rows, tile_matmul| SimpleArgs {
+                multi_rows,
+                tile_matmul,
+            };
+            let double = |specialized, tile_matmul| DoubleBufferingArgs {
+                specialized,
+                tile_matmul,
+            };
+            let ordered = |row_count, tile_matmul| OrderedSelectionArgs {
+                partition_k: Some(2),
+                row_count: Some(row_count),
+                rows_per_plane: Some(2),
+                tile_matmul,
+            };
+            use BlueprintStrategy::Inferred as I;
+            use TileMatmulKind::{Cmma, Mma};
+            Some(match name.as_str() {
+                "" | "auto" => return None,
+                "simple_cyclic_mma" => Strategy::SimpleCyclicMma(I(simple(false, Mma))),
+                "simple_multirow_cmma" => Strategy::SimpleCyclicCmma(I(simple(true, Cmma))),
+                "simple_multirow_mma" => Strategy::SimpleCyclicMma(I(simple(true, Mma))),
+                "double_cyclic_cmma" => Strategy::DoubleCyclicCmma(I(double(false, Cmma))),
+                "double_cyclic_mma" => Strategy::DoubleCyclicMma(I(double(false, Mma))),
+                "double_specialized_cmma" => Strategy::DoubleCyclicCmma(I(double(true, Cmma))),
+                "double_specialized_mma" => Strategy::DoubleCyclicMma(I(double(true, Mma))),
+                "ordered_double_cmma" => Strategy::OrderedDoubleCmma(I(ordered(4, Cmma))),
+                "ordered_double_mma" => Strategy::OrderedDoubleMma(I(ordered(4, Mma))),
+                "ordered_double8_mma" => Strategy::OrderedDoubleMma(I(ordered(8, Mma))),
+                "specialized_cyclic_cmma" => Strategy::SpecializedCyclicCmma(I(().into())),
+                "specialized_cyclic_mma" => Strategy::SpecializedCyclicMma(I(().into())),
+                "simple_tma_cmma" => Strategy::SimpleTmaCmma(I(simple(false, Cmma))),
+                "simple_tma_mma" => Strategy::SimpleTmaMma(I(simple(false, Mma))),
+                "specialized_tma_cmma" => Strategy::SpecializedTmaCmma(I(().into())),
+                "specialized_tma_mma" => Strategy::SpecializedTmaMma(I(().into())),
+                other => panic!(
+                    "VICINITY_MATMUL={other} is not a known matmul kernel; use auto, \
+                     simple_cyclic_mma, simple_multirow_cmma, simple_multirow_mma, \
+                     double_cyclic_cmma, double_cyclic_mma, double_specialized_cmma, \
+                     double_specialized_mma, ordered_double_cmma, ordered_double_mma, \
+                     ordered_double8_mma, specialized_cyclic_cmma, specialized_cyclic_mma, \
+                     simple_tma_cmma, simple_tma_mma, specialized_tma_cmma or specialized_tma_mma"
+                ),
+            })
+        })
+        .as_ref()
+}
