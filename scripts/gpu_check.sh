@@ -5,9 +5,10 @@
 #              f32 and bf16 (BENCH_DTYPES)
 #   memory     vvt_tiny batch 16 f32 training at 224/384/512/768 (speed and memory, CSV + PNG)
 #   attention  one attention layer of each kind against the token grid side
-#   profile    per-kernel GPU time of a few training steps (PROFILE_MODELS), summed by kernel family
-#   ab         kernel-choice A/B: each AB_CONFIGS entry `reduce:matmul` (VICINITY_REDUCE, VICINITY_MATMUL;
-#              `-` = default) on each AB_MODELS entry `model:res:batch[:mode]`, bf16; a table of img/s last
+#   profile    per-kernel GPU time of 5 steady training steps (PROFILE_MODELS), by kernel family and matmul shape
+#   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value,VAR=value`, or `-` for none;
+#              e.g. VICINITY_REDUCE=unit, VICINITY_MATMUL=<kernel>, VICINITY_CONV_SPLIT=1) on each AB_MODELS
+#              entry `model:res:batch[:mode]`, bf16; a table of img/s last
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
 #              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
@@ -28,7 +29,7 @@ export VICINITY_CACHE=/tmp/vicinity-cache VICINITY_KERNEL_LOG=/tmp/kernels.log
 SCRATCH=/tmp/scratch
 mkdir -p "$OUT" "$VICINITY_CACHE" "$SCRATCH"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-[ -f .carry/cache.tar ] && tar -xzf .carry/cache.tar -C "$VICINITY_CACHE"
+[ -f .carry/cache.tar ] && tar -xf .carry/cache.tar -C "$VICINITY_CACHE"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 # Runs a command with a time limit, then prints its wall time and how many kernels it compiled.
@@ -70,24 +71,30 @@ for stage in $STAGES; do
       --json "$OUT/bench.jsonl"
     cp "$SCRATCH/attention/bench.csv" "$OUT/attention.csv"; cp "$SCRATCH/attention/bench.png" "$OUT/attention.png" ;;
   profile)
+    # Two runs of the same bench (2 and 7 training steps); the summary skips the shorter run's launches,
+    # which leaves 5 steady-state steps, and matches matmul launches with their logged shapes.
     for spec in ${PROFILE_MODELS:-vvt_tiny:224:64 lsagt_cifar_tiny:32:128}; do
       IFS=: read -r model res batch <<< "$spec"
-      rm -f /tmp/prof.log
-      CUBECL_DEBUG_LOG=/tmp/prof.log CUBECL_DEBUG_OPTION=profile timed "profile $model" 120 "$BIN" --backend cuda \
-        bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode train --warmup 1 --iters 3 > /dev/null
-      echo "-- profile $model ${res}² batch $batch bf16, training (first step included)"
-      python3 scripts/profile_summary.py /tmp/prof.log 22
-      [ -n "${PROFILE_FULL:-}" ] && python3 scripts/profile_summary.py /tmp/prof.log 30 --full
+      for steps in 1 6; do
+        rm -f "/tmp/prof$steps.log" "/tmp/shapes$steps.log"
+        CUBECL_DEBUG_LOG=/tmp/prof$steps.log CUBECL_DEBUG_OPTION=profile VICINITY_MATMUL_LOG=/tmp/shapes$steps.log \
+          timed "profile $model ($steps+1 steps)" 150 "$BIN" --backend cuda bench --model "$model" --resolution "$res" \
+          --batch "$batch" --dtype bf16 --mode train --warmup 0 --iters $steps > /dev/null
+      done
+      echo "-- profile $model ${res}² batch $batch bf16, 5 steady training steps"
+      python3 scripts/profile_summary.py /tmp/prof6.log 22 --skip-like /tmp/prof1.log \
+        --shapes /tmp/shapes6.log /tmp/shapes1.log
+      [ -n "${PROFILE_FULL:-}" ] && python3 scripts/profile_summary.py /tmp/prof6.log 30 --full --skip-like /tmp/prof1.log
     done ;;
   ab)
     for spec in ${AB_MODELS:-lsagt_cifar_tiny:32:128 vvt_tiny:224:64}; do
       IFS=: read -r model res batch mode <<< "$spec"
-      for cfg in ${AB_CONFIGS:-unit:- -:-}; do
-        IFS=: read -r reduce matmul <<< "$cfg"
-        [ "$reduce" = - ] && reduce=""; [ "$matmul" = - ] && matmul=""
-        VICINITY_REDUCE=$reduce VICINITY_MATMUL=$matmul timed "ab $model $cfg" ${AB_LIMIT:-150} "$BIN" --backend cuda \
-          bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode "${mode:-train}" \
-          --warmup 2 --iters ${AB_ITERS:-6} --json "$SCRATCH/ab-$model-$cfg.jsonl" | tail -2
+      for cfg in ${AB_CONFIGS:-VICINITY_REDUCE=unit -}; do
+        envs=(); [ "$cfg" != - ] && IFS=, read -ra envs <<< "$cfg"
+        ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
+          timed "ab $model $cfg" ${AB_LIMIT:-150} "$BIN" --backend cuda bench --model "$model" --resolution "$res" \
+            --batch "$batch" --dtype bf16 --mode "${mode:-train}" --warmup 2 --iters ${AB_ITERS:-6} \
+            --json "$SCRATCH/ab-$model-$cfg.jsonl" | tail -2 )
       done
     done
     echo "-- A/B (img/s, bf16)"
@@ -108,6 +115,9 @@ for l in open(sys.argv[1]):
 done
 
 # Only a cache under the 16 MiB return limit comes back; a bigger one is dropped rather than truncated.
-tar -czf /tmp/cache.tar -C "$VICINITY_CACHE" . && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] && cp /tmp/cache.tar "$OUT/cache.tar"
+# xz packs the PTX cache 2.5x smaller than gzip; `tar -xf` reads either.
+if command -v xz > /dev/null; then pack="xz -T0 -6"; else pack="gzip"; fi
+tar -cf - -C "$VICINITY_CACHE" . | $pack > /tmp/cache.tar && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] \
+  && cp /tmp/cache.tar "$OUT/cache.tar"
 echo "== kernels compiled, by name"; sed 's/^.*\[Compiling kernel\] *//' /tmp/kernels.log 2>/dev/null | cut -c1-60 | sort | uniq -c | sort -rn | head -25
 echo "== bench rows"; cat "$OUT/bench.jsonl" 2>/dev/null

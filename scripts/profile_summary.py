@@ -1,8 +1,18 @@
 #!/usr/bin/env python3
 """Sums CubeCL's per-kernel profile log (CUBECL_DEBUG_OPTION=profile) by kernel family.
 
-Usage: profile_summary.py LOG [TOP] [--full]. `--full` groups by the whole kernel name (generic
-arguments included, cut at 140 characters) instead of the family. Lines look like `| 12.3µs     | burn_cubecl::kernel::...<...>`.
+Usage: profile_summary.py LOG [TOP] [--full] [--skip-like LOG0] [--shapes SHAPES [SHAPES0]]
+
+- `--full` groups by the whole kernel name (generic arguments included, cut at 140 characters)
+  instead of the family.
+- `--skip-like LOG0` drops as many kernel launches from the start of LOG as LOG0 holds: profile the
+  same bench twice with fewer steps in LOG0 (e.g. 2 and 7) and what is left is the steady-state
+  steps, without the first step's compilation and loading.
+- `--shapes SHAPES [SHAPES0]` also lists matmul time by operand shapes: SHAPES is the file
+  `VICINITY_MATMUL_LOG` wrote in the same run as LOG (one line per matmul, in launch order), and
+  SHAPES0 the one of LOG0's run.
+
+Lines look like `| 12.3µs     | burn_cubecl::kernel::...<...>`.
 """
 import re
 import sys
@@ -18,26 +28,75 @@ def family(name: str) -> str:
     return "::".join(parts[-2:]) if len(parts) > 1 else base
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--full"]
-    full = "--full" in sys.argv
-    path = args[0]
-    top = int(args[1]) if len(args) > 1 else 25
-    width = 140 if full else 60
-    total = defaultdict(float)
-    count = defaultdict(int)
+def launches(path: str) -> list[tuple[str, float]]:
+    out = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = LINE.match(line.strip())
             if m:
-                key = m.group(3).strip()[:width] if full else family(m.group(3))
-                total[key] += float(m.group(1)) * UNITS[m.group(2)]
-                count[key] += 1
-    grand = sum(total.values()) or 1.0
+                out.append((m.group(3).strip(), float(m.group(1)) * UNITS[m.group(2)]))
+    return out
+
+
+def count_lines(path: str) -> int:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for _ in f)
+
+
+def table(rows: dict, counts: dict, width: int, top: int) -> None:
+    grand = sum(rows.values()) or 1.0
     print(f"{'kernel':<{width}} {'calls':>7} {'total ms':>10} {'share':>7}")
-    for key, t in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{key:<{width}} {count[key]:>7} {t * 1e3:>10.2f} {100 * t / grand:>6.1f}%")
-    print(f"{'all kernels':<{width}} {sum(count.values()):>7} {grand * 1e3:>10.2f}")
+    for key, t in sorted(rows.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{key:<{width}} {counts[key]:>7} {t * 1e3:>10.2f} {100 * t / grand:>6.1f}%")
+    print(f"{'all kernels':<{width}} {sum(counts.values()):>7} {grand * 1e3:>10.2f}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    full = "--full" in argv
+    argv = [a for a in argv if a != "--full"]
+    skip_like = shapes = shapes0 = None
+    if "--skip-like" in argv:
+        i = argv.index("--skip-like")
+        skip_like = argv[i + 1]
+        del argv[i : i + 2]
+    if "--shapes" in argv:
+        i = argv.index("--shapes")
+        rest = argv[i + 1 :]
+        shapes = rest[0]
+        shapes0 = rest[1] if len(rest) > 1 and not rest[1].isdigit() else None
+        del argv[i : i + (3 if shapes0 else 2)]
+    path = argv[0]
+    top = int(argv[1]) if len(argv) > 1 else 25
+    width = 140 if full else 60
+
+    kernels = launches(path)
+    skipped = len(launches(skip_like)) if skip_like else 0
+    kernels_kept = kernels[skipped:]
+    total, count = defaultdict(float), defaultdict(int)
+    for name, t in kernels_kept:
+        key = name[:width] if full else family(name)
+        total[key] += t
+        count[key] += 1
+    if skipped:
+        print(f"(first {skipped} launches skipped, like {skip_like})")
+    table(total, count, width, top)
+
+    if shapes:
+        # Matmul kernels in launch order, matched one-to-one with the logged operand shapes.
+        matmuls = [t for name, t in kernels if name.startswith("MatmulEntry") or "matmul" in name.split("<")[0].lower()]
+        with open(shapes, encoding="utf-8") as f:
+            shape_lines = [line.strip() for line in f if line.strip()]
+        if len(matmuls) != len(shape_lines):
+            print(f"\n{len(matmuls)} matmul launches but {len(shape_lines)} logged shapes: not matched")
+            return
+        drop = count_lines(shapes0) if shapes0 else 0
+        by_shape, n = defaultdict(float), defaultdict(int)
+        for t, s in list(zip(matmuls, shape_lines))[drop:]:
+            by_shape[s] += t
+            n[s] += 1
+        print(f"\nmatmuls by operand shapes (lhs rhs){' after the first %d' % drop if drop else ''}")
+        table(by_shape, n, 60, top)
 
 
 if __name__ == "__main__":

@@ -59,41 +59,97 @@ fn geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
     (k, conv.stride[0], pad)
 }
 
-/// A dense (groups = 1) convolution of channels-last `x` (`B×H×W×Cin`) → `B×Ho×Wo×Cout`, as
-/// im2col + one matmul. Non-overlapping kernels (stride = kernel, no padding) need no copy beyond a
-/// reshape.
-pub fn conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// The patches of a dense convolution of channels-last `x` (`B×H×W×Cin`): `B×(Ho·Wo)×(k·k·Cin)`,
+/// ordered (row, col, channel) like [`kernel_matrix`], and the output grid `(Ho, Wo)`.
+/// Non-overlapping kernels (stride = kernel, no padding) need no copy beyond a reshape.
+pub fn im2col_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> (Tensor<B, 3>, (usize, usize)) {
     let (k, s, p) = geometry(conv);
-    let [cout, cin, _, _] = conv.weight.dims();
-    assert_eq!(conv.groups, 1, "conv2d_nhwc is for dense convolutions");
+    let [_, cin, _, _] = conv.weight.dims();
+    assert_eq!(conv.groups, 1, "im2col is for dense convolutions");
     let [b, h, w, c] = x.dims();
     assert_eq!(
         c, cin,
-        "conv2d_nhwc: {c} input channels, the kernel expects {cin}"
+        "convolution: {c} input channels, the kernel expects {cin}"
     );
     let (ho, wo) = (out_size(h, k, s, p), out_size(w, k, s, p));
-    // Patches ordered (row, col, channel), the order of the permuted weight below.
     let cols = if k == s && p == 0 && h == ho * k && w == wo * k {
         x.reshape([b, ho, k, wo, k, c])
             .permute([0, 1, 3, 2, 4, 5])
-            .reshape([b * ho * wo, k * k * c])
+            .reshape([b, ho * wo, k * k * c])
     } else {
         let xp = pad_nhwc(x, p);
         let windows = (0..k * k)
             .map(|ij| window(&xp, (ij / k, ij % k), (ho, wo), s))
             .collect();
-        Tensor::stack::<5>(windows, 3).reshape([b * ho * wo, k * k * c])
+        Tensor::stack::<5>(windows, 3).reshape([b, ho * wo, k * k * c])
     };
-    let weight = conv
-        .weight
+    (cols, (ho, wo))
+}
+
+/// The kernel of a dense convolution as a `(k·k·Cin)×Cout` matrix (rows ordered like [`im2col_nhwc`]).
+pub fn kernel_matrix<B: Backend>(conv: &Conv2d<B>) -> Tensor<B, 2> {
+    let [cout, cin, k, k2] = conv.weight.dims();
+    conv.weight
         .val()
         .permute([2, 3, 1, 0])
-        .reshape([k * k * cin, cout]);
-    let mut y = cols.matmul(weight);
+        .reshape([k * k2 * cin, cout])
+}
+
+/// A dense (groups = 1) convolution of channels-last `x` (`B×H×W×Cin`) → `B×Ho×Wo×Cout`, as
+/// im2col + a matmul.
+pub fn conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let b = x.dims()[0];
+    let (cols, (ho, wo)) = im2col_nhwc(conv, x);
+    let weight = kernel_matrix(conv);
+    let cout = weight.dims()[1];
+    // One product per image against the shared kernel: the weight gradient then runs as `b`
+    // products over `ho·wo` rows plus a sum, instead of one product whose reduction runs over all
+    // `b·ho·wo` rows on a handful of thread blocks (CubeCL's untuned matmul has no split-K). This
+    // made lsagt_cifar_tiny's training step 2.1× faster (docs/GPU_RESULTS.md, 2026-11-22).
+    let mut y = cols.matmul(weight.unsqueeze_dim::<3>(0));
     if let Some(bias) = &conv.bias {
-        y = y + bias.val().reshape([1, cout]);
+        y = y + bias.val().reshape([1, 1, cout]);
     }
     y.reshape([b, ho, wo, cout])
+}
+
+/// `T` dense convolutions with the same geometry, convolution `t` applied to input `t`
+/// (`T×B×H×W×Cin` given as `T` tensors) → `T×B×(Ho·Wo)×Cout` and the output grid: one batched
+/// product instead of `T`, and no stacking of the large outputs.
+pub fn conv2d_nhwc_many<B: Backend>(
+    convs: &[Conv2d<B>],
+    xs: Vec<Tensor<B, 4>>,
+) -> (Tensor<B, 4>, (usize, usize)) {
+    assert!(
+        !convs.is_empty() && convs.len() == xs.len(),
+        "one input per convolution"
+    );
+    let mut grid = None;
+    let cols = convs
+        .iter()
+        .zip(xs)
+        .map(|(conv, x)| {
+            let (cols, g) = im2col_nhwc(conv, x);
+            if let Some(first) = grid {
+                assert!(
+                    first == g,
+                    "convolutions give different output grids: {first:?} and {g:?} (check the input size)"
+                );
+            }
+            grid = Some(g);
+            cols
+        })
+        .collect();
+    let cols: Tensor<B, 4> = Tensor::stack(cols, 0);
+    let weights: Vec<Tensor<B, 2>> = convs.iter().map(kernel_matrix).collect();
+    let weights: Tensor<B, 3> = Tensor::stack(weights, 0);
+    let [t, kkc, cout] = weights.dims();
+    let mut y = cols.matmul(weights.reshape([t, 1, kkc, cout]));
+    let biases: Option<Vec<Tensor<B, 1>>> = convs.iter().map(|c| c.bias.as_ref().map(|b| b.val())).collect();
+    if let Some(biases) = biases {
+        y = y + Tensor::stack::<2>(biases, 0).reshape([t, 1, 1, cout]);
+    }
+    (y, grid.expect("at least one convolution"))
 }
 
 /// A depth-wise (groups = channels) convolution of channels-last `x`, as `k²` shifted slices times
@@ -201,6 +257,57 @@ mod tests {
             let gw = |g: &_| conv.weight.val().grad(g).unwrap();
             assert!(rel(gx(&g1), gx(&g2)) < 1e-5, "dx");
             assert!(rel(gw(&g1), gw(&g2)) < 1e-5, "dw");
+        }
+    }
+
+    /// The batched form of several convolutions equals each convolution on its own input,
+    /// values and gradients (input, kernel and bias of every convolution).
+    #[test]
+    fn many_convs_match_each_conv() {
+        let device = Default::default();
+        let convs: Vec<Conv2d<B>> = (0..3)
+            .map(|i| {
+                let c = conv2d::<B>(3, 5, 3, 1, 1, 1, ConvInit::Normal002, &device);
+                Conv2d {
+                    bias: Some(
+                        c.bias
+                            .clone()
+                            .unwrap()
+                            .map(|b| b.add_scalar(0.1 * i as f64).detach().require_grad()),
+                    ),
+                    ..c
+                }
+            })
+            .collect();
+        let xs: Vec<Tensor<B, 4>> = (0..3)
+            .map(|_| Tensor::random([2, 6, 5, 3], Distribution::Normal(0.0, 1.0), &device).require_grad())
+            .collect();
+        let (ours, grid) = conv2d_nhwc_many(&convs, xs.clone());
+        assert_eq!(grid, (6, 5));
+        assert_eq!(ours.dims(), [3, 2, 30, 5]);
+        let want = |xs: &[Tensor<B, 4>]| {
+            Tensor::stack::<4>(
+                convs
+                    .iter()
+                    .zip(xs)
+                    .map(|(c, x)| reference(c, x).reshape([2, 30, 5]))
+                    .collect(),
+                0,
+            )
+        };
+        let probe = Tensor::<B, 4>::random([3, 2, 30, 5], Distribution::Normal(0.0, 1.0), &device);
+        assert!(rel(ours.clone(), want(&xs)) < 1e-5, "forward");
+        let g1 = (ours * probe.clone()).sum().backward();
+        let g2 = (want(&xs) * probe).sum().backward();
+        for (t, (conv, x)) in convs.iter().zip(&xs).enumerate() {
+            assert!(rel(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < 1e-5, "dx {t}");
+            let gw = |g: &_| conv.weight.val().grad(g).unwrap();
+            assert!(rel(gw(&g1), gw(&g2)) < 1e-5, "dw {t}");
+            let gb = |g: &_| conv.bias.as_ref().unwrap().val().grad(g).unwrap();
+            let (b1, b2) = (gb(&g1), gb(&g2));
+            let err: f32 = (b1 - b2.clone()).abs().max().into_scalar().elem();
+            let scale: f32 = b2.abs().max().into_scalar().elem();
+            assert!(err <= 1e-5 * scale.max(1.0), "db {t}");
         }
     }
 }

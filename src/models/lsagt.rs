@@ -26,7 +26,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::conv2d_nhwc;
+use crate::ops::{conv2d_nhwc, conv2d_nhwc_many};
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -604,24 +604,10 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
 
     /// `B×3×H×W` → the tokens of every variant, `T×B×N×D`, and the token grid `(rows, cols)`.
     pub fn forward(&self, img: Tensor<B, 4>) -> (Tensor<B, 4>, (usize, usize)) {
-        let mut grid = None;
-        let tokens = self
-            .projections
-            .iter()
-            .enumerate()
-            .map(|(t, proj)| {
-                let y = conv2d_nhwc(proj, self.variant(img.clone(), t).permute([0, 2, 3, 1]));
-                let [b, gh, gw, d] = y.dims();
-                assert!(
-                    grid.is_none_or(|g| g == (gh, gw)),
-                    "LSAGT: shifted variant {t} gives a {gh}x{gw} token grid, unlike variant 0 \
-                     (see LsagtConfig::check_input for valid input sizes)"
-                );
-                grid = Some((gh, gw));
-                y.reshape([b, gh * gw, d])
-            })
-            .collect();
-        (Tensor::stack(tokens, 0), grid.expect("at least one variant"))
+        let variants = (0..self.projections.len())
+            .map(|t| self.variant(img.clone(), t).permute([0, 2, 3, 1]))
+            .collect::<Vec<_>>();
+        conv2d_nhwc_many(&self.projections, variants)
     }
 }
 
