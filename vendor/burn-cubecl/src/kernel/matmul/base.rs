@@ -43,6 +43,7 @@ pub fn matmul<R: CubeRuntime>(
 ) -> Result<CubeTensor<R>, MatmulSetupError> {
     match strategy {
         MatmulStrategy::Cube => {
+            log_shapes(&lhs, &rhs);
             let out = out.unwrap_or_else(|| init_matmul_output(&lhs, &rhs, out_dtype));
             // vicinity patch: `VICINITY_MATMUL` picks the kernel of untuned matmuls (see
             // `env_strategy`); CubeCL's default kernel is the fallback if it cannot launch.
@@ -239,4 +240,22 @@ pub fn env_strategy() -> Option<&'static Strategy> {
             })
         })
         .as_ref()
+}
+
+/// vicinity patch: with `VICINITY_MATMUL_LOG=FILE`, one line per untuned matmul launch
+/// (`lhs_shape rhs_shape`), in launch order, so a kernel profile can be matched with shapes
+/// (scripts/profile_summary.py --shapes).
+fn log_shapes<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>) {
+    use std::io::Write;
+    static LOG: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> =
+        std::sync::OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let path = std::env::var("VICINITY_MATMUL_LOG").ok()?;
+        std::fs::File::create(path).ok().map(std::sync::Mutex::new)
+    });
+    if let Some(file) = log
+        && let Ok(mut file) = file.lock()
+    {
+        let _ = writeln!(file, "{:?} {:?}", lhs.meta.shape().as_slice(), rhs.meta.shape().as_slice());
+    }
 }
