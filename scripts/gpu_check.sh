@@ -108,8 +108,8 @@ for l in open(sys.argv[1]):
     model=${TRAIN_MODEL:-vvt_tiny}
     timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \
       --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --budget "${TRAIN_BUDGET:-4m}" \
-      --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model" ${TRAIN_ARGS:-}
-    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model/$f" "$OUT/$model-$f" 2>/dev/null; done ;;
+      --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model-$$" ${TRAIN_ARGS:-}
+    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model-$$/$f" "$OUT/$model-$f" 2>/dev/null; done ;;
   *) echo "unknown stage $stage" ;;
   esac
 done

@@ -815,29 +815,51 @@ impl<B: AutodiffBackend> Session<B> {
         }
     }
 
-    /// After the first epoch, sizes the run again from that epoch's measured speed: the steps timed
-    /// before training can be far slower than later ones (kernels still compiling), and a run sized on
-    /// them would stop minutes early. Only ever adds epochs; the deadline check handles the opposite.
+    /// After every epoch, sizes the rest of the run again from the mean speed of the epochs so far,
+    /// in both directions: the steps timed before training can be slower (kernels still compiling)
+    /// or faster (the data loader's queue was full) than the real run, and a run that hits the
+    /// deadline before its schedule ends stops with the learning rate still high. It shrinks
+    /// whenever it must, but grows only by at least half an epoch, so that noise in the epoch times
+    /// does not move the schedule back and forth.
     fn resize_to_budget(&mut self, epoch_train_s: f64) {
-        let (Some(budget), steps) = (self.cfg().budget_s, self.state.global_step) else {
+        let Some(budget) = self.cfg().budget_s else {
             return;
         };
-        if steps == 0 {
+        let done_steps = self.state.global_step;
+        let epoch_steps = done_steps - self.state.history.last().map_or(0, |m| m.step);
+        if epoch_steps == 0 {
             return;
         }
-        let step_s = epoch_train_s / steps as f64;
-        let Ok(plan) = self.plan_budget(budget, self.elapsed() - epoch_train_s, step_s) else {
-            return;
+        let train_s: f64 = self.state.history.iter().map(|m| m.epoch_s).sum::<f64>() + epoch_train_s;
+        let step_s = train_s / done_steps as f64;
+        self.step_s = Some(step_s);
+        let done_epochs = self.state.epoch + 1;
+        // The epochs still to come after this one's evaluation, planned from now.
+        let eval_now = if self.evaluates_after(self.state.epoch) {
+            self.eval_s.unwrap_or(0.0)
+        } else {
+            0.0
         };
-        if plan.total_steps <= self.state.schedule.total_steps {
+        let later = self.plan_budget(budget, self.elapsed() + eval_now, step_s);
+        let (epochs, total_steps) = match later {
+            Ok(plan) => (done_epochs + plan.epochs, done_steps + plan.total_steps),
+            Err(_) => (done_epochs, done_steps),
+        };
+        let current = self.state.schedule.total_steps;
+        let grows_enough = total_steps >= current + self.state.steps_per_epoch as u64 / 2;
+        if total_steps < done_steps || (total_steps >= current && !grows_enough) {
             return;
         }
         self.progress.line(&format!(
-            "first epoch ran at {:.2} s/step: re-sized the run from {} to {} epochs ({} steps)",
-            step_s, self.state.epochs, plan.epochs, plan.total_steps
+            "after epoch {done_epochs} ({step_s:.3} s/step on average): re-sized the run from {} to {epochs} epochs ({total_steps} steps)",
+            self.state.epochs
         ));
-        self.apply_plan(plan);
-        self.step_s = Some(step_s);
+        self.apply_plan(BudgetPlan { epochs, total_steps });
+    }
+
+    /// Whether the end of `epoch` (0-based) evaluates.
+    fn evaluates_after(&self, epoch: usize) -> bool {
+        (epoch + 1).is_multiple_of(self.cfg().eval_every)
     }
 
     /// The run that fits `budget` when training started `elapsed_s` into it, at `step_s` per step
@@ -912,7 +934,7 @@ impl<B: AutodiffBackend> Session<B> {
             }
             self.flush()?;
             self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
-            if epoch == 0 && !out_of_time {
+            if !out_of_time {
                 self.resize_to_budget(train_start.elapsed().as_secs_f64());
             }
             let last_epoch = out_of_time
@@ -923,6 +945,12 @@ impl<B: AutodiffBackend> Session<B> {
                     "stopping at step {} to stay within the budget (the measured speed was optimistic)",
                     self.state.global_step
                 ));
+                // Out of time before this epoch's first step: the previous epoch, already
+                // evaluated, is the last one (no empty epoch in the history).
+                let evaluated = self.state.history.last().is_some_and(|m| m.val_top1.is_some());
+                if self.state.epoch_images == 0 && evaluated {
+                    break;
+                }
             }
             self.end_epoch(last_epoch)?;
         }
@@ -946,7 +974,7 @@ impl<B: AutodiffBackend> Session<B> {
 
     fn end_epoch(&mut self, last_epoch: bool) -> Result<()> {
         let epoch = self.state.epoch;
-        let evaluate_now = last_epoch || (epoch + 1).is_multiple_of(self.cfg().eval_every);
+        let evaluate_now = last_epoch || self.evaluates_after(epoch);
         let (raw, ema, eval_s) = if evaluate_now {
             let (r, e, s) = self.evaluate_models()?;
             (Some(r), e, s)
