@@ -14,8 +14,8 @@ Usage: profile_summary.py LOG [TOP] [--full] [--skip-like LOG0] [--shapes SHAPES
 
 Lines look like `| 12.3µs     | burn_cubecl::kernel::...<...>`.
 """
+import argparse
 import re
-import sys
 from collections import defaultdict
 
 UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -52,51 +52,41 @@ def table(rows: dict, counts: dict, width: int, top: int) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    full = "--full" in argv
-    argv = [a for a in argv if a != "--full"]
-    skip_like = shapes = shapes0 = None
-    if "--skip-like" in argv:
-        i = argv.index("--skip-like")
-        skip_like = argv[i + 1]
-        del argv[i : i + 2]
-    if "--shapes" in argv:
-        i = argv.index("--shapes")
-        rest = argv[i + 1 :]
-        shapes = rest[0]
-        shapes0 = rest[1] if len(rest) > 1 and not rest[1].isdigit() else None
-        del argv[i : i + (3 if shapes0 else 2)]
-    path = argv[0]
-    top = int(argv[1]) if len(argv) > 1 else 25
-    width = 140 if full else 60
+    ap = argparse.ArgumentParser(description="Sums a CubeCL kernel profile by kernel family.")
+    ap.add_argument("log")
+    ap.add_argument("top", nargs="?", type=int, default=25)
+    ap.add_argument("--full", action="store_true", help="group by the whole kernel name")
+    ap.add_argument("--skip-like", metavar="LOG0", help="drop as many launches as LOG0 holds")
+    ap.add_argument("--shapes", nargs="+", metavar="SHAPES", help="SHAPES [SHAPES0] from VICINITY_MATMUL_LOG")
+    args = ap.parse_args()
+    width = 140 if args.full else 60
 
-    kernels = launches(path)
-    skipped = len(launches(skip_like)) if skip_like else 0
-    kernels_kept = kernels[skipped:]
+    kernels = launches(args.log)
+    skipped = len(launches(args.skip_like)) if args.skip_like else 0
     total, count = defaultdict(float), defaultdict(int)
-    for name, t in kernels_kept:
-        key = name[:width] if full else family(name)
+    for name, t in kernels[skipped:]:
+        key = name[:width] if args.full else family(name)
         total[key] += t
         count[key] += 1
     if skipped:
-        print(f"(first {skipped} launches skipped, like {skip_like})")
-    table(total, count, width, top)
+        print(f"(first {skipped} launches skipped, like {args.skip_like})")
+    table(total, count, width, args.top)
 
-    if shapes:
+    if args.shapes:
         # Matmul kernels in launch order, matched one-to-one with the logged operand shapes.
-        matmuls = [t for name, t in kernels if name.startswith("MatmulEntry") or "matmul" in name.split("<")[0].lower()]
-        with open(shapes, encoding="utf-8") as f:
+        matmuls = [t for name, t in kernels if "matmul" in name.split("<")[0].lower()]
+        with open(args.shapes[0], encoding="utf-8") as f:
             shape_lines = [line.strip() for line in f if line.strip()]
         if len(matmuls) != len(shape_lines):
             print(f"\n{len(matmuls)} matmul launches but {len(shape_lines)} logged shapes: not matched")
             return
-        drop = count_lines(shapes0) if shapes0 else 0
+        drop = count_lines(args.shapes[1]) if len(args.shapes) > 1 else 0
         by_shape, n = defaultdict(float), defaultdict(int)
-        for t, s in list(zip(matmuls, shape_lines))[drop:]:
-            by_shape[s] += t
-            n[s] += 1
+        for t, shape in list(zip(matmuls, shape_lines))[drop:]:
+            by_shape[shape] += t
+            n[shape] += 1
         print(f"\nmatmuls by operand shapes (lhs rhs){' after the first %d' % drop if drop else ''}")
-        table(by_shape, n, 60, top)
+        table(by_shape, n, 60, args.top)
 
 
 if __name__ == "__main__":

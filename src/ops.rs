@@ -145,8 +145,15 @@ pub fn conv2d_nhwc_many<B: Backend>(
     let weights: Tensor<B, 3> = Tensor::stack(weights, 0);
     let [t, kkc, cout] = weights.dims();
     let mut y = cols.matmul(weights.reshape([t, 1, kkc, cout]));
-    let biases: Option<Vec<Tensor<B, 1>>> = convs.iter().map(|c| c.bias.as_ref().map(|b| b.val())).collect();
-    if let Some(biases) = biases {
+    let biases: Vec<Tensor<B, 1>> = convs
+        .iter()
+        .filter_map(|c| c.bias.as_ref().map(|b| b.val()))
+        .collect();
+    assert!(
+        biases.is_empty() || biases.len() == t,
+        "conv2d_nhwc_many: either every convolution has a bias or none has"
+    );
+    if !biases.is_empty() {
         y = y + Tensor::stack::<2>(biases, 0).reshape([t, 1, 1, cout]);
     }
     (y, grid.expect("at least one convolution"))

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use vicinity::data::synth::{Encoding, write_image_folder};
 use vicinity::models::{self, Model};
 use vicinity::train::checkpoint::{MODEL_FILE, RunState};
-use vicinity::train::inference::{self, ClassSource, EvalOptions, PredictOptions};
+use vicinity::train::inference::{self, CheckpointInput, ClassSource, EvalOptions, PredictOptions};
 use vicinity::train::schedule::Warmup;
 use vicinity::train::{Recipe, Stop, TrainConfig, demo, train};
 
@@ -117,13 +117,15 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let best = RunState::read(&run.join("best")).unwrap();
     let best_epoch = best.best_epoch.unwrap();
     let opts = EvalOptions {
-        model: None,
-        weights: run.join("best").join(MODEL_FILE),
+        checkpoint: CheckpointInput {
+            weights: run.join("best").join(MODEL_FILE),
+            model: None,
+            resolution: None,
+            normalize: None,
+        },
         data: data.clone(),
         split: "test".into(),
-        resolution: None,
         batch: 5,
-        normalize: None,
         out: Some(root.join("eval")),
         workers: 1,
     };
@@ -143,12 +145,14 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let img = data.join("test").join("blue").join("0000.png");
     let popts = PredictOptions {
         images: vec![img.clone(), img],
-        model: None,
-        weights: run.join("last").join(MODEL_FILE),
+        checkpoint: CheckpointInput {
+            weights: run.join("last").join(MODEL_FILE),
+            model: None,
+            resolution: None,
+            normalize: None,
+        },
         top: 3,
         classes: None,
-        resolution: None,
-        normalize: None,
     };
     let (preds, source) = inference::predict::<B>(&popts, &Default::default()).unwrap();
     assert_eq!(source, ClassSource::Checkpoint);
@@ -211,19 +215,21 @@ fn eval_reads_an_official_checkpoint_with_its_model() {
     let refs: Vec<&str> = classes.iter().map(String::as_str).collect();
     write_image_folder(&root.join("data"), &["test"], &refs, 2, [32, 32], Encoding::Jpeg).unwrap();
     let mut opts = EvalOptions {
-        model: None,
-        weights: weights.clone(),
+        checkpoint: CheckpointInput {
+            weights: weights.clone(),
+            model: None,
+            resolution: Some(32),
+            normalize: None,
+        },
         data: root.join("data"),
         split: "test".into(),
-        resolution: Some(32),
         batch: 8,
-        normalize: None,
         out: None,
         workers: 1,
     };
     let err = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap_err();
     assert!(format!("{err:#}").contains("--model"), "{err:#}");
-    opts.model = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/vvt_mini.json").into());
+    opts.checkpoint.model = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/vvt_mini.json").into());
     let report = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap();
     assert_eq!(report.summary.samples, 20);
     assert_eq!(report.accumulator.confusion.iter().sum::<u64>(), 20);
@@ -232,12 +238,13 @@ fn eval_reads_an_official_checkpoint_with_its_model() {
     // predict with the official weights: 10 outputs and no run state → CIFAR-10 names assumed.
     let popts = PredictOptions {
         images: vec![root.join("data/test/c3/0000.jpg")],
-        model: opts.model.clone(),
-        weights,
+        checkpoint: CheckpointInput {
+            weights,
+            resolution: Some(32),
+            ..opts.checkpoint.clone()
+        },
         top: 5,
         classes: None,
-        resolution: Some(32),
-        normalize: None,
     };
     let (preds, source) = inference::predict::<B>(&popts, &Default::default()).unwrap();
     assert_eq!(source, ClassSource::Assumed("CIFAR-10".into()));

@@ -86,7 +86,7 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
     );
     let n = spec.side * spec.side;
     B::memory_cleanup(device);
-    let mut memory = PeakMemory {
+    let memory = PeakMemory {
         enabled: spec.gpu,
         ..Default::default()
     };
@@ -119,13 +119,7 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
             (first, timed_loop((), loops, step, sync)?.1)
         }
     };
-    memory.sample();
-    let measured = Measured {
-        first_s,
-        timed_s,
-        iters: spec.iters,
-        memory,
-    };
+    let measured = Measured::after(first_s, timed_s, spec.iters, memory);
     Ok(BenchRow::new(
         spec.kind.name(),
         spec.mode,

@@ -102,6 +102,19 @@ struct Measured {
     memory: PeakMemory,
 }
 
+impl Measured {
+    /// The measurement at the end of the timed steps (the memory peak sampled once more there).
+    fn after(first_s: f64, timed_s: f64, iters: usize, mut memory: PeakMemory) -> Self {
+        memory.sample();
+        Self {
+            first_s,
+            timed_s,
+            iters,
+            memory,
+        }
+    }
+}
+
 impl BenchRow {
     fn new(model: &str, mode: Mode, dtype: &str, resolution: usize, batch: usize, m: &Measured) -> Self {
         let mean = m.timed_s / m.iters as f64;
@@ -215,13 +228,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             (first, timed, last.map(|l| l.into_scalar().elem::<f32>()))
         }
     };
-    memory.sample();
-    let measured = Measured {
-        first_s,
-        timed_s,
-        iters: spec.iters,
-        memory,
-    };
+    let measured = Measured::after(first_s, timed_s, spec.iters, memory);
     Ok(BenchRow {
         last_loss,
         ..BenchRow::new(

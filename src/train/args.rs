@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::config::{Dtype, Recipe, TrainConfig, normalize_by_name};
 use super::demo;
-use super::inference::{self, EvalOptions, PredictOptions};
+use super::inference::{self, CheckpointInput, EvalOptions, PredictOptions};
 use super::schedule::{Warmup, format_duration, parse_duration};
 use super::trainer::{self, ResumeOptions, Stop, TrainOutcome};
 use crate::backend::BackendKind;
@@ -459,13 +459,15 @@ fn run_eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<String> {
         PathBuf::from("eval").join(format!("{parent}{stem}-{}", args.split))
     });
     let opts = EvalOptions {
-        model: args.model.clone(),
-        weights: args.weights.clone(),
+        checkpoint: CheckpointInput {
+            weights: args.weights.clone(),
+            model: args.model.clone(),
+            resolution: args.resolution,
+            normalize: args.normalize.clone(),
+        },
         data: args.data.clone(),
         split: args.split.clone(),
-        resolution: args.resolution,
         batch: args.batch,
-        normalize: args.normalize.clone(),
         out: Some(out),
         workers: args.workers,
     };
@@ -487,12 +489,14 @@ pub fn eval_command(args: EvalArgs, backend: BackendKind) -> Result<()> {
 fn run_predict<B: Backend>(args: &PredictArgs, device: &B::Device) -> Result<String> {
     let opts = PredictOptions {
         images: args.images.clone(),
-        model: args.model.clone(),
-        weights: args.weights.clone(),
+        checkpoint: CheckpointInput {
+            weights: args.weights.clone(),
+            model: args.model.clone(),
+            resolution: args.resolution,
+            normalize: args.normalize.clone(),
+        },
         top: args.top,
         classes: args.classes.clone(),
-        resolution: args.resolution,
-        normalize: args.normalize.clone(),
     };
     let (preds, source) = inference::predict::<B>(&opts, device)?;
     Ok(if args.json {

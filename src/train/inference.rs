@@ -86,13 +86,10 @@ pub fn class_names(
 /// Settings of `vicinity eval`.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
-    pub model: Option<String>,
-    pub weights: PathBuf,
+    pub checkpoint: CheckpointInput,
     pub data: PathBuf,
     pub split: String,
-    pub resolution: Option<usize>,
     pub batch: usize,
-    pub normalize: Option<String>,
     /// Folder for `summary.json`, `per_class.csv`, `confusion.csv`.
     pub out: Option<PathBuf>,
     pub workers: usize,
@@ -131,6 +128,19 @@ fn input_settings(
     Ok((res, norm))
 }
 
+/// The checkpoint `eval` and `predict` run, and how to feed it.
+#[derive(Debug, Clone)]
+pub struct CheckpointInput {
+    /// Official `.pth` or native `.safetensors` weights.
+    pub weights: PathBuf,
+    /// Registered model name or config file (optional with native weights).
+    pub model: Option<String>,
+    /// Input resolution (default: the run's, else the model's).
+    pub resolution: Option<usize>,
+    /// Input normalisation (default: the run's, else ImageNet).
+    pub normalize: Option<String>,
+}
+
 /// A checkpoint ready for `eval`/`predict`: its model, the run state saved beside it (if any), and
 /// the input resolution and normalisation to use.
 struct Loaded<B: Backend> {
@@ -141,23 +151,24 @@ struct Loaded<B: Backend> {
     norm: Normalize,
 }
 
-fn load_for_inference<B: Backend>(
-    weights: &Path,
-    model: Option<&str>,
-    resolution: Option<usize>,
-    normalize: Option<&str>,
-    device: &B::Device,
-) -> Result<Loaded<B>> {
-    let state = run_state_beside(weights);
-    let (config, model) = crate::cli::build_model(model, Some(weights), device)?;
-    let (res, norm) = input_settings(&config, state.as_ref(), resolution, normalize)?;
-    Ok(Loaded {
-        state,
-        config,
-        model,
-        res,
-        norm,
-    })
+impl CheckpointInput {
+    fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
+        let state = run_state_beside(&self.weights);
+        let (config, model) = crate::cli::build_model(self.model.as_deref(), Some(&self.weights), device)?;
+        let (res, norm) = input_settings(
+            &config,
+            state.as_ref(),
+            self.resolution,
+            self.normalize.as_deref(),
+        )?;
+        Ok(Loaded {
+            state,
+            config,
+            model,
+            res,
+            norm,
+        })
+    }
 }
 
 /// `vicinity eval`: metrics of a checkpoint on a dataset split.
@@ -168,13 +179,7 @@ pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Re
         model,
         res,
         norm,
-    } = load_for_inference::<B>(
-        &opts.weights,
-        opts.model.as_deref(),
-        opts.resolution,
-        opts.normalize.as_deref(),
-        device,
-    )?;
+    } = opts.checkpoint.load::<B>(device)?;
     let dataset = open_split(&opts.data, &opts.split)?;
     if dataset.num_classes() != config.num_classes() {
         bail!(
@@ -198,7 +203,7 @@ pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Re
     let loader = Loader::new(Arc::new(dataset), cfg)?;
     let acc = evaluate(&model, &loader, device)?;
     let report = EvalReport {
-        weights: opts.weights.clone(),
+        weights: opts.checkpoint.weights.clone(),
         data: opts.data.clone(),
         split: opts.split.clone(),
         resolution: res,
@@ -267,12 +272,9 @@ impl EvalReport {
 #[derive(Debug, Clone)]
 pub struct PredictOptions {
     pub images: Vec<PathBuf>,
-    pub model: Option<String>,
-    pub weights: PathBuf,
+    pub checkpoint: CheckpointInput,
     pub top: usize,
     pub classes: Option<String>,
-    pub resolution: Option<usize>,
-    pub normalize: Option<String>,
 }
 
 /// The top classes of one image.
@@ -320,13 +322,7 @@ pub fn predict<B: Backend>(
         model,
         res,
         norm,
-    } = load_for_inference::<B>(
-        &opts.weights,
-        opts.model.as_deref(),
-        opts.resolution,
-        opts.normalize.as_deref(),
-        device,
-    )?;
+    } = opts.checkpoint.load::<B>(device)?;
     let k = config.num_classes();
     let (names, source) = class_names(k, opts.classes.as_deref(), state.as_ref())?;
     let aug = AugmentConfig::eval(norm);

@@ -821,7 +821,7 @@ impl<B: AutodiffBackend> Session<B> {
     /// deadline before its schedule ends stops with the learning rate still high. It shrinks
     /// whenever it must, but grows only by at least half an epoch, so that noise in the epoch times
     /// does not move the schedule back and forth.
-    fn resize_to_budget(&mut self, epoch_train_s: f64) {
+    fn resize_to_budget(&mut self) {
         let Some(budget) = self.cfg().budget_s else {
             return;
         };
@@ -830,7 +830,8 @@ impl<B: AutodiffBackend> Session<B> {
         if epoch_steps == 0 {
             return;
         }
-        let train_s: f64 = self.state.history.iter().map(|m| m.epoch_s).sum::<f64>() + epoch_train_s;
+        let train_s: f64 =
+            self.state.history.iter().map(|m| m.epoch_s).sum::<f64>() + self.state.epoch_train_s;
         let step_s = train_s / done_steps as f64;
         self.step_s = Some(step_s);
         let done_epochs = self.state.epoch + 1;
@@ -847,7 +848,7 @@ impl<B: AutodiffBackend> Session<B> {
         };
         let current = self.state.schedule.total_steps;
         let grows_enough = total_steps >= current + self.state.steps_per_epoch as u64 / 2;
-        if total_steps < done_steps || (total_steps >= current && !grows_enough) {
+        if total_steps >= current && !grows_enough {
             return;
         }
         self.progress.line(&format!(
@@ -935,7 +936,7 @@ impl<B: AutodiffBackend> Session<B> {
             self.flush()?;
             self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
             if !out_of_time {
-                self.resize_to_budget(train_start.elapsed().as_secs_f64());
+                self.resize_to_budget();
             }
             let last_epoch = out_of_time
                 || self.state.global_step >= self.state.schedule.total_steps

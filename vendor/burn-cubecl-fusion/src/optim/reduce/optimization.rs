@@ -285,48 +285,21 @@ impl<R: Runtime> ReduceOptimization<R> {
         }
     }
 
-    /// vicinity patch: the same shape rule as burn-cubecl's `shape_routine` (vendor/burn-cubecl):
-    /// few outputs over a long axis get a plane or a cube per output. Cubes here cannot merge
-    /// planes, because the result is fused on write.
+    /// vicinity patch: the routine for this fused reduction by its shape (see [`shape_routine`]).
+    /// Cubes here cannot merge planes, because the result is fused on write.
     fn shape_routine(&self, context: &Context<CubeFusionHandle<R>>) -> RoutineStrategy {
-        let unit = RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
-        // `VICINITY_REDUCE=unit` restores the one-thread-per-output routine everywhere (A/B runs).
-        static UNIT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *UNIT_ONLY.get_or_init(|| std::env::var("VICINITY_REDUCE").is_ok_and(|v| v == "unit")) {
-            return unit;
-        }
-        let Some(input) = context.tensors.get(&self.info.reduce.op.input.id) else {
-            return unit;
-        };
-        if matches!(
+        let arg_reduce = matches!(
             self.info.reduce.inst,
             ReduceInstruction::ArgMax | ReduceInstruction::ArgMin
-        ) {
-            return unit;
-        }
-        let shape = input.shape.as_slice();
-        let axis = self.info.reduce.axis;
-        if axis >= shape.len() {
-            return unit;
-        }
-        let vector = (16 / input.dtype.size().max(1)).max(1);
-        let reduce_len = shape[axis].max(1);
-        let count = shape.iter().product::<usize>() / reduce_len;
-        let (work, len) = if axis == shape.len() - 1 {
-            (count, reduce_len.div_ceil(vector))
-        } else {
-            (count.div_ceil(vector), reduce_len)
-        };
-        if len <= 64 || work >= 16_384 {
-            unit
-        } else if work >= 512 {
-            RoutineStrategy::Plane(BlueprintStrategy::Inferred(
-                cubek::reduce::routines::plane::PlaneStrategy { independent: true },
-            ))
-        } else {
-            RoutineStrategy::Cube(BlueprintStrategy::Inferred(
-                cubek::reduce::routines::cube::CubeStrategy { use_planes: false },
-            ))
+        );
+        match context.tensors.get(&self.info.reduce.op.input.id) {
+            Some(input) if !arg_reduce => {
+                let shape = input.shape.as_slice();
+                let axis = self.info.reduce.axis;
+                let contiguous = axis + 1 == shape.len();
+                shape_routine(shape, axis, contiguous, input.dtype.size(), false)
+            }
+            _ => RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy)),
         }
     }
 
@@ -562,4 +535,46 @@ pub fn reduce_kernel_fused<In: Numeric, SizeIn: Size, Out: Numeric, SizeOut: Siz
         blueprint,
         config,
     );
+}
+
+/// vicinity patch: the reduce routine for a problem, chosen from its shape instead of autotuning
+/// (builds without autotuning otherwise run every reduction one thread per output). Used by the
+/// fused reductions here and by burn-cubecl's unfused ones.
+///
+/// `work` is the number of independent reductions a unit routine would give one thread each
+/// (outputs, divided by the vector width when the reduced axis is strided) and `len` the serial
+/// work per thread. Long reductions with few outputs (bias and weight gradients: a few hundred
+/// columns over 100k+ rows) go to a plane (32 threads) or a whole cube per output. `cube_planes`
+/// is false where planes cannot be merged (fuse-on-write). `VICINITY_REDUCE=unit` restores the
+/// one-thread-per-output routine everywhere, for A/B runs.
+pub fn shape_routine(
+    shape: &[usize],
+    axis: usize,
+    axis_contiguous: bool,
+    elem_size: usize,
+    cube_planes: bool,
+) -> RoutineStrategy {
+    use cubek::reduce::routines::{cube::CubeStrategy, plane::PlaneStrategy};
+    let unit = RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
+    static UNIT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *UNIT_ONLY.get_or_init(|| std::env::var("VICINITY_REDUCE").is_ok_and(|v| v == "unit")) || axis >= shape.len() {
+        return unit;
+    }
+    let vector = (16 / elem_size.max(1)).max(1);
+    let reduce_len = shape[axis].max(1);
+    let count = shape.iter().product::<usize>() / reduce_len;
+    let (work, len) = if axis_contiguous {
+        (count, reduce_len.div_ceil(vector))
+    } else {
+        (count.div_ceil(vector), reduce_len)
+    };
+    if len <= 64 || work >= 16_384 {
+        unit
+    } else if work >= 512 {
+        RoutineStrategy::Plane(BlueprintStrategy::Inferred(PlaneStrategy { independent: true }))
+    } else {
+        RoutineStrategy::Cube(BlueprintStrategy::Inferred(CubeStrategy {
+            use_planes: cube_planes,
+        }))
+    }
 }

@@ -17,9 +17,7 @@ use cubek::reduce::{
     ReduceDtypes, ReduceError, ReduceStrategy,
     components::instructions::ReduceOperationConfig,
     launch::{RoutineStrategy, VectorizationStrategy},
-    routines::{
-        BlueprintStrategy, cube::CubeStrategy, plane::PlaneStrategy, unit::UnitStrategy,
-    },
+    routines::{BlueprintStrategy, unit::UnitStrategy},
     shared_sum,
 };
 use serde::{Deserialize, Serialize};
@@ -193,7 +191,6 @@ pub fn reduce_dim<Run: CubeRuntime>(
                 dim,
                 input.dtype.size(),
                 &config,
-                true,
             );
             let launch = |routine| {
                 cubek::reduce::reduce::<Run>(
@@ -279,27 +276,17 @@ impl Default for KernelReduceStrategy {
     }
 }
 
-/// vicinity patch: the reduce routine for a problem, chosen from its shape instead of autotuning.
-///
-/// `work` is the number of independent reductions a unit routine would give one thread each
-/// (outputs, divided by the vector width when the reduced axis is strided) and `len` the serial
-/// work per thread. Long reductions with few outputs go to a plane (32 threads) or a whole cube per
-/// output. `cube_planes` is false for fused reductions, which cannot merge planes on write.
-pub fn shape_routine(
+/// vicinity patch: the routine of an untuned reduction, by its shape (the rule lives in the
+/// vendored burn-cubecl-fusion, which also uses it for fused reductions); the unit routine for
+/// arg/top-k reductions and builds without fusion.
+fn shape_routine(
     shape: &[usize],
     axis_contiguous: bool,
     axis: usize,
     elem_size: usize,
     config: &ReduceOperationConfig,
-    cube_planes: bool,
 ) -> RoutineStrategy {
-    let unit = RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
-    // `VICINITY_REDUCE=unit` restores the one-thread-per-output routine everywhere (A/B runs).
-    static UNIT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *UNIT_ONLY.get_or_init(|| std::env::var("VICINITY_REDUCE").is_ok_and(|v| v == "unit")) {
-        return unit;
-    }
-    if !matches!(
+    let by_shape = matches!(
         config,
         ReduceOperationConfig::Sum
             | ReduceOperationConfig::Mean
@@ -307,25 +294,17 @@ pub fn shape_routine(
             | ReduceOperationConfig::Min
             | ReduceOperationConfig::Prod
             | ReduceOperationConfig::MaxAbs
-    ) || axis >= shape.len()
-    {
-        return unit;
+    );
+    #[cfg(feature = "fusion")]
+    if by_shape {
+        return burn_cubecl_fusion::optim::reduce::shape_routine(
+            shape,
+            axis,
+            axis_contiguous,
+            elem_size,
+            true,
+        );
     }
-    let vector = (16 / elem_size.max(1)).max(1);
-    let reduce_len = shape[axis].max(1);
-    let count = shape.iter().product::<usize>() / reduce_len;
-    let (work, len) = if axis_contiguous {
-        (count, reduce_len.div_ceil(vector))
-    } else {
-        (count.div_ceil(vector), reduce_len)
-    };
-    if len <= 64 || work >= 16_384 {
-        unit
-    } else if work >= 512 {
-        RoutineStrategy::Plane(BlueprintStrategy::Inferred(PlaneStrategy { independent: true }))
-    } else {
-        RoutineStrategy::Cube(BlueprintStrategy::Inferred(CubeStrategy {
-            use_planes: cube_planes,
-        }))
-    }
+    let _ = (shape, axis_contiguous, axis, elem_size, by_shape);
+    RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy))
 }
