@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the device machine from the repo root. Stages (STAGES, in order):
+#   kernels    `vicinity check-kernels`: every fused kernel against its reference path, f32
 #   fixtures   `vicinity features` on the fixtures with --backend cuda, compared with the fixture outputs
 #   bench      training and inference of vvt_tiny 224² (batch 64) and lsagt_cifar_tiny 32² (batch 128),
 #              f32 and bf16 (BENCH_DTYPES)
@@ -47,6 +48,8 @@ timed() {
 for stage in $STAGES; do
   echo "== stage $stage"
   case $stage in
+  kernels)
+    timed "check-kernels" 300 "$BIN" --backend cuda check-kernels ;;
   fixtures)
     for pair in $FIXTURES; do
       name=${pair%%:*}; cfg=${pair#*:}

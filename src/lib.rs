@@ -14,6 +14,7 @@ pub mod data;
 pub mod flops;
 pub mod init;
 pub mod io;
+pub mod kernels;
 pub mod models;
 pub mod ops;
 pub mod plot;

@@ -78,6 +78,12 @@ enum Command {
         tolerance: f64,
     },
     /// Convert an official .pth checkpoint to native safetensors (configuration included).
+    /// Checks every fused GPU kernel against its reference path (values and gradients, random inputs).
+    CheckKernels {
+        /// Largest relative L2 error accepted.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f32,
+    },
     Convert {
         #[arg(long)]
         model: String,
@@ -176,12 +182,36 @@ fn run(args: Args) -> Result<()> {
     if let Command::Bench(a) = args.command {
         return run_bench(backend, *a);
     }
+    if let Command::CheckKernels { tolerance } = args.command {
+        return check_kernels(backend, tolerance);
+    }
     match backend {
         BackendKind::Flex => dispatch::<vicinity::backend::Cpu>(args.command, &Default::default()),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => dispatch::<vicinity::backend::Gpu>(args.command, &Default::default()),
         other => anyhow::bail!("backend {other:?} is not available in this build"),
     }
+}
+
+fn check_kernels(backend: BackendKind, tolerance: f32) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if backend == BackendKind::Cuda {
+        use vicinity::kernels::check;
+        let checks =
+            check::check_all::<burn::backend::Autodiff<vicinity::backend::Gpu>>(&Default::default())?;
+        print!("{}", check::table(&checks));
+        let failed = checks.iter().filter(|c| c.worst() > tolerance).count();
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} of {} checks above the tolerance {tolerance:e}",
+            checks.len()
+        );
+        return Ok(());
+    }
+    let _ = tolerance;
+    anyhow::bail!(
+        "the fused kernels run on the GPU (`--backend cuda` in a build with `--features cuda`); backend {backend:?} uses the reference paths"
+    )
 }
 
 fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
@@ -231,7 +261,9 @@ fn dispatch<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Train(_) | Command::Eval(_) | Command::Predict(_) => unreachable!("handled in run"),
+        Command::Train(_) | Command::Eval(_) | Command::Predict(_) | Command::CheckKernels { .. } => {
+            unreachable!("handled in run")
+        }
         Command::Convert {
             model,
             weights,

@@ -11,18 +11,7 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::Slice;
 
-/// Zero padding of `p` on both sides of the two spatial dims of `B×H×W×C`.
-fn pad_nhwc<B: Backend>(x: Tensor<B, 4>, p: usize) -> Tensor<B, 4> {
-    if p == 0 {
-        return x;
-    }
-    let [b, h, w, c] = x.dims();
-    let device = x.device();
-    let rows = Tensor::zeros([b, p, w, c], &device);
-    let x = Tensor::cat(vec![rows.clone(), x, rows], 1);
-    let cols = Tensor::zeros([b, h + 2 * p, p, c], &device);
-    Tensor::cat(vec![cols.clone(), x, cols], 2)
-}
+use crate::kernels::depthwise::{depthwise_conv2d, pad_nhwc};
 
 /// Output side of a convolution.
 fn out_size(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -159,34 +148,21 @@ pub fn conv2d_nhwc_many<B: Backend>(
     (y, grid.expect("at least one convolution"))
 }
 
-/// A depth-wise (groups = channels) convolution of channels-last `x`, as `k²` shifted slices times
-/// per-channel weights, summed (one fused element-wise pass on the GPU).
+/// A depth-wise (groups = channels) convolution of channels-last `x`: the fused kernel where the
+/// backend has one (stride 1), otherwise k² shifted slices times per-channel weights
+/// ([`crate::kernels::depthwise`]).
 pub fn depthwise_conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let (k, s, p) = geometry(conv);
-    let [b, h, w, c] = x.dims();
+    let c = x.dims()[3];
     assert!(
         conv.groups == c && conv.weight.dims()[0] == c && conv.weight.dims()[1] == 1,
         "depthwise_conv2d_nhwc needs one filter per channel"
     );
-    let (ho, wo) = (out_size(h, k, s, p), out_size(w, k, s, p));
-    // `[k², C]`: row `ij` holds every channel's weight at kernel position (i, j).
-    let weight = conv.weight.val().reshape([c, k * k]).transpose();
-    let xp = pad_nhwc(x, p);
-    let mut y: Option<Tensor<B, 4>> = None;
-    for ij in 0..k * k {
-        let wij = weight.clone().slice([ij..ij + 1, 0..c]).reshape([1, 1, 1, c]);
-        let term = window(&xp, (ij / k, ij % k), (ho, wo), s) * wij;
-        y = Some(match y {
-            Some(acc) => acc + term,
-            None => term,
-        });
-    }
-    let y = y.expect("kernel has at least one tap");
+    let y = depthwise_conv2d(x, conv.weight.val().reshape([c, k * k]), k, s, p);
     match &conv.bias {
         Some(bias) => y + bias.val().reshape([1, 1, 1, c]),
         None => y,
     }
-    .reshape([b, ho, wo, c])
 }
 
 #[cfg(test)]

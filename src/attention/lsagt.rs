@@ -18,6 +18,7 @@
 use burn::nn::{Dropout, DropoutConfig, Linear};
 
 use crate::init::linear;
+use crate::kernels::local_attention::{LocalHeads, local_attention};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -115,17 +116,14 @@ impl<B: Backend> LocalShiftAttention<B> {
     /// `T×B×N×D` (the normalised tokens of every variant, source of keys and values).
     /// Returns `B×N×D`.
     pub fn forward(&self, x: Tensor<B, 3>, variants: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, n, d] = x.dims();
-        let t = variants.dims()[0];
-        let (kvh, dh) = (self.kv_heads, d / self.heads);
-        let g = self.heads / kvh;
-        // Query head `kvh_i·g + g_i` uses key/value head `kvh_i`; one row per (token, kv head).
-        let q = self.wq.forward(x).reshape([b * n * kvh, g, dh]);
-        let (k, v) = split_kv(self.wkv.forward(variants));
-        let k = k.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
-        let v = v.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
-        let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((dh as f64).powf(-0.5));
-        let out = softmax(scores, 2).matmul(v).reshape([b, n, d]);
+        let d = x.dims()[2];
+        let heads = LocalHeads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: d / self.heads,
+        };
+        // Query head `kvh_i·g + g_i` uses key/value head `kvh_i` (crate::kernels::local_attention).
+        let out = local_attention(self.wq.forward(x), self.wkv.forward(variants), heads);
         self.proj_drop.forward(self.proj.forward(out))
     }
 

@@ -16,6 +16,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::init::{ConvInit, conv2d, linear};
+use crate::kernels::vicinity::{EPS, VicinityCore, vicinity_core};
 use crate::ops::conv2d_nhwc;
 
 /// How token positions re-weight attention.
@@ -47,8 +48,6 @@ impl Locality {
 /// Lower and upper magnitude bounds of the released code's clamps.
 const CLAMP_MIN: f64 = 1e-4;
 const CLAMP_MAX: f64 = 1e4;
-/// Added to the normaliser's denominator.
-const EPS: f64 = 1e-4;
 
 /// `sign(t)·min(max(|t|, 1e-4), 1e4)`: keeps magnitudes in range, zeros stay zero.
 ///
@@ -154,6 +153,25 @@ fn angles<B: Backend>(
     (a.reshape([n, 1]), b.reshape([n, 1]))
 }
 
+/// The position features of every token of an `h×w` grid, `N×E`: `[cos a, sin a, cos b, sin b]`
+/// (2D), `[cos a, sin a]` (1D) or `[1]`, so that `φ(i)·φ(j)` is the locality weight.
+pub fn position_features<B: Backend>(
+    locality: Locality,
+    (h, w): (usize, usize),
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    if locality == Locality::None {
+        return Tensor::ones([h * w, 1], device);
+    }
+    let (a, b) = angles::<B>(locality, h, w, device);
+    let mut parts = vec![a.clone().cos(), a.sin()];
+    if locality == Locality::TwoD {
+        parts.push(b.clone().cos());
+        parts.push(b.sin());
+    }
+    Tensor::cat(parts, 1)
+}
+
 /// Re-weighted features: `[x cos a, x sin a, x cos b, x sin b]` (2D), `[x cos a, x sin a]` (1D),
 /// or `x` itself, for `x: B×heads×N×d`.
 pub fn reweight<B: Backend>(x: Tensor<B, 4>, locality: Locality, h: usize, w: usize) -> Tensor<B, 4> {
@@ -235,36 +253,36 @@ impl<B: Backend> VicinityAttention<B> {
         };
 
         let heads = self.heads;
-        let split = |t: Tensor<B, 3>| {
-            let [b, len, inner] = t.dims();
-            t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
-        };
-        let q = relu(split(self.q_proj.forward(x)));
-        let k = relu(split(self.k_proj.forward(src.clone())));
-        let v = split(self.v_proj.forward(src));
+        let q = relu(self.q_proj.forward(x));
+        let k = relu(self.k_proj.forward(src.clone()));
+        let v = self.v_proj.forward(src);
 
-        let out = match core {
+        let merged = match core {
             Core::Linear => {
-                let qr = reweight(q, self.locality, h, w);
-                let kr = reweight(k, self.locality, kh, kw);
-                let kv = self.maybe_clamp(kr.clone().swap_dims(2, 3).matmul(v));
-                // q'·Σk' as a broadcast product and a sum rather than a matrix-vector matmul
-                // (n = 1), a shape CubeCL's untuned matmul handles poorly; it fuses instead.
-                let k_sum = kr.sum_dim(2);
-                let z = self.maybe_clamp((qr.clone() * k_sum).sum_dim(3).add_scalar(EPS).recip());
-                let num = self.maybe_clamp(qr.matmul(kv));
-                self.maybe_clamp(num * z)
+                let cfg = VicinityCore {
+                    heads,
+                    q_grid: (h, w),
+                    k_grid: (kh, kw),
+                    locality: self.locality,
+                    clamp: self.clamp,
+                };
+                vicinity_core(q, k, v, cfg)
             }
             Core::Quadratic => {
+                let split = |t: Tensor<B, 3>| {
+                    let [b, len, inner] = t.dims();
+                    t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
+                };
+                let (q, k, v) = (split(q), split(k), split(v));
                 let weights = locality_matrix::<B>(self.locality, (h, w), (kh, kw), &q.device());
                 let [nq, nk] = weights.dims();
                 let scores = q.matmul(k.swap_dims(2, 3)) * weights.reshape([1, 1, nq, nk]);
                 let denom = scores.clone().sum_dim(3).add_scalar(EPS);
-                scores.matmul(v) / denom
+                let out = scores.matmul(v) / denom;
+                let [_, _, _, d] = out.dims();
+                out.swap_dims(1, 2).reshape([batch, n, heads * d])
             }
         };
-        let [_, _, _, d] = out.dims();
-        let merged = out.swap_dims(1, 2).reshape([batch, n, heads * d]);
         let out = self.maybe_clamp(self.out_proj.forward(merged));
         let fused = out.clone() + out * gate.reshape([batch, 1, c]);
         self.maybe_clamp(fused)
