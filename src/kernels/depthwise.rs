@@ -17,7 +17,10 @@ pub fn depthwise_conv2d<B: Backend>(
     stride: usize,
     pad: usize,
 ) -> Tensor<B, 4> {
-    if stride == 1 && super::enabled() {
+    // Fused when gradients flow (training): its backward replaces k² zero-filled slice-assigns. The
+    // reference forward alone was faster on the H100 (docs/GPU_RESULTS.md, 2026-11-22 run 5).
+    let training = x.is_require_grad() || weight.is_require_grad();
+    if stride == 1 && training && super::enabled("depthwise") {
         match fused(x, weight, k, pad) {
             Ok(y) => return y,
             Err((x, weight)) => return depthwise_conv2d_reference(x, weight, k, stride, pad),
@@ -115,7 +118,7 @@ mod cube {
     use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{DType, Shape};
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
@@ -272,7 +275,8 @@ mod cube {
         let x = into_contiguous(x);
         let [b, h, wd, c] = dims4(&x);
         let (ho, wo) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), [b, ho, wo, c].into(), x.dtype);
+        let out =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [b, ho, wo, c].into(), x.dtype);
         let n = b * ho * wo * c;
         let cube_dim = CubeDim::new(&x.client, n);
         let cube_count = calculate_cube_count_elemwise(&x.client, n, cube_dim);
@@ -313,7 +317,7 @@ mod cube {
         let chunk_rows = rows.div_ceil(chunks);
         let chunks = rows.div_ceil(chunk_rows);
         let client = x.client.clone();
-        let partial = empty_device_dtype(
+        let partial = empty_device_contiguous_dtype(
             client.clone(),
             x.device.clone(),
             [chunks, k * k, c].into(),
@@ -343,7 +347,7 @@ mod cube {
                 dtype.into(),
             )
         };
-        let out = empty_device_dtype(client.clone(), x.device.clone(), [c, k * k].into(), dtype);
+        let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), [c, k * k].into(), dtype);
         let n = c * k * k;
         let cube_dim = CubeDim::new(&client, n);
         let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);

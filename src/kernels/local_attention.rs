@@ -20,7 +20,7 @@ pub struct LocalHeads {
 /// `q`: `B×N×D` queries (`D = heads·head_dim`); `kv`: `T×B×N×2·kv_heads·head_dim`, the keys of
 /// every variant then their values. Returns the attended `B×N×D`, heads concatenated.
 pub fn local_attention<B: Backend>(q: Tensor<B, 3>, kv: Tensor<B, 4>, heads: LocalHeads) -> Tensor<B, 3> {
-    if super::enabled() {
+    if super::enabled("local_attention") {
         match fused(q, kv, heads) {
             Ok(y) => return y,
             Err((q, kv)) => return local_attention_reference(q, kv, heads),
@@ -90,7 +90,7 @@ mod cube {
     use burn::tensor::Shape;
     use burn::tensor::ops::FloatTensorOps;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
@@ -276,7 +276,7 @@ mod cube {
             let h = self.0;
             let t = kv.meta.shape()[0];
             let tokens = q.meta.shape()[0] * q.meta.shape()[1];
-            let out = empty_device_dtype(
+            let out = empty_device_contiguous_dtype(
                 q.client.clone(),
                 q.device.clone(),
                 q.meta.shape().clone(),
@@ -319,8 +319,18 @@ mod cube {
             let t = kv.meta.shape()[0];
             let tokens = q.meta.shape()[0] * q.meta.shape()[1];
             let client = q.client.clone();
-            let dq = empty_device_dtype(client.clone(), q.device.clone(), q.meta.shape().clone(), q.dtype);
-            let dkv = empty_device_dtype(client.clone(), q.device.clone(), kv.meta.shape().clone(), q.dtype);
+            let dq = empty_device_contiguous_dtype(
+                client.clone(),
+                q.device.clone(),
+                q.meta.shape().clone(),
+                q.dtype,
+            );
+            let dkv = empty_device_contiguous_dtype(
+                client.clone(),
+                q.device.clone(),
+                kv.meta.shape().clone(),
+                q.dtype,
+            );
             let threads = tokens * h.kv_heads;
             let cube_dim = CubeDim::new(&client, threads);
             let cube_count = calculate_cube_count_elemwise(&client, threads, cube_dim);

@@ -35,7 +35,7 @@ pub fn vicinity_core<B: Backend>(
     v: Tensor<B, 3>,
     cfg: VicinityCore,
 ) -> Tensor<B, 3> {
-    if super::enabled() {
+    if super::enabled("vicinity") {
         match fused(q, k, v, cfg) {
             Ok(y) => return y,
             Err((q, k, v)) => return vicinity_core_reference(q, k, v, cfg),
@@ -129,7 +129,7 @@ mod cube {
     use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{DType, Shape};
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
@@ -191,8 +191,28 @@ mod cube {
         let h = bh % heads;
         let b = bh / heads;
         let has_val = c < val_cols;
-        let mut sum = f32::new(0.0);
-        for j in 0..len {
+        // Four independent partial sums keep four rows' loads in flight (the loop is latency-bound).
+        let mut part = Array::<f32>::new(4usize);
+        #[unroll]
+        for u in 0..4usize {
+            part[u] = f32::new(0.0);
+        }
+        let quads = len / 4usize;
+        for jq in 0..quads {
+            #[unroll]
+            for u in 0..4usize {
+                let j = jq * 4usize + u;
+                let row = b * len + j;
+                let f = f32::cast_from(feat[row * heads * d + h * d + p]) * pos[j * ex + e];
+                let x = select(
+                    has_val,
+                    f32::cast_from(val[row * heads * vw + h * vw + c]),
+                    f32::new(1.0),
+                );
+                part[u] += f * x;
+            }
+        }
+        for j in quads * 4usize..len {
             let row = b * len + j;
             let f = f32::cast_from(feat[row * heads * d + h * d + p]) * pos[j * ex + e];
             let x = select(
@@ -200,8 +220,9 @@ mod cube {
                 f32::cast_from(val[row * heads * vw + h * vw + c]),
                 f32::new(1.0),
             );
-            sum += f * x;
+            part[0] += f * x;
         }
+        let sum = (part[0] + part[1]) + (part[2] + part[3]);
         acc[at] = sum;
     }
 
@@ -425,7 +446,7 @@ mod cube {
         ) -> CubeTensor<R> {
             let (heads, ex) = (self.0.heads, self.0.locality.expansion());
             let client = feat.client.clone();
-            let acc = empty_device_dtype(
+            let acc = empty_device_contiguous_dtype(
                 client.clone(),
                 feat.device.clone(),
                 [b, heads, ex, d, d + 1].into(),
@@ -468,7 +489,12 @@ mod cube {
             let ex = self.0.locality.expansion();
             let acc = self.reduce(&k, &v, &psi, b, m, d, d, d);
             let client = q.client.clone();
-            let out = empty_device_dtype(client.clone(), q.device.clone(), q.meta.shape().clone(), dtype);
+            let out = empty_device_contiguous_dtype(
+                client.clone(),
+                q.device.clone(),
+                q.meta.shape().clone(),
+                dtype,
+            );
             let (count, dim) = launch_dims(&client, b * n * heads * d);
             unsafe {
                 query_kernel::launch_unchecked(
@@ -507,8 +533,14 @@ mod cube {
             let device = q.device.clone();
             let acc = self.reduce(&k, &v, &psi, b, m, d, d, d);
 
-            let dq = empty_device_dtype(client.clone(), device.clone(), q.meta.shape().clone(), dtype);
-            let dn = empty_device_dtype(client.clone(), device.clone(), [b, n, heads, d + 1].into(), dtype);
+            let dq =
+                empty_device_contiguous_dtype(client.clone(), device.clone(), q.meta.shape().clone(), dtype);
+            let dn = empty_device_contiguous_dtype(
+                client.clone(),
+                device.clone(),
+                [b, n, heads, d + 1].into(),
+                dtype,
+            );
             let (count, dim) = launch_dims(&client, b * n * heads);
             unsafe {
                 query_backward_kernel::launch_unchecked(
@@ -532,8 +564,9 @@ mod cube {
             // ∂L/∂KV and ∂L/∂S: Σ over queries of φ ⊗ q ⊗ (∂L/∂num, ∂L/∂den).
             let dacc = self.reduce(&q, &dn, &phi, b, n, d, d + 1, d + 1);
 
-            let dk = empty_device_dtype(client.clone(), device.clone(), k.meta.shape().clone(), dtype);
-            let dv = empty_device_dtype(client.clone(), device, v.meta.shape().clone(), dtype);
+            let dk =
+                empty_device_contiguous_dtype(client.clone(), device.clone(), k.meta.shape().clone(), dtype);
+            let dv = empty_device_contiguous_dtype(client.clone(), device, v.meta.shape().clone(), dtype);
             let (count, dim) = launch_dims(&client, b * m * heads);
             unsafe {
                 key_backward_kernel::launch_unchecked(
