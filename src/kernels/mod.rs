@@ -18,8 +18,6 @@ pub(crate) mod cube;
 use std::sync::OnceLock;
 
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
-use burn::tensor::ops::FloatTensor;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
 pub const KERNELS: [&str; 3] = ["depthwise", "local_attention", "vicinity"];
@@ -62,10 +60,12 @@ pub fn available<B: Backend>() -> bool {
     }
 }
 
-pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+#[cfg(feature = "kernels")]
+pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-pub(crate) fn tensor<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
+#[cfg(feature = "kernels")]
+pub(crate) fn tensor<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }

@@ -11,7 +11,7 @@
 
 use burn::prelude::*;
 
-use crate::attention::vicinity::{Locality, clamp_magnitude, position_features, reweight};
+use crate::attention::vicinity::{Locality, clamp_magnitude, reweight};
 
 /// Added to the normaliser's denominator (as in the released code).
 pub const EPS: f64 = 1e-4;
@@ -80,6 +80,7 @@ pub fn fused<B: Backend>(
             return Err((q, k, v));
         }
         let device = q.device();
+        use crate::attention::vicinity::position_features;
         let phi = position_features::<B>(cfg.locality, cfg.q_grid, &device);
         let psi = position_features::<B>(cfg.locality, cfg.k_grid, &device);
         let inputs = [
