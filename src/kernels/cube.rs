@@ -14,11 +14,16 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend};
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 use std::marker::PhantomData;
 
 /// A fused operation: `N` float inputs, one output. Its backward gets the same inputs back (the
@@ -36,6 +41,37 @@ pub trait FusedOp<const N: usize>: Clone + Debug + Send + Sync + 'static {
         grad: CubeTensor<R>,
         wanted: [bool; N],
     ) -> [Option<CubeTensor<R>>; N];
+}
+
+// ---- host-side helpers shared by the kernels ----
+
+/// Burn's tensor ops on any CubeCL runtime (they follow each tensor's own dtype).
+pub type TensorOps<R> = CubeBackend<R, f32, i32, u8>;
+
+/// `t` in `dtype`: cast only when it differs.
+pub fn cast<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    if t.dtype == dtype {
+        t
+    } else {
+        TensorOps::<R>::float_cast(t, dtype.into())
+    }
+}
+
+/// `t` in `dtype`, densely laid out, as the kernels index it (bf16 runs keep f32 master weights).
+pub fn dense<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    into_contiguous(cast(t, dtype))
+}
+
+/// A new dense tensor on `like`'s device. (burn-cubecl's `empty_device_dtype` may pitch rows on
+/// CUDA, which the kernels' flat indexing would get wrong.)
+pub fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: impl Into<Shape>, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+}
+
+/// Cube count and size for one thread per item.
+pub fn launch_dims<R: CubeRuntime>(client: &ComputeClient<R>, threads: usize) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new(client, threads);
+    (calculate_cube_count_elemwise(client, threads, cube_dim), cube_dim)
 }
 
 /// A backend a [`FusedOp`] runs on.
@@ -201,9 +237,12 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
     }
 }
 
-fn cast<A: 'static, T: 'static>(a: A) -> T {
-    *(Box::new(a) as Box<dyn Any>)
-        .downcast::<T>()
+/// Moves `a` into a `T` when they are the same type (checked by the callers with `TypeId`).
+fn same<A: 'static, T: 'static>(a: A) -> T {
+    let mut slot = Some(a);
+    (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<T>>()
+        .and_then(Option::take)
         .expect("cast between identical types")
 }
 
@@ -251,8 +290,8 @@ pub fn run<B: Backend, Op: FusedOp<N>, const N: usize>(
     macro_rules! attempt {
         ($k:ty) => {
             if TypeId::of::<B>() == TypeId::of::<$k>() {
-                let inputs = inputs.map(cast::<FloatTensor<B>, FloatTensor<$k>>);
-                return Ok(cast(<$k as FusedBackend>::fused(op, inputs)));
+                let inputs = inputs.map(same::<FloatTensor<B>, FloatTensor<$k>>);
+                return Ok(same(<$k as FusedBackend>::fused(op, inputs)));
             }
         };
     }

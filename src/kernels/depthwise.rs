@@ -117,14 +117,12 @@ pub(crate) fn pad_nhwc<B: Backend>(x: Tensor<B, 4>, p: usize) -> Tensor<B, 4> {
 mod cube {
     use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::CubeRuntime;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
-    use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-    use crate::kernels::cube::FusedOp;
+    use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims};
 
     /// One output (or input-gradient) value per thread: the k² taps of one channel.
     #[cube(launch_unchecked)]
@@ -254,38 +252,22 @@ mod cube {
         pub pad: usize,
     }
 
-    type Ops<R> = CubeBackend<R, f32, i32, u8>;
-
     fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
         let s = t.meta.shape();
         [s[0], s[1], s[2], s[3]]
     }
 
-    /// The weight in the input's dtype (bf16 runs keep f32 master weights).
-    fn like<R: CubeRuntime>(w: CubeTensor<R>, x: &CubeTensor<R>) -> CubeTensor<R> {
-        let w = if w.dtype == x.dtype {
-            w
-        } else {
-            Ops::<R>::float_cast(w, x.dtype.into())
-        };
-        into_contiguous(w)
-    }
-
     fn conv<R: CubeRuntime>(x: CubeTensor<R>, w: CubeTensor<R>, k: usize, pad: usize) -> CubeTensor<R> {
-        let x = into_contiguous(x);
         let [b, h, wd, c] = dims4(&x);
         let (ho, wo) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
-        let out =
-            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [b, ho, wo, c].into(), x.dtype);
-        let n = b * ho * wo * c;
-        let cube_dim = CubeDim::new(&x.client, n);
-        let cube_count = calculate_cube_count_elemwise(&x.client, n, cube_dim);
+        let out = empty(&x, [b, ho, wo, c], x.dtype);
+        let (count, dim) = launch_dims(&x.client, b * ho * wo * c);
         let dtype = x.dtype;
         unsafe {
             depthwise_kernel::launch_unchecked(
                 &x.client,
-                cube_count,
-                cube_dim,
+                count,
+                dim,
                 x.clone().into_tensor_arg(),
                 w.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
@@ -308,7 +290,6 @@ mod cube {
         k: usize,
         pad: usize,
     ) -> CubeTensor<R> {
-        let (x, g) = (into_contiguous(x), into_contiguous(g));
         let [b, h, w, c] = dims4(&x);
         let [_, ho, wo, _] = dims4(&g);
         let rows = b * ho * wo;
@@ -317,21 +298,14 @@ mod cube {
         let chunk_rows = rows.div_ceil(chunks);
         let chunks = rows.div_ceil(chunk_rows);
         let client = x.client.clone();
-        let partial = empty_device_contiguous_dtype(
-            client.clone(),
-            x.device.clone(),
-            [chunks, k * k, c].into(),
-            DType::F32,
-        );
-        let threads = chunks * c;
-        let cube_dim = CubeDim::new(&client, threads);
-        let cube_count = calculate_cube_count_elemwise(&client, threads, cube_dim);
+        let partial = empty(&x, [chunks, k * k, c], DType::F32);
+        let (count, dim) = launch_dims(&client, chunks * c);
         let dtype = x.dtype;
         unsafe {
             weight_grad_kernel::launch_unchecked(
                 &client,
-                cube_count,
-                cube_dim,
+                count,
+                dim,
                 x.clone().into_tensor_arg(),
                 g.into_tensor_arg(),
                 partial.clone().into_tensor_arg(),
@@ -347,15 +321,13 @@ mod cube {
                 dtype.into(),
             )
         };
-        let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), [c, k * k].into(), dtype);
-        let n = c * k * k;
-        let cube_dim = CubeDim::new(&client, n);
-        let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
+        let out = empty(&x, [c, k * k], dtype);
+        let (count, dim) = launch_dims(&client, c * k * k);
         unsafe {
             sum_chunks_kernel::launch_unchecked(
                 &client,
-                cube_count,
-                cube_dim,
+                count,
+                dim,
                 partial.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 chunks,
@@ -374,7 +346,8 @@ mod cube {
         }
 
         fn forward<R: CubeRuntime>(&self, [x, w]: [CubeTensor<R>; 2]) -> CubeTensor<R> {
-            let w = like(w, &x);
+            let x = into_contiguous(x);
+            let w = dense(w, x.dtype);
             conv(x, w, self.k, self.pad)
         }
 
@@ -385,10 +358,12 @@ mod cube {
             [want_x, want_w]: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
             let w_dtype = w.dtype;
+            let x = into_contiguous(x);
+            let grad = dense(grad, x.dtype);
             // The input gradient is the same convolution of the output gradient with every
             // filter turned by 180° and padding k − 1 − pad.
             let dx = want_x.then(|| {
-                let flipped = Ops::<R>::float_flip(like(w, &grad), &[1]);
+                let flipped = TensorOps::<R>::float_flip(dense(w, x.dtype), &[1]);
                 conv(
                     grad.clone(),
                     into_contiguous(flipped),
@@ -396,14 +371,7 @@ mod cube {
                     self.k - 1 - self.pad,
                 )
             });
-            let dw = want_w.then(|| {
-                let dw = weight_grad(x, grad, self.k, self.pad);
-                if dw.dtype == w_dtype {
-                    dw
-                } else {
-                    Ops::<R>::float_cast(dw, w_dtype.into())
-                }
-            });
+            let dw = want_w.then(|| cast(weight_grad(x, grad, self.k, self.pad), w_dtype));
             [dx, dw]
         }
     }

@@ -88,16 +88,13 @@ pub fn local_attention_reference<B: Backend>(
 #[cfg(feature = "kernels")]
 mod cube {
     use burn::tensor::Shape;
-    use burn::tensor::ops::FloatTensorOps;
+    use burn_cubecl::CubeRuntime;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
-    use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
     use super::LocalHeads;
-    use crate::kernels::cube::FusedOp;
+    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
 
     /// Thread (token, query head): scores over the T variants, softmax, weighted values.
     #[cube(launch_unchecked)]
@@ -254,15 +251,9 @@ mod cube {
     #[derive(Clone, Debug)]
     pub struct LocalAttention(pub LocalHeads);
 
-    type Ops<R> = CubeBackend<R, f32, i32, u8>;
-
-    fn same_dtype<R: CubeRuntime>(t: CubeTensor<R>, like: &CubeTensor<R>) -> CubeTensor<R> {
-        let t = if t.dtype == like.dtype {
-            t
-        } else {
-            Ops::<R>::float_cast(t, like.dtype.into())
-        };
-        into_contiguous(t)
+    /// `(tokens, variants)` of queries `B×N×D` and keys/values `T×B×N×…`.
+    fn sizes<R: CubeRuntime>(q: &CubeTensor<R>, kv: &CubeTensor<R>) -> (usize, usize) {
+        (q.meta.shape()[0] * q.meta.shape()[1], kv.meta.shape()[0])
     }
 
     impl FusedOp<2> for LocalAttention {
@@ -272,25 +263,16 @@ mod cube {
 
         fn forward<R: CubeRuntime>(&self, [q, kv]: [CubeTensor<R>; 2]) -> CubeTensor<R> {
             let q = into_contiguous(q);
-            let kv = same_dtype(kv, &q);
-            let h = self.0;
-            let t = kv.meta.shape()[0];
-            let tokens = q.meta.shape()[0] * q.meta.shape()[1];
-            let out = empty_device_contiguous_dtype(
-                q.client.clone(),
-                q.device.clone(),
-                q.meta.shape().clone(),
-                q.dtype,
-            );
-            let threads = tokens * h.heads;
-            let cube_dim = CubeDim::new(&q.client, threads);
-            let cube_count = calculate_cube_count_elemwise(&q.client, threads, cube_dim);
+            let kv = dense(kv, q.dtype);
+            let (h, (tokens, t)) = (self.0, sizes(&q, &kv));
+            let out = empty(&q, q.meta.shape().clone(), q.dtype);
+            let (count, dim) = launch_dims(&q.client, tokens * h.heads);
             let dtype = q.dtype;
             unsafe {
                 forward_kernel::launch_unchecked(
                     &q.client,
-                    cube_count,
-                    cube_dim,
+                    count,
+                    dim,
                     q.clone().into_tensor_arg(),
                     kv.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
@@ -311,36 +293,20 @@ mod cube {
             grad: CubeTensor<R>,
             [want_q, want_kv]: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
-            let (q_dtype, kv_dtype) = (q.dtype, kv.dtype);
+            let kv_dtype = kv.dtype;
             let q = into_contiguous(q);
-            let kv = same_dtype(kv, &q);
-            let grad = same_dtype(grad, &q);
-            let h = self.0;
-            let t = kv.meta.shape()[0];
-            let tokens = q.meta.shape()[0] * q.meta.shape()[1];
-            let client = q.client.clone();
-            let dq = empty_device_contiguous_dtype(
-                client.clone(),
-                q.device.clone(),
-                q.meta.shape().clone(),
-                q.dtype,
-            );
-            let dkv = empty_device_contiguous_dtype(
-                client.clone(),
-                q.device.clone(),
-                kv.meta.shape().clone(),
-                q.dtype,
-            );
-            let threads = tokens * h.kv_heads;
-            let cube_dim = CubeDim::new(&client, threads);
-            let cube_count = calculate_cube_count_elemwise(&client, threads, cube_dim);
             let dtype = q.dtype;
+            let (kv, grad) = (dense(kv, dtype), dense(grad, dtype));
+            let (h, (tokens, t)) = (self.0, sizes(&q, &kv));
+            let dq = empty(&q, q.meta.shape().clone(), dtype);
+            let dkv = empty(&q, kv.meta.shape().clone(), dtype);
+            let (count, dim) = launch_dims(&q.client, tokens * h.kv_heads);
             unsafe {
                 backward_kernel::launch_unchecked(
-                    &client,
-                    cube_count,
-                    cube_dim,
-                    q.into_tensor_arg(),
+                    &q.client,
+                    count,
+                    dim,
+                    q.clone().into_tensor_arg(),
                     kv.into_tensor_arg(),
                     grad.into_tensor_arg(),
                     dq.clone().into_tensor_arg(),
@@ -353,17 +319,7 @@ mod cube {
                     dtype.into(),
                 )
             };
-            let cast = |x: CubeTensor<R>, dtype: burn::tensor::DType| {
-                if x.dtype == dtype {
-                    x
-                } else {
-                    Ops::<R>::float_cast(x, dtype.into())
-                }
-            };
-            [
-                want_q.then(|| cast(dq, q_dtype)),
-                want_kv.then(|| cast(dkv, kv_dtype)),
-            ]
+            [want_q.then_some(dq), want_kv.then(|| cast(dkv, kv_dtype))]
         }
     }
 }

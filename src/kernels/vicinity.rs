@@ -127,17 +127,14 @@ pub fn vicinity_core_reference<B: Backend>(
 
 #[cfg(feature = "kernels")]
 mod cube {
-    use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::CubeRuntime;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, CubeRuntime};
     use cubecl::prelude::*;
-    use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
     use super::{EPS, VicinityCore};
-    use crate::kernels::cube::FusedOp;
+    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
 
     /// `sign(t)·min(max(|t|, 1e-4), 1e4)` when `on`.
     #[cube]
@@ -166,7 +163,7 @@ mod cube {
     }
 
     /// `acc[b, h, e, p, c] = Σ_j pos[j, e]·feat[b, j, h·d + p]·val[b, j, h·vw + c]` in f32, for
-    /// `c < d + 1`; columns `c ≥ val_cols` read as 1 (so with `val_cols = d` the last one is `S`).
+    /// `c < d + 1`; columns `c ≥ vw` read as 1 (so with `vw = d` the last one is `S`).
     #[cube(launch_unchecked)]
     fn reduce_kernel<E: Float>(
         feat: &Tensor<E>,
@@ -178,7 +175,6 @@ mod cube {
         #[comptime] d: usize,
         #[comptime] ex: usize,
         #[comptime] vw: usize,
-        #[comptime] val_cols: usize,
         #[define(E)] _dtype: StorageType,
     ) {
         let at = ABSOLUTE_POS;
@@ -191,7 +187,7 @@ mod cube {
         let bh = at / ((d + 1) * d * ex);
         let h = bh % heads;
         let b = bh / heads;
-        let has_val = c < val_cols;
+        let has_val = c < vw;
         // Four independent partial sums keep four rows' loads in flight (the loop is latency-bound).
         let mut part = Array::<f32>::new(4usize);
         #[unroll]
@@ -406,22 +402,6 @@ mod cube {
     #[derive(Clone, Debug)]
     pub struct Core(pub VicinityCore);
 
-    type Ops<R> = CubeBackend<R, f32, i32, u8>;
-
-    fn to_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-        let t = if t.dtype == dtype {
-            t
-        } else {
-            Ops::<R>::float_cast(t, dtype.into())
-        };
-        into_contiguous(t)
-    }
-
-    fn launch_dims<R: CubeRuntime>(client: &ComputeClient<R>, threads: usize) -> (CubeCount, CubeDim) {
-        let cube_dim = CubeDim::new(client, threads);
-        (calculate_cube_count_elemwise(client, threads, cube_dim), cube_dim)
-    }
-
     impl Core {
         fn dims<R: CubeRuntime>(
             &self,
@@ -432,31 +412,24 @@ mod cube {
             (b, n, k.meta.shape()[1], self.0.heads, c / self.0.heads)
         }
 
-        /// `KV` and `S` (or their gradients): Σ over `len` rows of `pos ⊗ feat ⊗ [val, 1]`.
-        #[allow(clippy::too_many_arguments)]
+        /// `KV` and `S` (or their gradients): Σ over the rows of `feat` (`B×L×(h·d)`) of
+        /// `pos ⊗ feat ⊗ [val, 1]`, where `val` has `val_width` columns per head (`d`: the values,
+        /// the ones column giving `S`; `d + 1`: `∂L/∂num` and `∂L/∂den`).
         fn reduce<R: CubeRuntime>(
             &self,
             feat: &CubeTensor<R>,
             val: &CubeTensor<R>,
             pos: &CubeTensor<R>,
-            b: usize,
-            len: usize,
-            d: usize,
             val_width: usize,
-            val_cols: usize,
         ) -> CubeTensor<R> {
             let (heads, ex) = (self.0.heads, self.0.locality.expansion());
-            let client = feat.client.clone();
-            let acc = empty_device_contiguous_dtype(
-                client.clone(),
-                feat.device.clone(),
-                [b, heads, ex, d, d + 1].into(),
-                DType::F32,
-            );
-            let (count, dim) = launch_dims(&client, b * heads * ex * d * (d + 1));
+            let s = feat.meta.shape();
+            let (b, len, d) = (s[0], s[1], s[2] / heads);
+            let acc = empty(feat, [b, heads, ex, d, d + 1], DType::F32);
+            let (count, dim) = launch_dims(&feat.client, b * heads * ex * d * (d + 1));
             unsafe {
                 reduce_kernel::launch_unchecked(
-                    &client,
+                    &feat.client,
                     count,
                     dim,
                     feat.clone().into_tensor_arg(),
@@ -468,7 +441,6 @@ mod cube {
                     d,
                     ex,
                     val_width,
-                    val_cols,
                     feat.dtype.into(),
                 )
             };
@@ -484,18 +456,13 @@ mod cube {
         fn forward<R: CubeRuntime>(&self, [q, k, v, phi, psi]: [CubeTensor<R>; 5]) -> CubeTensor<R> {
             let q = into_contiguous(q);
             let dtype = q.dtype;
-            let (k, v) = (to_dtype(k, dtype), to_dtype(v, dtype));
-            let (phi, psi) = (to_dtype(phi, DType::F32), to_dtype(psi, DType::F32));
-            let (b, n, m, heads, d) = self.dims(&q, &k);
+            let (k, v) = (dense(k, dtype), dense(v, dtype));
+            let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
+            let (b, n, _, heads, d) = self.dims(&q, &k);
             let ex = self.0.locality.expansion();
-            let acc = self.reduce(&k, &v, &psi, b, m, d, d, d);
+            let acc = self.reduce(&k, &v, &psi, d);
             let client = q.client.clone();
-            let out = empty_device_contiguous_dtype(
-                client.clone(),
-                q.device.clone(),
-                q.meta.shape().clone(),
-                dtype,
-            );
+            let out = empty(&q, q.meta.shape().clone(), dtype);
             let (count, dim) = launch_dims(&client, b * n * heads * d);
             unsafe {
                 query_kernel::launch_unchecked(
@@ -526,22 +493,15 @@ mod cube {
             let dtypes = [q.dtype, k.dtype, v.dtype];
             let q = into_contiguous(q);
             let dtype = q.dtype;
-            let (k, v, grad) = (to_dtype(k, dtype), to_dtype(v, dtype), to_dtype(grad, dtype));
-            let (phi, psi) = (to_dtype(phi, DType::F32), to_dtype(psi, DType::F32));
+            let (k, v, grad) = (dense(k, dtype), dense(v, dtype), dense(grad, dtype));
+            let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
             let (b, n, m, heads, d) = self.dims(&q, &k);
             let ex = self.0.locality.expansion();
             let client = q.client.clone();
-            let device = q.device.clone();
-            let acc = self.reduce(&k, &v, &psi, b, m, d, d, d);
+            let acc = self.reduce(&k, &v, &psi, d);
 
-            let dq =
-                empty_device_contiguous_dtype(client.clone(), device.clone(), q.meta.shape().clone(), dtype);
-            let dn = empty_device_contiguous_dtype(
-                client.clone(),
-                device.clone(),
-                [b, n, heads, d + 1].into(),
-                dtype,
-            );
+            let dq = empty(&q, q.meta.shape().clone(), dtype);
+            let dn = empty(&q, [b, n, heads, d + 1], dtype);
             let (count, dim) = launch_dims(&client, b * n * heads);
             unsafe {
                 query_backward_kernel::launch_unchecked(
@@ -563,11 +523,10 @@ mod cube {
                 )
             };
             // ∂L/∂KV and ∂L/∂S: Σ over queries of φ ⊗ q ⊗ (∂L/∂num, ∂L/∂den).
-            let dacc = self.reduce(&q, &dn, &phi, b, n, d, d + 1, d + 1);
+            let dacc = self.reduce(&q, &dn, &phi, d + 1);
 
-            let dk =
-                empty_device_contiguous_dtype(client.clone(), device.clone(), k.meta.shape().clone(), dtype);
-            let dv = empty_device_contiguous_dtype(client.clone(), device, v.meta.shape().clone(), dtype);
+            let dk = empty(&q, k.meta.shape().clone(), dtype);
+            let dv = empty(&q, v.meta.shape().clone(), dtype);
             let (count, dim) = launch_dims(&client, b * m * heads);
             unsafe {
                 key_backward_kernel::launch_unchecked(
@@ -591,9 +550,9 @@ mod cube {
             };
             let [want_q, want_k, want_v, ..] = wanted;
             [
-                want_q.then(|| to_dtype(dq, dtypes[0])),
-                want_k.then(|| to_dtype(dk, dtypes[1])),
-                want_v.then(|| to_dtype(dv, dtypes[2])),
+                want_q.then(|| cast(dq, dtypes[0])),
+                want_k.then(|| cast(dk, dtypes[1])),
+                want_v.then(|| cast(dv, dtypes[2])),
                 None,
                 None,
             ]
