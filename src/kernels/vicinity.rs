@@ -188,28 +188,8 @@ mod cube {
         let h = bh % heads;
         let b = bh / heads;
         let has_val = c < vw;
-        // Four independent partial sums keep four rows' loads in flight (the loop is latency-bound).
-        let mut part = Array::<f32>::new(4usize);
-        #[unroll]
-        for u in 0..4usize {
-            part[u] = f32::new(0.0);
-        }
-        let quads = len / 4usize;
-        for jq in 0..quads {
-            #[unroll]
-            for u in 0..4usize {
-                let j = jq * 4usize + u;
-                let row = b * len + j;
-                let f = f32::cast_from(feat[row * heads * d + h * d + p]) * pos[j * ex + e];
-                let x = select(
-                    has_val,
-                    f32::cast_from(val[row * heads * vw + h * vw + c]),
-                    f32::new(1.0),
-                );
-                part[u] += f * x;
-            }
-        }
-        for j in quads * 4usize..len {
+        let mut sum = f32::new(0.0);
+        for j in 0..len {
             let row = b * len + j;
             let f = f32::cast_from(feat[row * heads * d + h * d + p]) * pos[j * ex + e];
             let x = select(
@@ -217,9 +197,8 @@ mod cube {
                 f32::cast_from(val[row * heads * vw + h * vw + c]),
                 f32::new(1.0),
             );
-            part[0] += f * x;
+            sum += f * x;
         }
-        let sum = (part[0] + part[1]) + (part[2] + part[3]);
         acc[at] = sum;
     }
 
