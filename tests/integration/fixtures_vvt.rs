@@ -2,10 +2,8 @@
 //! fixtures' logits and every stage's tokens, and full-size registry models must have exactly the
 //! official parameter names, shapes and counts.
 
-mod common;
-
+use crate::common::*;
 use burn::module::Module;
-use common::*;
 use vicinity::models::vvt::{VvtConfig, rename_official};
 use vicinity::models::{ModelConfig, config_by_name};
 

@@ -1,5 +1,4 @@
 //! Helpers shared by the integration tests: fixture paths, reading fixture tensors, errors.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 

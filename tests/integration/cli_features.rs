@@ -1,11 +1,9 @@
 //! `vicinity features` end to end: the config files in `configs/` with the official checkpoints give
 //! the fixtures' logits and stage tokens; `convert` to native safetensors gives the same again.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use vicinity::cli::{FeatureInput, build_model, features};
 
 const FIXTURES: [(&str, &str); 4] = [
