@@ -11,7 +11,8 @@
 #              e.g. VICINITY_REDUCE=unit, VICINITY_MATMUL=<kernel>, VICINITY_CONV_SPLIT=1) on each AB_MODELS
 #              entry `model:res:batch[:mode]`, bf16; a table of img/s last
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
-#              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back
+#              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back;
+#              then the last checkpoint is evaluated again with --tta-flip
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
 # transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
 # .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
@@ -113,7 +114,10 @@ for l in open(sys.argv[1]):
     timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \
       --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --budget "${TRAIN_BUDGET:-4m}" \
       --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model-$$" ${TRAIN_ARGS:-}
-    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model-$$/$f" "$OUT/$model-$f" 2>/dev/null; done ;;
+    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model-$$/$f" "$OUT/$model-$f" 2>/dev/null; done
+    # The last checkpoint again, with the mirror-image test-time augmentation.
+    timed "eval $model --tta-flip" 120 "$BIN" --backend cuda eval --weights "$SCRATCH/run-$model-$$/last/model.safetensors" \
+      --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/eval-$model-$$" | head -1 ;;
   *) echo "unknown stage $stage" ;;
   esac
 done

@@ -161,12 +161,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves a model as safetensors with its configuration in the metadata.
 pub fn save_native<B: Backend>(model: &Model<B>, config: &ModelConfig, path: &Path) -> Result<()> {
+    write_atomic(path, &native_bytes(model, config)?)
+}
+
+/// The bytes [`save_native`] writes, so that they can be written elsewhere (a background thread).
+pub fn native_bytes<B: Backend>(model: &Model<B>, config: &ModelConfig) -> Result<Vec<u8>> {
     let mut store = SafetensorsStore::from_bytes(None)
         .skip_enum_variants(true)
         .metadata(CONFIG_METADATA_KEY, serde_json::to_string(config)?);
     model.save_into(&mut store).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let bytes = store.get_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
-    write_atomic(path, &bytes)
+    store.get_bytes().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The configuration stored in a native weights file, if any.

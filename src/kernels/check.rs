@@ -94,6 +94,9 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         (3, 4, (3, 5), (3, 5), Locality::OneD, false),
         (2, 5, (5, 4), (5, 4), Locality::None, true),
         (1, 32, (7, 7), (7, 7), Locality::TwoD, false),
+        // Enough keys for the reduction to split them into chunks and partial tiles.
+        (1, 16, (14, 14), (14, 14), Locality::TwoD, true),
+        (2, 64, (9, 9), (9, 9), Locality::TwoD, false),
     ] {
         let cfg = super::vicinity::VicinityCore {
             heads,

@@ -164,6 +164,11 @@ mod cube {
 
     /// `acc[b, h, e, p, c] = Σ_j pos[j, e]·feat[b, j, h·d + p]·val[b, j, h·vw + c]` in f32, for
     /// `c < d + 1`; columns `c ≥ vw` read as 1 (so with `vw = d` the last one is `S`).
+    ///
+    /// One cube per (batch·head, chunk of keys); each unit owns one `p`, a slice of `cw` columns and
+    /// every `e`, so a key's `feat` value and `val` row, staged in shared memory `tile` keys at a
+    /// time, feed `ex·cw` accumulators. With several chunks, `acc` holds one partial sum per chunk
+    /// (`[chunks, b, h, ex, d, d + 1]`), added up by [`sum_chunks_kernel`].
     #[cube(launch_unchecked)]
     fn reduce_kernel<E: Float>(
         feat: &Tensor<E>,
@@ -171,33 +176,112 @@ mod cube {
         pos: &Tensor<f32>,
         acc: &mut Tensor<f32>,
         len: usize,
+        chunk_len: usize,
         #[comptime] heads: usize,
         #[comptime] d: usize,
         #[comptime] ex: usize,
         #[comptime] vw: usize,
+        #[comptime] cw: usize,
+        #[comptime] slices: usize,
+        #[comptime] tile: usize,
         #[define(E)] _dtype: StorageType,
     ) {
+        let bh = CUBE_POS_X as usize;
+        let chunk = CUBE_POS_Y as usize;
+        let h = bh % heads;
+        let b = bh / heads;
+        let unit = UNIT_POS_X as usize;
+        let units = comptime!(d * slices);
+        let width = comptime!(cw * slices);
+        let p = unit % d;
+        let c0 = (unit / d) * cw;
+        let mut fs = SharedMemory::<f32>::new(comptime!(tile * d));
+        let mut vs = SharedMemory::<f32>::new(comptime!(tile * cw * slices));
+        let mut ps = SharedMemory::<f32>::new(comptime!(tile * ex));
+        let mut sums = Array::<f32>::new(comptime!(ex * cw));
+        #[unroll]
+        for i in 0..comptime!(ex * cw) {
+            sums[i] = f32::new(0.0);
+        }
+        let start = chunk * chunk_len;
+        let mut end = start + chunk_len;
+        if end > len {
+            end = len;
+        }
+        let mut j0 = start;
+        while j0 < end {
+            // Stage `tile` keys; rows past the chunk's end are zeros and add nothing.
+            let mut at = unit;
+            while at < comptime!(tile * d) {
+                let j = j0 + at / d;
+                let mut x = f32::new(0.0);
+                if j < end {
+                    x = f32::cast_from(feat[(b * len + j) * heads * d + h * d + at % d]);
+                }
+                fs[at] = x;
+                at += units;
+            }
+            at = unit;
+            while at < comptime!(tile * cw * slices) {
+                let j = j0 + at / width;
+                let c = at % width;
+                let mut x = f32::new(0.0);
+                if j < end {
+                    x = f32::new(1.0);
+                    if c < vw {
+                        x = f32::cast_from(val[(b * len + j) * heads * vw + h * vw + c]);
+                    }
+                }
+                vs[at] = x;
+                at += units;
+            }
+            at = unit;
+            while at < comptime!(tile * ex) {
+                let j = j0 + at / ex;
+                let mut x = f32::new(0.0);
+                if j < end {
+                    x = pos[j * ex + at % ex];
+                }
+                ps[at] = x;
+                at += units;
+            }
+            sync_cube();
+            for jj in 0..tile {
+                let f = fs[jj * d + p];
+                #[unroll]
+                for e in 0..ex {
+                    let fe = f * ps[jj * ex + e];
+                    #[unroll]
+                    for c in 0..cw {
+                        sums[e * cw + c] += fe * vs[jj * width + c0 + c];
+                    }
+                }
+            }
+            sync_cube();
+            j0 += tile;
+        }
+        let base = (chunk * CUBE_COUNT_X as usize + bh) * comptime!(ex * d * (d + 1));
+        #[unroll]
+        for e in 0..ex {
+            #[unroll]
+            for c in 0..cw {
+                if c0 + c < d + 1 {
+                    acc[base + (e * d + p) * (d + 1) + c0 + c] = sums[e * cw + c];
+                }
+            }
+        }
+    }
+
+    /// `acc[t] = Σ_chunk part[chunk, t]`.
+    #[cube(launch_unchecked)]
+    fn sum_chunks_kernel(part: &Tensor<f32>, acc: &mut Tensor<f32>, chunks: usize) {
         let at = ABSOLUTE_POS;
         if at >= acc.len() {
             terminate!();
         }
-        let c = at % (d + 1);
-        let p = (at / (d + 1)) % d;
-        let e = (at / ((d + 1) * d)) % ex;
-        let bh = at / ((d + 1) * d * ex);
-        let h = bh % heads;
-        let b = bh / heads;
-        let has_val = c < vw;
         let mut sum = f32::new(0.0);
-        for j in 0..len {
-            let row = b * len + j;
-            let f = f32::cast_from(feat[row * heads * d + h * d + p]) * pos[j * ex + e];
-            let x = select(
-                has_val,
-                f32::cast_from(val[row * heads * vw + h * vw + c]),
-                f32::new(1.0),
-            );
-            sum += f * x;
+        for chunk in 0..chunks {
+            sum += part[chunk * acc.len() + at];
         }
         acc[at] = sum;
     }
@@ -378,6 +462,42 @@ mod cube {
         }
     }
 
+    /// How [`reduce_kernel`] splits its work: `slices` column slices of `cw` columns per `p`
+    /// (at most 1024 units a cube), `tile` keys staged at a time (≤ 32 KiB of shared memory), and
+    /// the keys cut into `chunks` of `chunk_len` so that small batches still fill the GPU.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct ReducePlan {
+        pub cw: usize,
+        pub slices: usize,
+        pub tile: usize,
+        pub chunks: usize,
+        pub chunk_len: usize,
+    }
+
+    impl ReducePlan {
+        /// Aim for at least this many cubes (a few per SM on an H100)…
+        const CUBES: usize = 1024;
+        /// …but give each chunk at least this many keys.
+        const MIN_KEYS: usize = 64;
+
+        pub fn new(bh: usize, len: usize, d: usize, ex: usize) -> Self {
+            let slices = (d + 1).div_ceil(16).min((1024 / d).max(1));
+            let cw = (d + 1).div_ceil(slices);
+            let tile = (8192 / (d + cw * slices + ex)).clamp(1, 32);
+            let chunks = Self::CUBES
+                .div_ceil(bh)
+                .clamp(1, len.div_ceil(Self::MIN_KEYS).max(1));
+            let chunk_len = len.div_ceil(chunks).max(1);
+            ReducePlan {
+                cw,
+                slices,
+                tile,
+                chunks: len.div_ceil(chunk_len).max(1),
+                chunk_len,
+            }
+        }
+    }
+
     #[derive(Clone, Debug)]
     pub struct Core(pub VicinityCore);
 
@@ -404,25 +524,47 @@ mod cube {
             let (heads, ex) = (self.0.heads, self.0.locality.expansion());
             let s = feat.meta.shape();
             let (b, len, d) = (s[0], s[1], s[2] / heads);
+            let plan = ReducePlan::new(b * heads, len, d, ex);
             let acc = empty(feat, [b, heads, ex, d, d + 1], DType::F32);
-            let (count, dim) = launch_dims(&feat.client, b * heads * ex * d * (d + 1));
+            let part = if plan.chunks == 1 {
+                acc.clone()
+            } else {
+                empty(feat, [plan.chunks, b, heads, ex, d, d + 1], DType::F32)
+            };
             unsafe {
                 reduce_kernel::launch_unchecked(
                     &feat.client,
-                    count,
-                    dim,
+                    CubeCount::Static((b * heads) as u32, plan.chunks as u32, 1),
+                    CubeDim::new_1d((d * plan.slices) as u32),
                     feat.clone().into_tensor_arg(),
                     val.clone().into_tensor_arg(),
                     pos.clone().into_tensor_arg(),
-                    acc.clone().into_tensor_arg(),
+                    part.clone().into_tensor_arg(),
                     len,
+                    plan.chunk_len,
                     heads,
                     d,
                     ex,
                     val_width,
+                    plan.cw,
+                    plan.slices,
+                    plan.tile,
                     feat.dtype.into(),
                 )
             };
+            if plan.chunks > 1 {
+                let (count, dim) = launch_dims(&feat.client, b * heads * ex * d * (d + 1));
+                unsafe {
+                    sum_chunks_kernel::launch_unchecked(
+                        &feat.client,
+                        count,
+                        dim,
+                        part.into_tensor_arg(),
+                        acc.clone().into_tensor_arg(),
+                        plan.chunks,
+                    )
+                };
+            }
             acc
         }
     }
@@ -535,6 +677,38 @@ mod cube {
                 None,
                 None,
             ]
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::ReducePlan;
+
+        #[test]
+        fn reduce_plans_fit_a_cube_and_cover_every_key() {
+            for (bh, len, d, ex) in [
+                (64, 3136, 64, 4),
+                (2, 196, 16, 4),
+                (1024, 64, 64, 4),
+                (8, 5, 3, 1),
+                (4, 900, 128, 4),
+                (1, 40, 256, 2),
+            ] {
+                let plan = ReducePlan::new(bh, len, d, ex);
+                assert!(d * plan.slices <= 1024, "{plan:?}");
+                assert!(plan.cw * plan.slices > d, "{plan:?}: columns");
+                assert!(
+                    plan.tile >= 1 && plan.tile * (d + plan.cw * plan.slices + ex) * 4 <= 32 * 1024,
+                    "{plan:?}"
+                );
+                assert!(plan.chunks * plan.chunk_len >= len, "{plan:?}: keys");
+                assert!(
+                    (plan.chunks - 1) * plan.chunk_len < len,
+                    "{plan:?}: an empty chunk"
+                );
+            }
+            assert_eq!(ReducePlan::new(64, 3136, 64, 4).slices, 5);
+            assert_eq!(ReducePlan::new(64, 3136, 64, 4).chunks, 16);
         }
     }
 }

@@ -165,6 +165,16 @@ impl<B: Backend> Model<B> {
             Self::Lsagt(m) => m.forward(x),
         }
     }
+
+    /// Logits averaged over the image and its mirror image when `flip` is set (test-time
+    /// augmentation, as in fast CIFAR training); [`Self::forward`] otherwise.
+    pub fn forward_tta(&self, x: Tensor<B, 4>, flip: bool) -> Tensor<B, 2> {
+        if !flip {
+            return self.forward(x);
+        }
+        let mirrored = x.clone().flip([3]);
+        (self.forward(x) + self.forward(mirrored)).div_scalar(2.0)
+    }
 }
 
 /// Shared checks for configurations.

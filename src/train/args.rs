@@ -418,6 +418,9 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Test-time augmentation: average the logits of each image and its mirror image.
+    #[arg(long)]
+    pub tta_flip: bool,
 }
 
 /// `vicinity predict`.
@@ -470,6 +473,7 @@ fn run_eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<String> {
         batch: args.batch,
         out: Some(out),
         workers: args.workers,
+        tta_flip: args.tta_flip,
     };
     Ok(inference::eval_checkpoint::<B>(&opts, device)?.text())
 }

@@ -139,6 +139,46 @@ pub fn resolve(run: &Path, name: &str) -> Option<PathBuf> {
         .find(|d| d.join(STATE_FILE).is_file())
 }
 
+/// Writes checkpoints on a background thread, one at a time and in order, so that training goes
+/// on while a checkpoint reaches the disk (~0.8 s per epoch for vvt_tiny with its optimizer
+/// state). Each write is a [`commit_dir`], so an interruption still never leaves a torn
+/// checkpoint; dropping the writer waits for the write in flight.
+#[derive(Default)]
+pub struct Writer {
+    pending: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Writer {
+    /// Starts `write` once the previous write has finished, and fails with that write's error.
+    pub fn submit(&mut self, write: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+        self.wait()?;
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(write)
+            .context("cannot start the checkpoint writer thread")?;
+        self.pending = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any, and returns its result.
+    pub fn wait(&mut self) -> Result<()> {
+        match self.pending.take() {
+            Some(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            eprintln!("error: {e:#}");
+        }
+    }
+}
+
 /// Makes `to` a copy of the committed checkpoint `from` (e.g. `last` → `best`), atomically. Files
 /// are hard-linked when the filesystem allows it (checkpoint files are never modified in place, a
 /// new checkpoint is a new directory), copied otherwise.

@@ -93,6 +93,8 @@ pub struct EvalOptions {
     /// Folder for `summary.json`, `per_class.csv`, `confusion.csv`.
     pub out: Option<PathBuf>,
     pub workers: usize,
+    /// Average the logits of each image and its mirror image.
+    pub tta_flip: bool,
 }
 
 /// The result of `vicinity eval`.
@@ -102,6 +104,7 @@ pub struct EvalReport {
     pub data: PathBuf,
     pub split: String,
     pub resolution: usize,
+    pub tta_flip: bool,
     #[serde(flatten)]
     pub summary: EvalSummary,
     pub classes: Vec<String>,
@@ -201,12 +204,13 @@ pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Re
     let mut cfg = LoaderConfig::eval(opts.batch, [res, res], norm);
     cfg.workers = opts.workers;
     let loader = Loader::new(Arc::new(dataset), cfg)?;
-    let acc = evaluate(&model, &loader, device)?;
+    let acc = evaluate(&model, &loader, device, opts.tta_flip)?;
     let report = EvalReport {
         weights: opts.checkpoint.weights.clone(),
         data: opts.data.clone(),
         split: opts.split.clone(),
         resolution: res,
+        tta_flip: opts.tta_flip,
         summary: acc.summary(),
         per_class: acc.per_class(),
         classes,
@@ -239,12 +243,13 @@ impl EvalReport {
     pub fn text(&self) -> String {
         let s = &self.summary;
         let mut out = format!(
-            "{} on {} [{}] at {}x{}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)\n",
+            "{} on {} [{}] at {}x{}{}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)\n",
             self.weights.display(),
             self.data.display(),
             self.split,
             self.resolution,
             self.resolution,
+            if self.tta_flip { " with mirror TTA" } else { "" },
             s.top1 * 100.0,
             s.top5 * 100.0,
             s.loss,

@@ -88,11 +88,13 @@ pub fn one_hot(labels: &[usize], k: usize) -> Vec<f32> {
     t
 }
 
-/// Runs `model` over every batch of `loader` and accumulates the metrics.
+/// Runs `model` over every batch of `loader` and accumulates the metrics (with the mirror-image
+/// test-time augmentation of [`Model::forward_tta`] when `flip` is set).
 pub fn evaluate<B: Backend>(
     model: &Model<B>,
     loader: &Loader,
     device: &B::Device,
+    flip: bool,
 ) -> Result<EvalAccumulator> {
     let k = loader.dataset().num_classes();
     let mut acc = EvalAccumulator::new(k);
@@ -100,7 +102,7 @@ pub fn evaluate<B: Backend>(
         let b = batch?;
         let [h, w] = b.size;
         let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [b.labels.len(), 3, h, w]), device);
-        let logits = model.forward(x);
+        let logits = model.forward_tta(x, flip);
         let out_k = logits.dims()[1];
         if out_k != k {
             bail!("the model has {out_k} outputs but the dataset has {k} classes");
@@ -313,6 +315,7 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         save_s: None,
         last_eval: None,
         window: None,
+        writer: checkpoint::Writer::default(),
         state,
     };
     if let Some(budget) = session.state.config.budget_s {
@@ -443,6 +446,7 @@ pub fn resume<B: AutodiffBackend>(
         save_s: None,
         last_eval: None,
         window: None,
+        writer: checkpoint::Writer::default(),
         state,
     };
     session.run()
@@ -498,6 +502,7 @@ struct Session<B: AutodiffBackend> {
     last_eval: Option<EvalSummary>,
     /// Start of the current timing window: (instant, global step).
     window: Option<(Instant, u64)>,
+    writer: checkpoint::Writer,
     state: RunState,
 }
 
@@ -747,34 +752,41 @@ impl<B: AutodiffBackend> Session<B> {
             .map(|e| replace_flat(self.model.valid(), &e.values, dtype))
     }
 
-    /// Writes `last` (and `best` too when `best` is set) atomically.
+    /// Writes `last` (and `best` too when `best` is set) atomically. The weights and optimizer
+    /// state are copied to the host here; the files are written on the writer thread.
     fn save(&mut self, best: bool) -> Result<()> {
         self.state.elapsed_s = self.elapsed();
-        let model = self.model_to_save();
-        let ema = self.ema_model(Some(FloatDType::F32));
+        let config = self.state.model.clone();
+        let model = weights::native_bytes(&self.model_to_save(), &config)?;
+        let ema = match self.ema_model(Some(FloatDType::F32)) {
+            Some(m) => Some(weights::native_bytes(&m, &config)?),
+            None => None,
+        };
         let optim = self.optim.to_host()?;
         let state_json = serde_json::to_vec_pretty(&self.state)?;
-        let config = self.state.model.clone();
         let last = self.run_dir.join("last");
-        checkpoint::commit_dir(&last, |dir| {
-            weights::save_native(&model, &config, &dir.join(MODEL_FILE))?;
-            if let Some(ema) = &ema {
-                weights::save_native(ema, &config, &dir.join(EMA_FILE))?;
+        let best = best.then(|| self.run_dir.join("best"));
+        self.writer.submit(move || {
+            checkpoint::commit_dir(&last, |dir| {
+                weights::write_atomic(&dir.join(MODEL_FILE), &model)?;
+                if let Some(ema) = &ema {
+                    weights::write_atomic(&dir.join(EMA_FILE), ema)?;
+                }
+                crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
+                checkpoint::write_synced(&dir.join(STATE_FILE), &state_json)
+            })?;
+            match best {
+                Some(best) => checkpoint::link_dir(&last, &best),
+                None => Ok(()),
             }
-            crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
-            checkpoint::write_synced(&dir.join(STATE_FILE), &state_json)
-        })?;
-        if best {
-            checkpoint::link_dir(&last, &self.run_dir.join("best"))?;
-        }
-        Ok(())
+        })
     }
 
     fn evaluate_models(&mut self) -> Result<(EvalSummary, Option<EvalSummary>, f64)> {
         let t0 = Instant::now();
-        let raw = evaluate(&self.model.valid(), &self.val_loader, &self.device)?.summary();
+        let raw = evaluate(&self.model.valid(), &self.val_loader, &self.device, false)?.summary();
         let ema = match self.ema_model(None) {
-            Some(m) => Some(evaluate(&m, &self.val_loader, &self.device)?.summary()),
+            Some(m) => Some(evaluate(&m, &self.val_loader, &self.device, false)?.summary()),
             None => None,
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -802,17 +814,19 @@ impl<B: AutodiffBackend> Session<B> {
             self.run_dir.join("last").display(),
             self.run_dir.display()
         ));
-        Ok(self.outcome(Stop::Paused(step)))
+        self.outcome(Stop::Paused(step))
     }
 
-    fn outcome(self, stop: Stop) -> TrainOutcome {
-        TrainOutcome {
+    /// The run's result, once its last checkpoint is on disk.
+    fn outcome(mut self, stop: Stop) -> Result<TrainOutcome> {
+        self.writer.wait()?;
+        Ok(TrainOutcome {
             run_dir: self.run_dir,
             stop,
             state: self.state,
             step_losses: self.step_losses,
             last_eval: self.last_eval,
-        }
+        })
     }
 
     /// After every epoch, sizes the rest of the run again from the mean speed of the epochs so far,
@@ -970,7 +984,7 @@ impl<B: AutodiffBackend> Session<B> {
             self.state.global_step,
             self.run_dir.display()
         ));
-        Ok(self.outcome(Stop::Finished))
+        self.outcome(Stop::Finished)
     }
 
     fn end_epoch(&mut self, last_epoch: bool) -> Result<()> {

@@ -128,6 +128,7 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
         batch: 5,
         out: Some(root.join("eval")),
         workers: 1,
+        tta_flip: false,
     };
     let report = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap();
     let expected = h[best_epoch - 1].val_top1.unwrap();
@@ -140,6 +141,18 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let confusion = std::fs::read_to_string(root.join("eval/confusion.csv")).unwrap();
     assert_eq!(confusion.lines().count(), 5);
     assert!(root.join("eval/per_class.csv").is_file() && root.join("eval/summary.json").is_file());
+    // The mirror-image TTA evaluates every image twice; its report says so.
+    let tta = inference::eval_checkpoint::<B>(
+        &EvalOptions {
+            tta_flip: true,
+            out: None,
+            ..opts
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(tta.tta_flip && tta.summary.samples == 16);
+    assert!(tta.summary.loss.is_finite());
 
     // predict: class names from the checkpoint, probabilities sorted.
     let img = data.join("test").join("blue").join("0000.png");
@@ -226,6 +239,7 @@ fn eval_reads_an_official_checkpoint_with_its_model() {
         batch: 8,
         out: None,
         workers: 1,
+        tta_flip: false,
     };
     let err = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap_err();
     assert!(format!("{err:#}").contains("--model"), "{err:#}");

@@ -383,6 +383,68 @@ fn checkpoint_directories_are_replaced_atomically() {
 }
 
 #[test]
+fn checkpoint_writer_writes_in_order_and_reports_failures() {
+    use std::sync::{Arc, Mutex};
+    let run = tmp("writer");
+    std::fs::create_dir_all(&run).unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut writer = checkpoint::Writer::default();
+    for i in 0..4 {
+        let (order, path) = (order.clone(), run.join("n"));
+        writer
+            .submit(move || {
+                // A slow first write: the next one must still wait for it.
+                std::thread::sleep(std::time::Duration::from_millis(if i == 0 { 200 } else { 1 }));
+                order.lock().unwrap().push(i);
+                checkpoint::write_synced(&path, format!("{i}").as_bytes())
+            })
+            .unwrap();
+    }
+    writer.wait().unwrap();
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
+    assert_eq!(std::fs::read(run.join("n")).unwrap(), b"3");
+    // A failed write (a full disk, say) surfaces at the next submit, and the writer goes on.
+    writer
+        .submit(|| anyhow::bail!("No space left on device"))
+        .unwrap();
+    let err = writer.submit(|| Ok(())).unwrap_err();
+    assert!(format!("{err:#}").contains("No space left"), "{err:#}");
+    writer.wait().unwrap();
+    // Dropping the writer waits for the write in flight.
+    let done = run.join("done");
+    let path = done.clone();
+    writer
+        .submit(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            checkpoint::write_synced(&path, b"ok")
+        })
+        .unwrap();
+    drop(writer);
+    assert!(done.exists());
+    let _ = std::fs::remove_dir_all(&run);
+}
+
+#[test]
+fn mirror_tta_averages_an_image_and_its_mirror() {
+    let device = Default::default();
+    let model: Model<B> = demo::micro_vvt(4).init(&device).unwrap();
+    let x = Tensor::<B, 4>::random(
+        [2, 3, 32, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let tta = model.forward_tta(x.clone(), true);
+    // The same for an image and its mirror image (flipping the wrong axis would break this)…
+    let mirrored = model.forward_tta(x.clone().flip([3]), true);
+    let diff = |a: Tensor<B, 2>, b: Tensor<B, 2>| a.sub(b).abs().max().into_scalar();
+    assert!(diff(tta.clone(), mirrored) < 1e-5);
+    // …but not the plain logits, since the model is not mirror-symmetric.
+    let plain = model.forward_tta(x.clone(), false);
+    assert!(diff(plain.clone(), model.forward(x)) == 0.0);
+    assert!(diff(plain, tta) > 1e-4);
+}
+
+#[test]
 fn randaugment_strings() {
     let ra = parse_randaug("rand-m9-mstd0.5-inc1").unwrap().unwrap();
     assert_eq!(
