@@ -19,6 +19,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear};
 
 use crate::init::linear;
 use crate::kernels::local_attention::{LocalHeads, local_attention};
+use crate::ops::LinearRows;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -123,8 +124,8 @@ impl<B: Backend> LocalShiftAttention<B> {
             head_dim: d / self.heads,
         };
         // Query head `kvh_i·g + g_i` uses key/value head `kvh_i` (crate::kernels::local_attention).
-        let out = local_attention(self.wq.forward(x), self.wkv.forward(variants), heads);
-        self.proj_drop.forward(self.proj.forward(out))
+        let out = local_attention(self.wq.forward_rows(x), self.wkv.forward_rows(variants), heads);
+        self.proj_drop.forward(self.proj.forward_rows(out))
     }
 
     /// The same computation with explicit loops over tokens, heads and variants.
@@ -201,11 +202,11 @@ impl<B: Backend> GlobalAttention<B> {
         // Queries of the g heads that share a key/value head are stacked along the token axis.
         let q = self
             .wq
-            .forward(x.clone())
+            .forward_rows(x.clone())
             .reshape([b, n, kvh, g, dh])
             .permute([0, 2, 3, 1, 4])
             .reshape([b * kvh, g * n, dh]);
-        let (k, v) = split_kv(self.wkv.forward(x));
+        let (k, v) = split_kv(self.wkv.forward_rows(x));
         let per_head = |t: Tensor<B, 3>| {
             t.reshape([b, n, kvh, dh])
                 .swap_dims(1, 2)
@@ -218,7 +219,7 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b, kvh, g, n, dh])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, n, d]);
-        self.proj_drop.forward(self.proj.forward(out))
+        self.proj_drop.forward(self.proj.forward_rows(out))
     }
 
     /// The same computation with explicit loops over queries, heads and keys.

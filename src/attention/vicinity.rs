@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::init::{ConvInit, conv2d, linear};
 use crate::kernels::vicinity::{EPS, VicinityCore, vicinity_core};
-use crate::ops::conv2d_nhwc;
+use crate::ops::{LinearRows, conv2d_nhwc};
 
 /// How token positions re-weight attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -253,9 +253,9 @@ impl<B: Backend> VicinityAttention<B> {
         };
 
         let heads = self.heads;
-        let q = relu(self.q_proj.forward(x));
-        let k = relu(self.k_proj.forward(src.clone()));
-        let v = self.v_proj.forward(src);
+        let q = relu(self.q_proj.forward_rows(x));
+        let k = relu(self.k_proj.forward_rows(src.clone()));
+        let v = self.v_proj.forward_rows(src);
 
         let merged = match core {
             Core::Linear => {
@@ -283,7 +283,7 @@ impl<B: Backend> VicinityAttention<B> {
                 out.swap_dims(1, 2).reshape([batch, n, heads * d])
             }
         };
-        let out = self.maybe_clamp(self.out_proj.forward(merged));
+        let out = self.maybe_clamp(self.out_proj.forward_rows(merged));
         let fused = out.clone() + out * gate.reshape([batch, 1, c]);
         self.maybe_clamp(fused)
     }

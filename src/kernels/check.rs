@@ -1,10 +1,15 @@
-//! Fused kernel against reference path on one backend: the output and every input gradient, on
-//! random inputs. Used by the tests (WebGPU, on lavapipe in CI) and by `vicinity check-kernels`
-//! (the CUDA build on a GPU).
+//! Fused kernel against reference path: the output and every input gradient, on random inputs.
+//! The fused kernels run on the backend under test; the reference path always runs on the CPU
+//! backend, in exact f32 (on CUDA the reference's own matmuls would run in TF32, whose error grows
+//! with the number of keys and hid nothing but noise). Used by the tests (WebGPU, on lavapipe in
+//! CI) and by `vicinity check-kernels` (the CUDA build on a GPU).
 
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, TensorData};
+
+/// Where the reference paths run.
+type Reference = burn::backend::Autodiff<crate::backend::Cpu>;
 
 /// One kernel checked on one shape.
 #[derive(Debug, Clone)]
@@ -18,6 +23,23 @@ pub struct KernelCheck {
 impl KernelCheck {
     pub fn worst(&self) -> f32 {
         self.errors.iter().map(|(_, e)| *e).fold(0.0, f32::max)
+    }
+
+    /// Compares the fused results with the reference's, named in order.
+    fn new(
+        kernel: &'static str,
+        case: String,
+        names: &[&'static str],
+        fused: Vec<TensorData>,
+        reference: Vec<TensorData>,
+    ) -> Self {
+        assert!(names.len() == fused.len() && fused.len() == reference.len());
+        let errors = names
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+            .map(|(name, (a, b))| (*name, rel_err(a, b)))
+            .collect();
+        KernelCheck { kernel, case, errors }
     }
 }
 
@@ -39,17 +61,23 @@ pub fn table(checks: &[KernelCheck]) -> String {
 }
 
 /// `‖a − b‖ / ‖b‖`.
-pub fn rel_err<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    let a = a.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
-    let b = b.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+pub fn rel_err(a: TensorData, b: TensorData) -> f32 {
+    let a = a.convert::<f32>().to_vec::<f32>().expect("f32");
+    let b = b.convert::<f32>().to_vec::<f32>().expect("f32");
     assert_eq!(a.len(), b.len(), "compared tensors differ in size");
     let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (diff / norm.max(1e-30)).sqrt() as f32
 }
 
-fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+/// Random normal values, made on the host so both backends get the same inputs.
+fn random<const D: usize>(shape: [usize; D]) -> TensorData {
+    Tensor::<crate::backend::Cpu, D>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+        .into_data()
+}
+
+fn on<B: Backend, const D: usize>(data: &TensorData, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(data.clone(), device)
 }
 
 /// Every fused kernel on a few shapes. Fails if the backend has no fused kernels (so that a check
@@ -117,37 +145,44 @@ pub fn check_depthwise<B: AutodiffBackend>(
     pad: usize,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
-    use super::depthwise::{depthwise_conv2d_reference, fused};
-    let x = random::<B, 4>(shape, device);
-    let w = random::<B, 2>([shape[3], k * k], device);
-    // A random projection of the output as the loss, so every output value gets its own gradient.
     let [b, h, wd, c] = shape;
-    let probe = random::<B, 4>([b, h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k, c], device);
+    // A random projection of the output as the loss, so every output value gets its own gradient.
+    let data = [
+        random(shape),
+        random([c, k * k]),
+        random([b, h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k, c]),
+    ];
+    Ok(KernelCheck::new(
+        "depthwise_conv2d",
+        format!("x {shape:?}, k {k}, pad {pad}"),
+        &["output", "grad x", "grad w"],
+        depthwise_run::<B>(&data, k, pad, true, device)?,
+        depthwise_run::<Reference>(&data, k, pad, false, &Default::default())?,
+    ))
+}
 
-    let run = |fast: bool| -> anyhow::Result<_> {
-        let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-        let y = if fast {
-            fused(x.clone(), w.clone(), k, pad)
-                .map_err(|_| anyhow::anyhow!("the depthwise kernel did not run on this backend"))?
-        } else {
-            depthwise_conv2d_reference(x.clone(), w.clone(), k, 1, pad)
-        };
-        let grads = (y.clone() * probe.clone()).sum().backward();
-        let dx = x.grad(&grads).expect("x gradient");
-        let dw = w.grad(&grads).expect("w gradient");
-        Ok((y.inner(), dx, dw))
+fn depthwise_run<B: AutodiffBackend>(
+    [x, w, probe]: &[TensorData; 3],
+    k: usize,
+    pad: usize,
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::depthwise::{depthwise_conv2d_reference, fused};
+    let x = on::<B, 4>(x, device).require_grad();
+    let w = on::<B, 2>(w, device).require_grad();
+    let y = if fast {
+        fused(x.clone(), w.clone(), k, pad)
+            .map_err(|_| anyhow::anyhow!("the depthwise kernel did not run on this backend"))?
+    } else {
+        depthwise_conv2d_reference(x.clone(), w.clone(), k, 1, pad)
     };
-    let (y1, dx1, dw1) = run(true)?;
-    let (y0, dx0, dw0) = run(false)?;
-    Ok(KernelCheck {
-        kernel: "depthwise_conv2d",
-        case: format!("x {shape:?}, k {k}, pad {pad}"),
-        errors: vec![
-            ("output", rel_err(y1, y0)),
-            ("grad x", rel_err(dx1, dx0)),
-            ("grad w", rel_err(dw1, dw0)),
-        ],
-    })
+    let grads = (y.clone() * on::<B, 4>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        x.grad(&grads).expect("x gradient").into_data(),
+        w.grad(&grads).expect("w gradient").into_data(),
+    ])
 }
 
 /// LSAGT's local attention: output, query gradient and key/value gradient.
@@ -157,36 +192,41 @@ pub fn check_local_attention<B: AutodiffBackend>(
     h: super::local_attention::LocalHeads,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
+    let data = [
+        random([b, n, h.heads * h.head_dim]),
+        random([t, b, n, 2 * h.kv_heads * h.head_dim]),
+        random([b, n, h.heads * h.head_dim]),
+    ];
+    Ok(KernelCheck::new(
+        "local_attention",
+        format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
+        &["output", "grad q", "grad kv"],
+        local_attention_run::<B>(&data, h, true, device)?,
+        local_attention_run::<Reference>(&data, h, false, &Default::default())?,
+    ))
+}
+
+fn local_attention_run<B: AutodiffBackend>(
+    [q, kv, probe]: &[TensorData; 3],
+    h: super::local_attention::LocalHeads,
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
     use super::local_attention::{fused, local_attention_reference};
-    let q = random::<B, 3>([b, n, h.heads * h.head_dim], device);
-    let kv = random::<B, 4>([t, b, n, 2 * h.kv_heads * h.head_dim], device);
-    let probe = random::<B, 3>([b, n, h.heads * h.head_dim], device);
-    let run = |fast: bool| -> anyhow::Result<_> {
-        let (q, kv) = (q.clone().require_grad(), kv.clone().require_grad());
-        let y = if fast {
-            fused(q.clone(), kv.clone(), h)
-                .map_err(|_| anyhow::anyhow!("the local attention kernel did not run on this backend"))?
-        } else {
-            local_attention_reference(q.clone(), kv.clone(), h)
-        };
-        let grads = (y.clone() * probe.clone()).sum().backward();
-        Ok((
-            y.inner(),
-            q.grad(&grads).expect("q gradient"),
-            kv.grad(&grads).expect("kv gradient"),
-        ))
+    let q = on::<B, 3>(q, device).require_grad();
+    let kv = on::<B, 4>(kv, device).require_grad();
+    let y = if fast {
+        fused(q.clone(), kv.clone(), h)
+            .map_err(|_| anyhow::anyhow!("the local attention kernel did not run on this backend"))?
+    } else {
+        local_attention_reference(q.clone(), kv.clone(), h)
     };
-    let (y1, dq1, dkv1) = run(true)?;
-    let (y0, dq0, dkv0) = run(false)?;
-    Ok(KernelCheck {
-        kernel: "local_attention",
-        case: format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
-        errors: vec![
-            ("output", rel_err(y1, y0)),
-            ("grad q", rel_err(dq1, dq0)),
-            ("grad kv", rel_err(dkv1, dkv0)),
-        ],
-    })
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        q.grad(&grads).expect("q gradient").into_data(),
+        kv.grad(&grads).expect("kv gradient").into_data(),
+    ])
 }
 
 /// The vicinity attention core: output and the gradients of queries, keys and values.
@@ -196,39 +236,23 @@ pub fn check_vicinity<B: AutodiffBackend>(
     cfg: super::vicinity::VicinityCore,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
-    use super::vicinity::{fused, vicinity_core_reference};
     let c = cfg.heads * head_dim;
     let (n, m) = (cfg.q_grid.0 * cfg.q_grid.1, cfg.k_grid.0 * cfg.k_grid.1);
     // Non-negative queries and keys, as after the model's ReLU.
-    let q = random::<B, 3>([batch, n, c], device).abs();
-    let k = random::<B, 3>([batch, m, c], device).abs();
-    let v = random::<B, 3>([batch, m, c], device);
-    let probe = random::<B, 3>([batch, n, c], device);
-    let run = |fast: bool| -> anyhow::Result<_> {
-        let (q, k, v) = (
-            q.clone().require_grad(),
-            k.clone().require_grad(),
-            v.clone().require_grad(),
-        );
-        let y = if fast {
-            fused(q.clone(), k.clone(), v.clone(), cfg)
-                .map_err(|_| anyhow::anyhow!("the vicinity kernels did not run on this backend"))?
-        } else {
-            vicinity_core_reference(q.clone(), k.clone(), v.clone(), cfg)
-        };
-        let grads = (y.clone() * probe.clone()).sum().backward();
-        Ok((
-            y.inner(),
-            q.grad(&grads).expect("q gradient"),
-            k.grad(&grads).expect("k gradient"),
-            v.grad(&grads).expect("v gradient"),
-        ))
+    let abs = |d: TensorData| -> TensorData {
+        Tensor::<crate::backend::Cpu, 3>::from_data(d, &Default::default())
+            .abs()
+            .into_data()
     };
-    let (y1, dq1, dk1, dv1) = run(true)?;
-    let (y0, dq0, dk0, dv0) = run(false)?;
-    Ok(KernelCheck {
-        kernel: "vicinity_core",
-        case: format!(
+    let data = [
+        abs(random([batch, n, c])),
+        abs(random([batch, m, c])),
+        random([batch, m, c]),
+        random([batch, n, c]),
+    ];
+    Ok(KernelCheck::new(
+        "vicinity_core",
+        format!(
             "{}x{} <- {}x{}, {}x{}, {:?}{}",
             cfg.q_grid.0,
             cfg.q_grid.1,
@@ -239,13 +263,37 @@ pub fn check_vicinity<B: AutodiffBackend>(
             cfg.locality,
             if cfg.clamp { ", clamp" } else { "" }
         ),
-        errors: vec![
-            ("output", rel_err(y1, y0)),
-            ("grad q", rel_err(dq1, dq0)),
-            ("grad k", rel_err(dk1, dk0)),
-            ("grad v", rel_err(dv1, dv0)),
-        ],
-    })
+        &["output", "grad q", "grad k", "grad v"],
+        vicinity_run::<B>(&data, cfg, true, device)?,
+        vicinity_run::<Reference>(&data, cfg, false, &Default::default())?,
+    ))
+}
+
+fn vicinity_run<B: AutodiffBackend>(
+    [q, k, v, probe]: &[TensorData; 4],
+    cfg: super::vicinity::VicinityCore,
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::vicinity::{fused, vicinity_core_reference};
+    let (q, k, v) = (
+        on::<B, 3>(q, device).require_grad(),
+        on::<B, 3>(k, device).require_grad(),
+        on::<B, 3>(v, device).require_grad(),
+    );
+    let y = if fast {
+        fused(q.clone(), k.clone(), v.clone(), cfg)
+            .map_err(|_| anyhow::anyhow!("the vicinity kernels did not run on this backend"))?
+    } else {
+        vicinity_core_reference(q.clone(), k.clone(), v.clone(), cfg)
+    };
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        q.grad(&grads).expect("q gradient").into_data(),
+        k.grad(&grads).expect("k gradient").into_data(),
+        v.grad(&grads).expect("v gradient").into_data(),
+    ])
 }
 
 #[cfg(all(test, feature = "wgpu"))]

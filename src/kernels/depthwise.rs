@@ -17,10 +17,8 @@ pub fn depthwise_conv2d<B: Backend>(
     stride: usize,
     pad: usize,
 ) -> Tensor<B, 4> {
-    // Fused when gradients flow (training): its backward replaces k² zero-filled slice-assigns. The
-    // reference forward alone was faster on the H100 (docs/GPU_RESULTS.md, 2026-11-22 run 5).
-    let training = x.is_require_grad() || weight.is_require_grad();
-    if stride == 1 && training && super::enabled("depthwise") {
+    // Its backward replaces k² zero-filled slice-assigns; see `use_fused` for when it runs.
+    if stride == 1 && super::use_fused::<B>("depthwise", &x.device()) {
         match fused(x, weight, k, pad) {
             Ok(y) => return y,
             Err((x, weight)) => return depthwise_conv2d_reference(x, weight, k, stride, pad),

@@ -4,8 +4,8 @@
 //! (CUDA with `--features cuda`, WebGPU with `--features wgpu`; plain, fused or under autodiff)
 //! the kernel runs; on every other backend, or when `VICINITY_FUSED` leaves it out ([`enabled`]), the
 //! reference path runs.
-//! Tests and `vicinity check-kernels` run both paths on the same backend and compare values and
-//! gradients.
+//! The default kernels run in training only ([`use_fused`]). Tests and `vicinity check-kernels` run
+//! each kernel on its backend and its reference path on the CPU, and compare values and gradients.
 
 pub mod check;
 pub mod depthwise;
@@ -48,6 +48,15 @@ pub fn enabled(name: &str) -> bool {
     choice.iter().any(|k| k == name)
 }
 
+/// Whether the fused kernel `name` should replace its reference here: it is [`enabled`] and
+/// gradients can flow (`B` is an autodiff backend: training). Their forward passes alone were
+/// slower than the reference's on the H100, so inference takes the reference paths.
+/// (`Tensor::is_require_grad` cannot tell: it is true only for leaf tensors, so a check on a
+/// layer's input or reshaped weight silently kept the fused kernels off in training.)
+pub fn use_fused<B: Backend>(name: &str, device: &B::Device) -> bool {
+    enabled(name) && B::ad_enabled(device)
+}
+
 /// Whether this backend runs the fused kernels (whatever [`enabled`] says).
 pub fn available<B: Backend>() -> bool {
     #[cfg(feature = "kernels")]
@@ -68,4 +77,21 @@ pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::te
 #[cfg(feature = "kernels")]
 pub(crate) fn tensor<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fused_kernels_are_for_training_backends() {
+        type Cpu = crate::backend::Cpu;
+        let device = Default::default();
+        assert!(super::use_fused::<burn::backend::Autodiff<Cpu>>(
+            "vicinity", &device
+        ));
+        assert!(!super::use_fused::<Cpu>("vicinity", &device));
+        assert!(!super::use_fused::<burn::backend::Autodiff<Cpu>>(
+            "no_such_kernel",
+            &device
+        ));
+    }
 }

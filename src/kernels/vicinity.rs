@@ -35,7 +35,12 @@ pub fn vicinity_core<B: Backend>(
     v: Tensor<B, 3>,
     cfg: VicinityCore,
 ) -> Tensor<B, 3> {
-    if super::enabled("vicinity") {
+    // In training at every grid size: on the H100 it made vvt_tiny 15–17 % faster at 32² (where the
+    // reference's many small kernels dominate) and 4–8 % slower at 224² (where its products run on
+    // the tensor cores, the kernels in f32 on the CUDA cores), but it keeps no 4× re-weighted
+    // copies, which is what holds training memory below the authors' code up to 768²
+    // (docs/GPU_RESULTS.md, session 5).
+    if super::use_fused::<B>("vicinity", &q.device()) {
         match fused(q, k, v, cfg) {
             Ok(y) => return y,
             Err((q, k, v)) => return vicinity_core_reference(q, k, v, cfg),
@@ -246,7 +251,12 @@ mod cube {
                 at += units;
             }
             sync_cube();
-            for jj in 0..tile {
+            // Only the keys of this tile that exist (a 1×1 grid stages one key, not `tile`).
+            let mut valid = end - j0;
+            if valid > tile {
+                valid = tile;
+            }
+            for jj in 0..valid {
                 let f = fs[jj * d + p];
                 #[unroll]
                 for e in 0..ex {

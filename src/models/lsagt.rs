@@ -26,7 +26,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::{conv2d_nhwc, conv2d_nhwc_many};
+use crate::ops::{LinearRows, conv2d_nhwc, conv2d_nhwc_many};
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -621,8 +621,8 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.drop.forward(gelu(self.fc1.forward(x)));
-        self.drop.forward(self.fc2.forward(x))
+        let x = self.drop.forward(gelu(self.fc1.forward_rows(x)));
+        self.drop.forward(self.fc2.forward_rows(x))
     }
 }
 

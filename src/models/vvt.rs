@@ -14,7 +14,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::{conv2d_nhwc, depthwise_conv2d_nhwc};
+use crate::ops::{LinearRows, conv2d_nhwc, depthwise_conv2d_nhwc};
 
 fn default_true() -> bool {
     true
@@ -242,10 +242,10 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
-        let x = self.fc1.forward(x);
+        let x = self.fc1.forward_rows(x);
         let [b, n, c] = x.dims();
         let x = depthwise_conv2d_nhwc(&self.dwconv, x.reshape([b, h, w, c])).reshape([b, n, c]);
-        self.fc2.forward(gelu(x))
+        self.fc2.forward_rows(gelu(x))
     }
 }
 
