@@ -14,21 +14,22 @@ use burn::tensor::Slice;
 
 use crate::kernels::depthwise::{depthwise_conv2d, pad_nhwc};
 
-/// [`Linear::forward`] with the images of a batch multiplied in groups of about
-/// [`LinearRows::ROWS`] rows. Burn 0.21 multiplies a `B×N×C` input image by image with the weight
-/// broadcast, and its weight gradient builds `B×C×C'` before summing over the batch: 1 GiB for
-/// vvt_tiny's last MLP at batch 512 and 32² input, where `N = 1`, and a product with `K = 1` per
-/// image. One product over all `B·N` rows would leave CubeCL's matmul (no split-K without
-/// autotuning) with a few thread blocks on a very long `K` at 224², so only inputs of at most
-/// `TOKENS` tokens per image are regrouped, into groups of up to `ROWS` rows. (Regrouping every
-/// input measured +11 % at 32² but −6 % at 224², where `N` is 49 to 3,136.)
+/// [`Linear::forward`] with the images of a batch multiplied in groups of up to [`LINEAR_ROWS`]
+/// rows. Burn 0.21 multiplies a `B×N×C` input image by image with the weight broadcast, and its
+/// weight gradient builds `B×C×C'` before summing over the batch: 1 GiB for vvt_tiny's last MLP at
+/// batch 512 and 32² input, where `N = 1`, and a product with `K = 1` per image. One product over
+/// all `B·N` rows would leave CubeCL's matmul (no split-K without autotuning) with a few thread
+/// blocks on a very long `K` at 224², so only inputs of at most [`LINEAR_TOKENS`] tokens per image
+/// are regrouped (regrouping every input measured +11 % at 32² but −6 % at 224²).
 /// `VICINITY_LINEAR_ROWS=0` keeps Burn's shapes everywhere (for A/B runs).
 pub trait LinearRows<B: Backend> {
-    const ROWS: usize = 4096;
-    const TOKENS: usize = 16;
-
     fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
 }
+
+/// Most rows in one regrouped product of [`LinearRows`].
+pub const LINEAR_ROWS: usize = 4096;
+/// Most tokens per image for [`LinearRows`] to regroup an input.
+pub const LINEAR_TOKENS: usize = 16;
 
 impl<B: Backend> LinearRows<B> for Linear<B> {
     fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -39,14 +40,14 @@ impl<B: Backend> LinearRows<B> for Linear<B> {
         }
         let mut dims = x.dims();
         let (n, c) = (dims[D - 2], dims[D - 1]);
-        if n > Self::TOKENS {
+        if n > LINEAR_TOKENS {
             return self.forward(x);
         }
         let images = dims[..D - 2].iter().product::<usize>();
-        // The largest divisor of the image count that keeps a group within ROWS rows.
-        let per_group = (1..=images)
+        // The largest divisor of the image count that keeps a group within LINEAR_ROWS rows.
+        let per_group = (1..=images.min(LINEAR_ROWS / n.max(1)))
             .rev()
-            .find(|k| images.is_multiple_of(*k) && k * n <= Self::ROWS)
+            .find(|k| images.is_multiple_of(*k))
             .unwrap_or(1);
         if per_group == 1 {
             return self.forward(x);
@@ -272,7 +273,7 @@ mod tests {
     }
 
     /// Grouped products, one 2-D product (all images in one group), Burn's own shape (`N` above
-    /// `TOKENS`, or a prime image count whose one group would be too big): the same outputs and
+    /// `LINEAR_TOKENS`, or a prime image count whose one group would be too big): the same outputs and
     /// gradients.
     #[test]
     fn linear_rows_match_linear_forward_and_gradients() {

@@ -140,9 +140,9 @@ pub fn resolve(run: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Writes checkpoints on a background thread, one at a time and in order, so that training goes
-/// on while a checkpoint reaches the disk (~0.8 s per epoch for vvt_tiny with its optimizer
-/// state). Each write is a [`commit_dir`], so an interruption still never leaves a torn
-/// checkpoint; dropping the writer waits for the write in flight.
+/// on while the files reach the disk (the copy to the host stays in the training loop). Each write
+/// is a [`commit_dir`], so an interruption still never leaves a torn checkpoint; dropping the
+/// writer waits for the write in flight.
 #[derive(Default)]
 pub struct Writer {
     pending: Option<std::thread::JoinHandle<Result<()>>>,

@@ -758,10 +758,10 @@ impl<B: AutodiffBackend> Session<B> {
         self.state.elapsed_s = self.elapsed();
         let config = self.state.model.clone();
         let model = weights::native_bytes(&self.model_to_save(), &config)?;
-        let ema = match self.ema_model(Some(FloatDType::F32)) {
-            Some(m) => Some(weights::native_bytes(&m, &config)?),
-            None => None,
-        };
+        let ema = self
+            .ema_model(Some(FloatDType::F32))
+            .map(|m| weights::native_bytes(&m, &config))
+            .transpose()?;
         let optim = self.optim.to_host()?;
         let state_json = serde_json::to_vec_pretty(&self.state)?;
         let last = self.run_dir.join("last");
