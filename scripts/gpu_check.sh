@@ -10,6 +10,7 @@
 #   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value,VAR=value`, or `-` for none;
 #              e.g. VICINITY_REDUCE=unit, VICINITY_MATMUL=<kernel>, VICINITY_CONV_SPLIT=1) on each AB_MODELS
 #              entry `model:res:batch[:mode]`, bf16; a table of img/s last
+#   trainab    training speed of the real loop per TRAINAB_CONFIGS entry (flags and env), a few epochs each
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
 #              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back;
 #              then the last checkpoint is evaluated again with --tta-flip
@@ -118,6 +119,28 @@ for l in open(sys.argv[1]):
     # The last checkpoint again, with the mirror-image test-time augmentation.
     timed "eval $model --tta-flip" 120 "$BIN" --backend cuda eval --weights "$SCRATCH/run-$model-$$/last/model.safetensors" \
       --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/eval-$model-$$" | head -1 ;;
+  trainab)
+    # Training speed of the real loop (data, optimizer with master weights and clipping, checkpoints):
+    # each TRAINAB_CONFIGS entry is comma-separated `--flag=value` and `VAR=value` items (`-`: none),
+    # trained TRAINAB_EPOCHS epochs of TRAIN_MODEL on CIFAR-10 at 32² with the cifar-fast recipe.
+    model=${TRAIN_MODEL:-vvt_tiny}
+    for cfg in ${TRAINAB_CONFIGS:--}; do
+      envs=(); flags=()
+      if [ "$cfg" != - ]; then
+        IFS=, read -ra items <<< "$cfg"
+        for it in "${items[@]}"; do case $it in --*) flags+=("$it") ;; *) envs+=("$it") ;; esac; done
+      fi
+      dir="$SCRATCH/trainab-$model-$RANDOM"
+      ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
+        timed "trainab $model $cfg" ${TRAINAB_LIMIT:-200} "$BIN" --backend cuda train --model "$model" \
+          --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --epochs ${TRAINAB_EPOCHS:-3} \
+          --eval-every 1000 --dtype bf16 --log-every 50 --out "$dir" ${TRAIN_ARGS:-} "${flags[@]}" | tail -3 )
+      python3 -c 'import csv,sys
+rows=list(csv.DictReader(open(sys.argv[1]+"/metrics.csv")))
+print("TRAINAB %-50s epochs img/s: %s" % (sys.argv[2], " ".join("%.0f" % float(r["img_per_s"]) for r in rows)))' \
+        "$dir" "$cfg" 2>/dev/null | tee -a "$SCRATCH/trainab.txt"
+    done
+    echo "-- train A/B ($model, epoch img/s)"; cat "$SCRATCH/trainab.txt" ;;
   *) echo "unknown stage $stage" ;;
   esac
 done

@@ -62,6 +62,14 @@ pub fn load_images<B: Backend>(
 
 /// Writes float tensors to a safetensors file (atomically).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+    crate::weights::write_atomic(path, &safetensors_bytes(tensors, None)?)
+}
+
+/// The bytes of a safetensors file of f32 tensors, with optional header metadata.
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(name, (shape, values))| {
@@ -71,8 +79,7 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Ve
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, &None).map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::weights::write_atomic(path, &bytes)
+    safetensors::serialize(views, &metadata).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn bytemuck_f32(values: &[f32]) -> &[u8] {

@@ -173,6 +173,18 @@ pub fn native_bytes<B: Backend>(model: &Model<B>, config: &ModelConfig) -> Resul
     store.get_bytes().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// What [`native_bytes`] writes, from f32 host tensors named and shaped like the model's
+/// parameters (the trainer's copy of the weights, read back in one piece per buffer rather than
+/// one device read per parameter).
+pub fn native_bytes_from_host(
+    tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    config: &ModelConfig,
+) -> Result<Vec<u8>> {
+    let mut metadata = SafetensorsStore::default_metadata();
+    metadata.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(config)?);
+    crate::io::safetensors_bytes(tensors, Some(metadata.into_iter().collect()))
+}
+
 /// The configuration stored in a native weights file, if any.
 pub fn native_config(path: &Path) -> Result<Option<ModelConfig>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
@@ -163,6 +163,32 @@ fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> Result<f64>
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The optimizer of a bench training step: the trainer's AdamW (f32 master weights with bf16, as
+/// the anchors' autocast keeps f32 weights), or Burn's own (`VICINITY_ADAMW=burn`, bf16 weights,
+/// for comparison).
+enum BenchOptim<B: AutodiffBackend> {
+    Vicinity(crate::train::optim::AdamW<B::InnerBackend>),
+    Burn(burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, crate::models::Model<B>, B>),
+}
+
+impl<B: AutodiffBackend> BenchOptim<B> {
+    fn new(bf16: bool) -> Self {
+        if std::env::var("VICINITY_ADAMW").as_deref() == Ok("burn") {
+            Self::Burn(burn::optim::AdamWConfig::new().with_weight_decay(0.05).init())
+        } else {
+            let config = crate::train::optim::AdamWConfig::default();
+            Self::Vicinity(crate::train::optim::AdamW::new(config, bf16))
+        }
+    }
+
+    fn step(&mut self, model: crate::models::Model<B>, grads: GradientsParams) -> crate::models::Model<B> {
+        match self {
+            Self::Vicinity(o) => o.step(model, grads, 1e-4, None, None).0,
+            Self::Burn(o) => o.step(1e-4, model, grads),
+        }
+    }
+}
+
 /// Runs one bench row on backend `B` (autodiff for training; its inner backend for inference).
 pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<BenchRow> {
     let config = spec.config;
@@ -193,7 +219,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
         }
         Mode::Train => {
             let mut model = config.init::<B>(device)?;
-            let mut optim = AdamWConfig::new().with_weight_decay(0.05).init();
+            let mut optim = BenchOptim::<B>::new(spec.dtype == "bf16");
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
             let y =
                 Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
@@ -209,7 +235,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             sync::<B>(device)?;
             memory.sample();
             let grads = GradientsParams::from_grads(grads, &model);
-            model = optim.step(1e-4, model, grads);
+            model = optim.step(model, grads);
             sync::<B>(device)?;
             memory.sample();
             let first = start.elapsed().as_secs_f64();
@@ -222,7 +248,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 last = Some(loss);
-                optim.step(1e-4, model, grads)
+                optim.step(model, grads)
             };
             let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;
             (first, timed, last.map(|l| l.into_scalar().elem::<f32>()))

@@ -14,14 +14,22 @@
 //! position embeddings). All optimizer arithmetic is f32; with `master_weights` (bf16 training)
 //! the optimizer keeps an f32 copy of every parameter and writes a bf16 cast back into the model.
 //! The state is keyed by parameter name, so it survives a save/load round trip by name.
+//!
+//! Parameters are updated in groups that share flat buffers ([`Grouping`]). By default there are
+//! two groups, with and without weight decay, so a step is a handful of kernels rather than a few
+//! per parameter tensor (vvt_tiny has 200-odd): at CIFAR size, where a step takes tens of
+//! milliseconds, issuing those kernels one tensor at a time kept the GPU waiting. One group per
+//! tensor (`VICINITY_ADAMW=tensor`) is the plain reference path, tested against the flat one.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType, TensorData};
 
 use super::params::{PathStack, cast, decays, float_dtype, to_f32};
 
@@ -49,11 +57,124 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Moments of one parameter, flat f32.
+/// How parameters share the optimizer's flat buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    /// One group with weight decay and one without (and one per parameter dtype): each parameter
+    /// is a slice of its group's buffers.
+    Flat,
+    /// One group per parameter tensor: the plain reference path.
+    PerTensor,
+}
+
+impl Grouping {
+    /// `VICINITY_ADAMW=tensor` picks [`Grouping::PerTensor`]; anything else [`Grouping::Flat`].
+    pub fn from_env() -> Self {
+        match std::env::var("VICINITY_ADAMW").as_deref() {
+            Ok("tensor") => Grouping::PerTensor,
+            _ => Grouping::Flat,
+        }
+    }
+}
+
+/// Parameters start at multiples of this many elements in a flat group (512 bytes in bf16, the
+/// CUDA allocation alignment), so that each is handed back to the model as a view, not a copy.
+const ALIGN: usize = 256;
+
+/// Where one parameter lives in its group's buffers.
+#[derive(Clone, Debug)]
+struct Slot {
+    name: String,
+    shape: Vec<usize>,
+    offset: usize,
+    len: usize,
+}
+
+impl Slot {
+    fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// Parameters updated together; every buffer is flat f32 of `len` elements (padding is zero).
 #[derive(Clone)]
-struct Moments<B: Backend> {
+struct Group<B: Backend> {
+    slots: Vec<Slot>,
+    len: usize,
+    weight_decay: bool,
+    /// The parameters' dtype (the model's, bf16 or f32).
+    dtype: FloatDType,
+    /// The f32 weights: the master copy with bf16 parameters, the parameters themselves with f32.
+    weights: Tensor<B, 1>,
     m: Tensor<B, 1>,
     v: Tensor<B, 1>,
+    ema: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Group<B> {
+    /// `values` by slot, laid out as this group's buffer (zero where a slot has none).
+    fn gather(&self, values: &mut HashMap<String, Tensor<B, 1>>, device: &B::Device) -> Option<Tensor<B, 1>> {
+        if let [slot] = &self.slots[..]
+            && slot.len == self.len
+        {
+            return values.remove(&slot.name);
+        }
+        let mut buf: Option<Tensor<B, 1>> = None;
+        for slot in &self.slots {
+            if let Some(t) = values.remove(&slot.name) {
+                let b = buf.unwrap_or_else(|| Tensor::zeros([self.len], (device, t.dtype())));
+                buf = Some(b.slice_assign(slot.range(), t));
+            }
+        }
+        buf
+    }
+
+    /// This group's part of `values` (restored averages) as a buffer, with `fill`'s values where
+    /// a slot has none; `None` when no slot has one.
+    fn restore(
+        &self,
+        values: &mut BTreeMap<String, Tensor<B, 1>>,
+        fill: &Tensor<B, 1>,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 1>> {
+        if !self.slots.iter().any(|s| values.contains_key(&s.name)) {
+            return None;
+        }
+        let mut parts: HashMap<String, Tensor<B, 1>> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let v = values.remove(&s.name);
+                (s.name.clone(), v.unwrap_or_else(|| fill.clone().slice(s.range())))
+            })
+            .collect();
+        self.gather(&mut parts, device)
+    }
+
+    /// Each slot's part of `buf` (views, no copies where the offsets are aligned).
+    fn scatter(&self, buf: &Tensor<B, 1>, out: &mut BTreeMap<String, Tensor<B, 1>>) {
+        for slot in &self.slots {
+            let t = if slot.len == self.len {
+                buf.clone()
+            } else {
+                buf.clone().slice(slot.range())
+            };
+            out.insert(slot.name.clone(), t);
+        }
+    }
+
+    /// Each slot's part of a host copy of a buffer, flat or in the parameter's shape.
+    fn scatter_host(&self, values: &[f32], prefix: &str, shaped: bool, out: &mut HostTensors) {
+        for slot in &self.slots {
+            let v = values[slot.range()].to_vec();
+            let shape = if shaped {
+                slot.shape.clone()
+            } else {
+                vec![slot.len]
+            };
+            out.insert(format!("{prefix}{}", slot.name), (shape, v));
+        }
+    }
 }
 
 /// The optimizer; `B` is the inner (non-autodiff) backend.
@@ -62,19 +183,21 @@ pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     /// Steps taken (the `t` of the bias correction).
     pub step: u64,
-    moments: HashMap<String, Moments<B>>,
-    /// f32 master weights (bf16 training), flat.
-    master: Option<HashMap<String, Tensor<B, 1>>>,
+    master_weights: bool,
+    grouping: Grouping,
+    /// Laid out at the first step (or when a checkpoint is loaded).
+    groups: Vec<Group<B>>,
 }
 
-/// Exponential moving average of the weights (f32, flat), updated after each optimizer step with
+/// Exponential moving average of the weights (f32), updated after each optimizer step with
 /// decay `min(decay, (1+n)/(10+n))` after `n` updates, so that early averages are not dominated by
-/// the random initialisation.
+/// the random initialisation. The averages live in the optimizer's groups
+/// ([`AdamW::ema_values`]); `pending` holds values restored from a checkpoint until then.
 #[derive(Clone)]
 pub struct Ema<B: Backend> {
     pub decay: f64,
     pub updates: u64,
-    pub values: BTreeMap<String, Tensor<B, 1>>,
+    pub pending: BTreeMap<String, Tensor<B, 1>>,
 }
 
 impl<B: Backend> Ema<B> {
@@ -82,7 +205,7 @@ impl<B: Backend> Ema<B> {
         Ema {
             decay,
             updates: 0,
-            values: BTreeMap::new(),
+            pending: BTreeMap::new(),
         }
     }
 
@@ -99,21 +222,121 @@ pub struct StepStats<B: Backend> {
     pub grad_norm: Tensor<B, 1>,
 }
 
+/// One float parameter as the optimizer sees it.
+struct ParamValue<B: Backend> {
+    name: String,
+    shape: Vec<usize>,
+    decays: bool,
+    dtype: FloatDType,
+    /// f32, flat.
+    value: Tensor<B, 1>,
+}
+
+/// Every float parameter of `module`, in module order.
+fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamValue<B>> {
+    struct V<B: Backend> {
+        path: PathStack,
+        out: Vec<ParamValue<B>>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for V<B> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let name = self.path.name();
+            let t = param.val();
+            let n = t.shape().num_elements();
+            self.out.push(ParamValue {
+                shape: t.dims().to_vec(),
+                decays: decays(&name, D),
+                dtype: float_dtype(&t),
+                value: to_f32(t.reshape([n])),
+                name,
+            });
+        }
+    }
+    let mut v = V {
+        path: PathStack::default(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
 impl<B: Backend> AdamW<B> {
+    /// Flat groups unless `VICINITY_ADAMW=tensor` ([`Grouping::from_env`]).
     pub fn new(config: AdamWConfig, master_weights: bool) -> Self {
+        Self::with_grouping(config, master_weights, Grouping::from_env())
+    }
+
+    pub fn with_grouping(config: AdamWConfig, master_weights: bool, grouping: Grouping) -> Self {
         AdamW {
             config,
             step: 0,
-            moments: HashMap::new(),
-            master: master_weights.then(HashMap::new),
+            master_weights,
+            grouping,
+            groups: Vec::new(),
         }
     }
 
     pub fn has_master_weights(&self) -> bool {
-        self.master.is_some()
+        self.master_weights
     }
 
-    /// One AdamW step on every parameter that has a gradient.
+    /// Lays out the groups over `params`, with zero moments.
+    fn lay_out(&mut self, params: Vec<ParamValue<B>>) {
+        self.groups.clear();
+        let mut keys: Vec<(bool, FloatDType)> = Vec::new();
+        let mut members: Vec<Vec<ParamValue<B>>> = Vec::new();
+        for p in params {
+            let key = (p.decays, p.dtype);
+            match (self.grouping, keys.iter().position(|k| *k == key)) {
+                (Grouping::Flat, Some(i)) => members[i].push(p),
+                _ => {
+                    keys.push(key);
+                    members.push(vec![p]);
+                }
+            }
+        }
+        for ((weight_decay, dtype), ps) in keys.into_iter().zip(members) {
+            let single = ps.len() == 1;
+            let mut slots = Vec::with_capacity(ps.len());
+            let mut len = 0;
+            for p in &ps {
+                let n = p.value.shape().num_elements();
+                slots.push(Slot {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    offset: len,
+                    len: n,
+                });
+                len += if single { n } else { n.next_multiple_of(ALIGN) };
+            }
+            let device = ps[0].value.device();
+            let mut values: HashMap<String, Tensor<B, 1>> =
+                ps.into_iter().map(|p| (p.name, p.value)).collect();
+            let mut group = Group {
+                slots,
+                len,
+                weight_decay,
+                dtype,
+                weights: Tensor::zeros([len], (&device, DType::F32)),
+                m: Tensor::zeros([len], (&device, DType::F32)),
+                v: Tensor::zeros([len], (&device, DType::F32)),
+                ema: None,
+            };
+            group.weights = group
+                .gather(&mut values, &device)
+                .expect("a group has parameters");
+            self.groups.push(group);
+        }
+    }
+
+    /// One AdamW step on every parameter that has a gradient (with flat groups, a parameter
+    /// without one takes a zero gradient: its moments decay and its weights keep moving).
     pub fn step<AB, M>(
         &mut self,
         model: M,
@@ -126,136 +349,232 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let grad_norm = global_norm::<AB, M>(&model, &grads);
+        if self.groups.is_empty() {
+            self.lay_out(param_values(&model.valid()));
+        }
+        let device = self.groups[0].weights.device();
+        let mut named = take_grads::<AB, M>(&model, &mut grads);
+        let gathered: Vec<Option<Tensor<B, 1>>> = self
+            .groups
+            .iter()
+            .map(|g| g.gather(&mut named, &device))
+            .collect();
+        let grad_norm = gathered
+            .iter()
+            .flatten()
+            .map(|g| to_f32(g.clone()).square().sum())
+            .reduce(|a, b| a + b)
+            .map_or_else(|| Tensor::zeros([1], (&device, DType::F32)), Tensor::sqrt);
         let coef =
             clip.map(|max| (grad_norm.clone().add_scalar(1e-6).recip().mul_scalar(max)).clamp_max(1.0));
         self.step += 1;
         let t = self.step as i32;
         let c = self.config;
+        let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let mut ema = ema;
         let ema_decay = ema.as_ref().map(|e| e.current_decay());
-        let mut mapper = StepMapper::<AB> {
-            path: PathStack::default(),
-            grads: &mut grads,
-            opt: self,
-            lr,
-            coef,
-            bias1: 1.0 - c.beta1.powi(t),
-            bias2: 1.0 - c.beta2.powi(t),
-            ema: ema.map(|e| (e, ema_decay.unwrap_or(0.0))),
-        };
-        let model = model.map(&mut mapper);
-        if let Some((e, _)) = mapper.ema {
+        let mut restored = ema
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.pending))
+            .unwrap_or_default();
+        let mut updated = BTreeMap::new();
+        for (group, g) in self.groups.iter_mut().zip(gathered) {
+            let Some(g) = g else { continue };
+            let mut g = to_f32(g);
+            if let Some(coef) = &coef {
+                g = g.mul(coef.clone());
+            }
+            group.m = group.m.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
+            group.v = group.v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
+            let update = group
+                .m
+                .clone()
+                .div_scalar(bias1)
+                .div(group.v.clone().div_scalar(bias2).sqrt().add_scalar(c.eps));
+            let mut w = group.weights.clone();
+            if group.weight_decay && c.weight_decay > 0.0 {
+                w = w.mul_scalar(1.0 - lr * c.weight_decay);
+            }
+            group.weights = w - update.mul_scalar(lr);
+            if let Some(decay) = ema_decay {
+                let w = group.weights.clone();
+                let previous = group
+                    .ema
+                    .take()
+                    .or_else(|| group.restore(&mut restored, &w, &device));
+                group.ema = Some(match previous {
+                    Some(e) => e.mul_scalar(decay) + w.mul_scalar(1.0 - decay),
+                    None => w,
+                });
+            }
+            group.scatter(&cast(group.weights.clone(), group.dtype), &mut updated);
+        }
+        if let Some(e) = ema {
             e.updates += 1;
         }
+        let model = model.map(&mut SetParams::<AB> {
+            path: PathStack::default(),
+            values: updated,
+            _b: std::marker::PhantomData,
+        });
         (model, StepStats { grad_norm })
     }
 
     /// The f32 master copy of each parameter (bf16 training), or `None`.
     pub fn master_weights(&self) -> Option<BTreeMap<String, Tensor<B, 1>>> {
-        self.master
-            .as_ref()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        (self.master_weights && !self.groups.is_empty()).then(|| self.named(|g| Some(&g.weights)))
     }
 
-    /// The state as named host tensors: `m/NAME`, `v/NAME` and (bf16) `master/NAME`.
+    /// The moving averages by parameter name: those of the groups, else the ones restored into
+    /// `ema` and not yet laid out.
+    pub fn ema_values(&self, ema: &Ema<B>) -> BTreeMap<String, Tensor<B, 1>> {
+        if self.groups.iter().any(|g| g.ema.is_some()) {
+            self.named(|g| g.ema.as_ref())
+        } else {
+            ema.pending.clone()
+        }
+    }
+
+    fn named(&self, buf: impl Fn(&Group<B>) -> Option<&Tensor<B, 1>>) -> BTreeMap<String, Tensor<B, 1>> {
+        let mut out = BTreeMap::new();
+        for g in &self.groups {
+            if let Some(b) = buf(g) {
+                g.scatter(b, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The state as named host tensors: `m/NAME`, `v/NAME` and (bf16) `master/NAME`; one copy to
+    /// the host per group buffer.
     pub fn to_host(&self) -> Result<HostTensors> {
         let mut out = BTreeMap::new();
-        for (name, mo) in &self.moments {
-            out.insert(format!("m/{name}"), crate::io::to_host(mo.m.clone())?);
-            out.insert(format!("v/{name}"), crate::io::to_host(mo.v.clone())?);
-        }
-        if let Some(master) = &self.master {
-            for (name, p) in master {
-                out.insert(format!("master/{name}"), crate::io::to_host(p.clone())?);
+        for g in &self.groups {
+            g.scatter_host(&crate::io::to_host(g.m.clone())?.1, "m/", false, &mut out);
+            g.scatter_host(&crate::io::to_host(g.v.clone())?.1, "v/", false, &mut out);
+            if self.master_weights {
+                g.scatter_host(
+                    &crate::io::to_host(g.weights.clone())?.1,
+                    "master/",
+                    false,
+                    &mut out,
+                );
             }
         }
         Ok(out)
     }
 
-    /// Restores the state written by [`AdamW::to_host`] (the step count comes separately).
-    pub fn load_host(&mut self, tensors: HostTensors, step: u64, device: &B::Device) -> Result<()> {
-        let to_dev = |(shape, v): (Vec<usize>, Vec<f32>)| {
-            let n = shape.iter().product::<usize>();
-            Tensor::<B, 1>::from_data(
-                burn::tensor::TensorData::new(v, [n]),
-                (device, burn::tensor::DType::F32),
-            )
-        };
-        let mut m = HashMap::new();
-        let mut v = HashMap::new();
-        let mut master = HashMap::new();
-        for (key, t) in tensors {
+    /// The f32 weights (the master copy with bf16) or, with `ema`, the moving averages, in the
+    /// parameters' shapes, with one copy to the host per group; `None` before the first step.
+    pub fn weights_host(&self, ema: bool) -> Result<Option<HostTensors>> {
+        let mut out = BTreeMap::new();
+        for g in &self.groups {
+            let buf = if ema { g.ema.as_ref() } else { Some(&g.weights) };
+            let Some(buf) = buf else { return Ok(None) };
+            g.scatter_host(&crate::io::to_host(buf.clone())?.1, "", true, &mut out);
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    /// Restores the state written by [`AdamW::to_host`] for the parameters of `model` (the step
+    /// count comes separately). Parameters the state lacks start with zero moments.
+    pub fn load_host<M: Module<B>>(&mut self, model: &M, tensors: HostTensors, step: u64) -> Result<()> {
+        let mut state: [BTreeMap<String, Vec<f32>>; 3] = Default::default();
+        for (key, (_, values)) in tensors {
             let (kind, name) = key.split_once('/').context("malformed optimizer state name")?;
-            match kind {
-                "m" => m.insert(name.to_string(), to_dev(t)),
-                "v" => v.insert(name.to_string(), to_dev(t)),
-                "master" => master.insert(name.to_string(), to_dev(t)),
+            let i = match kind {
+                "m" => 0,
+                "v" => 1,
+                "master" => 2,
                 other => bail!("unknown optimizer state kind '{other}'"),
             };
+            state[i].insert(name.to_string(), values);
         }
-        if m.len() != v.len() {
+        if state[0].len() != state[1].len() {
             bail!(
                 "optimizer state has {} first moments but {} second moments",
-                m.len(),
-                v.len()
+                state[0].len(),
+                state[1].len()
             );
         }
-        let mut moments = HashMap::new();
-        for (name, m) in m {
-            let v = v
-                .remove(&name)
-                .with_context(|| format!("optimizer state lacks v/{name}"))?;
-            moments.insert(name, Moments { m, v });
+        let params = param_values(model);
+        for (i, kind) in ["m", "v", "master"].iter().enumerate() {
+            if let Some(name) = state[i].keys().find(|n| !params.iter().any(|p| &p.name == *n)) {
+                bail!("the optimizer state has {kind}/{name}, a parameter this model does not have");
+            }
         }
-        self.moments = moments;
+        if let Some(name) = state[0].keys().find(|n| !state[1].contains_key(*n)) {
+            bail!("optimizer state lacks v/{name}");
+        }
+        self.lay_out(params);
+        for g in &mut self.groups {
+            let device = g.weights.device();
+            for (i, buf) in [&mut g.m, &mut g.v, &mut g.weights].into_iter().enumerate() {
+                if !g.slots.iter().any(|s| state[i].contains_key(&s.name)) {
+                    continue;
+                }
+                let mut host = crate::io::to_host(buf.clone())?.1;
+                for s in &g.slots {
+                    if let Some(v) = state[i].get(&s.name) {
+                        ensure!(
+                            v.len() == s.len,
+                            "optimizer state for {} has {} values, the parameter has {}",
+                            s.name,
+                            v.len(),
+                            s.len
+                        );
+                        host[s.range()].copy_from_slice(v);
+                    }
+                }
+                *buf = Tensor::from_data(TensorData::new(host, [g.len]), (&device, DType::F32));
+            }
+        }
         self.step = step;
-        if let Some(own) = &mut self.master {
-            *own = master;
-        }
         Ok(())
     }
 }
 
-/// ‖all gradients‖₂ as a `[1]` tensor (f32), without leaving the device.
-fn global_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+/// Takes each parameter's gradient out of `grads`, flat and by name.
+fn take_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     model: &M,
-    grads: &GradientsParams,
-) -> Tensor<AB::InnerBackend, 1> {
+    grads: &mut GradientsParams,
+) -> HashMap<String, Tensor<AB::InnerBackend, 1>> {
     struct V<'a, AB: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        sum: Option<Tensor<AB::InnerBackend, 1>>,
+        path: PathStack,
+        grads: &'a mut GradientsParams,
+        out: HashMap<String, Tensor<AB::InnerBackend, 1>>,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for V<'_, AB> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-                let sq = to_f32(g).square().sum();
-                self.sum = Some(match self.sum.take() {
-                    Some(s) => s + sq,
-                    None => sq,
-                });
+            if let Some(g) = self.grads.remove::<AB::InnerBackend, D>(param.id) {
+                let n = g.shape().num_elements();
+                self.out.insert(self.path.name(), g.reshape([n]));
             }
         }
     }
-    let mut v = V::<AB> { grads, sum: None };
+    let mut v = V::<AB> {
+        path: PathStack::default(),
+        grads,
+        out: HashMap::new(),
+    };
     model.visit(&mut v);
-    match v.sum {
-        Some(s) => s.sqrt(),
-        None => Tensor::zeros([1], &Default::default()),
-    }
+    v.out
 }
 
-struct StepMapper<'a, AB: AutodiffBackend> {
+/// Replaces each parameter that has a new (flat) value, keeping it trainable.
+struct SetParams<AB: AutodiffBackend> {
     path: PathStack,
-    grads: &'a mut GradientsParams,
-    opt: &'a mut AdamW<AB::InnerBackend>,
-    lr: f64,
-    coef: Option<Tensor<AB::InnerBackend, 1>>,
-    bias1: f64,
-    bias2: f64,
-    ema: Option<(&'a mut Ema<AB::InnerBackend>, f64)>,
+    values: BTreeMap<String, Tensor<AB::InnerBackend, 1>>,
+    _b: std::marker::PhantomData<AB>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
+impl<AB: AutodiffBackend> ModuleMapper<AB> for SetParams<AB> {
     fn enter_module(&mut self, name: &str, container: &str) {
         self.path.enter(name, container);
     }
@@ -266,56 +585,12 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
-        };
-        let name = self.path.name();
-        let c = self.opt.config;
-        let inner = tensor.inner();
-        let shape = inner.shape();
-        let dtype = float_dtype(&inner);
-        let n = shape.num_elements();
-        let mut g = to_f32(grad).reshape([n]);
-        if let Some(coef) = &self.coef {
-            g = g.mul(coef.clone());
+        match self.values.remove(&self.path.name()) {
+            Some(v) => {
+                let new = v.reshape(tensor.shape());
+                Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
+            }
+            None => Param::from_mapped_value(id, tensor, mapper),
         }
-        let (m, v) = match self.opt.moments.remove(&name) {
-            Some(Moments { m, v }) => (
-                m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1),
-                v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2),
-            ),
-            None => (
-                g.clone().mul_scalar(1.0 - c.beta1),
-                g.square().mul_scalar(1.0 - c.beta2),
-            ),
-        };
-        let update = m
-            .clone()
-            .div_scalar(self.bias1)
-            .div(v.clone().div_scalar(self.bias2).sqrt().add_scalar(c.eps));
-        let wd = if decays(&name, D) { c.weight_decay } else { 0.0 };
-        let p = match &mut self.opt.master {
-            Some(master) => master.remove(&name).unwrap_or_else(|| to_f32(inner.reshape([n]))),
-            None => to_f32(inner.reshape([n])),
-        };
-        let p = if wd > 0.0 {
-            p.mul_scalar(1.0 - self.lr * wd)
-        } else {
-            p
-        };
-        let p = p - update.mul_scalar(self.lr);
-        self.opt.moments.insert(name.clone(), Moments { m, v });
-        if let Some((ema, decay)) = &mut self.ema {
-            let e = match ema.values.remove(&name) {
-                Some(e) => e.mul_scalar(*decay) + p.clone().mul_scalar(1.0 - *decay),
-                None => p.clone(),
-            };
-            ema.values.insert(name.clone(), e);
-        }
-        let new = cast(p.clone(), dtype).reshape(shape);
-        if let Some(master) = &mut self.opt.master {
-            master.insert(name, p);
-        }
-        Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
     }
 }

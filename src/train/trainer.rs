@@ -391,7 +391,11 @@ pub fn resume<B: AutodiffBackend>(
     };
     let mut optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
     optim
-        .load_host(read_all_f32(&ck.join(OPTIM_FILE))?, state.global_step, device)
+        .load_host(
+            &model.valid(),
+            read_all_f32(&ck.join(OPTIM_FILE))?,
+            state.global_step,
+        )
         .with_context(|| {
             format!(
                 "cannot restore the optimizer from {}",
@@ -405,7 +409,7 @@ pub fn resume<B: AutodiffBackend>(
             let path = ck.join(EMA_FILE);
             if path.exists() {
                 let m: Model<B::InnerBackend> = state.model.init(device)?;
-                e.values = collect_flat(&weights::load_native(m, &path)?);
+                e.pending = collect_flat(&weights::load_native(m, &path)?);
             }
             Some(e)
         }
@@ -749,7 +753,7 @@ impl<B: AutodiffBackend> Session<B> {
     fn ema_model(&self, dtype: Option<FloatDType>) -> Option<Model<B::InnerBackend>> {
         self.ema
             .as_ref()
-            .map(|e| replace_flat(self.model.valid(), &e.values, dtype))
+            .map(|e| replace_flat(self.model.valid(), &self.optim.ema_values(e), dtype))
     }
 
     /// Writes `last` (and `best` too when `best` is set) atomically. The weights and optimizer
@@ -757,11 +761,20 @@ impl<B: AutodiffBackend> Session<B> {
     fn save(&mut self, best: bool) -> Result<()> {
         self.state.elapsed_s = self.elapsed();
         let config = self.state.model.clone();
-        let model = weights::native_bytes(&self.model_to_save(), &config)?;
-        let ema = self
-            .ema_model(Some(FloatDType::F32))
-            .map(|m| weights::native_bytes(&m, &config))
-            .transpose()?;
+        // The optimizer's f32 buffers come to the host in one piece each; before the first step
+        // (no buffers yet) the model is read parameter by parameter.
+        let model = match self.optim.weights_host(false)? {
+            Some(host) => weights::native_bytes_from_host(&host, &config)?,
+            None => weights::native_bytes(&self.model_to_save(), &config)?,
+        };
+        let ema = match (&self.ema, self.optim.weights_host(true)?) {
+            (None, _) => None,
+            (Some(_), Some(host)) => Some(weights::native_bytes_from_host(&host, &config)?),
+            (Some(_), None) => self
+                .ema_model(Some(FloatDType::F32))
+                .map(|m| weights::native_bytes(&m, &config))
+                .transpose()?,
+        };
         let optim = self.optim.to_host()?;
         let state_json = serde_json::to_vec_pretty(&self.state)?;
         let last = self.run_dir.join("last");

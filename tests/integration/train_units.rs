@@ -14,7 +14,7 @@ use vicinity::train::inference::{
     ClassSource, Prediction, TopClass, class_names, format_predictions, softmax, top_k,
 };
 use vicinity::train::metrics::EvalAccumulator;
-use vicinity::train::optim::{AdamW, AdamWConfig};
+use vicinity::train::optim::{AdamW, AdamWConfig, Ema, Grouping};
 use vicinity::train::params::{collect_flat, decays, param_info};
 use vicinity::train::schedule::{BudgetInputs, Schedule, Warmup, parse_duration, plan_budget};
 use vicinity::train::{args::parse_randaug, demo};
@@ -165,6 +165,167 @@ fn adamw_matches_the_reference_update() {
         assert!((*g as f64 - e).abs() < 1e-6, "{got:?} vs {p:?}");
     }
     assert_eq!(opt.step, 2);
+}
+
+#[test]
+fn flat_adamw_matches_the_per_tensor_reference_step_by_step() {
+    // Each step of a trajectory is repeated by an optimizer of the other grouping restored from
+    // the state (to_host → load_host, EMA included): weights, averages and the clipped gradient
+    // norm must agree (the norm to 1e-5: f32 sums in a different order). (Whole trajectories drift apart at 1e-5 within three steps: Adam divides
+    // by √v, which magnifies one-ulp differences in near-zero gradients.)
+    type Host = std::collections::BTreeMap<String, Vec<f32>>;
+    let host = |t: std::collections::BTreeMap<String, Tensor<B, 1>>| -> Host {
+        t.into_iter()
+            .map(|(k, v)| (k, v.into_data().to_vec::<f32>().unwrap()))
+            .collect()
+    };
+    let close = |a: &Host, b: &Host, what: &str| {
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        for (name, x) in a {
+            for (u, v) in x.iter().zip(&b[name]) {
+                assert!(
+                    (u - v).abs() <= 1e-6 * u.abs().max(1.0),
+                    "{what}: {name}: {u} vs {v}"
+                );
+            }
+        }
+    };
+    let device = Default::default();
+    let mut config = demo::micro_vvt(3);
+    if let models::ModelConfig::Vvt(c) = &mut config {
+        c.drop_path = 0.0;
+    }
+    let cfg = AdamWConfig {
+        weight_decay: 0.3,
+        ..Default::default()
+    };
+    for grouping in [Grouping::Flat, Grouping::PerTensor] {
+        let other = match grouping {
+            Grouping::Flat => Grouping::PerTensor,
+            Grouping::PerTensor => Grouping::Flat,
+        };
+        let mut model: Model<AB> = config.init(&device).unwrap();
+        let start = host(collect_flat(&model.valid()));
+        let mut opt = AdamW::<B>::with_grouping(cfg, false, grouping);
+        let mut ema = Ema::<B>::new(0.8);
+        for step in 0..3 {
+            let mut twin = AdamW::<B>::with_grouping(cfg, false, other);
+            if step > 0 {
+                twin.load_host(&model.valid(), opt.to_host().unwrap(), opt.step)
+                    .unwrap();
+            }
+            let mut twin_ema = Ema::<B>::new(0.8);
+            twin_ema.updates = ema.updates;
+            twin_ema.pending = opt.ema_values(&ema);
+            let x = Tensor::<AB, 1, Int>::arange(0..(2 * 3 * 32 * 32) as i64, &device)
+                .float()
+                .mul_scalar(0.01 * (step + 1) as f64)
+                .sin()
+                .reshape([2, 3, 32, 32]);
+            let grads = |m: &Model<AB>| {
+                GradientsParams::from_grads(m.forward(x.clone()).powi_scalar(2).mean().backward(), m)
+            };
+            let (g, g_twin) = (grads(&model), grads(&model));
+            let (b, twin_stats) = twin.step(model.clone(), g_twin, 0.05, Some(0.05), Some(&mut twin_ema));
+            let (a, stats) = opt.step(model, g, 0.05, Some(0.05), Some(&mut ema));
+            let what = format!("{grouping:?} step {step}");
+            let (n, n_twin) = (stats.grad_norm.into_scalar(), twin_stats.grad_norm.into_scalar());
+            assert!(n > 0.05, "{what}: the clip must be active, norm {n}");
+            assert!(
+                (n - n_twin).abs() <= 1e-5 * n,
+                "{what}: grad norm {n} vs {n_twin}"
+            );
+            close(
+                &host(collect_flat(&a.valid())),
+                &host(collect_flat(&b.valid())),
+                &what,
+            );
+            close(
+                &host(opt.ema_values(&ema)),
+                &host(twin.ema_values(&twin_ema)),
+                &format!("{what} ema"),
+            );
+            model = a;
+        }
+        let moved = host(collect_flat(&model.valid()));
+        assert!(start.iter().all(|(k, v)| moved[k] != *v), "every parameter moves");
+    }
+}
+
+#[test]
+fn weights_written_from_the_optimizer_equal_the_models_own() {
+    // The trainer writes checkpoints from the optimizer's host copy; the file must be the one
+    // `native_bytes` writes from the model (names, shapes, values) and load back.
+    let device = Default::default();
+    let config = demo::micro_vvt(3);
+    let model: Model<AB> = config.init(&device).unwrap();
+    let mut opt = AdamW::<B>::new(AdamWConfig::default(), false);
+    assert!(
+        opt.weights_host(false).unwrap().is_none(),
+        "no copy before the first step"
+    );
+    let x = Tensor::<AB, 4>::ones([2, 3, 32, 32], &device);
+    let grads = GradientsParams::from_grads(model.forward(x).powi_scalar(2).sum().backward(), &model);
+    let mut ema = Ema::<B>::new(0.5);
+    let (model, _) = opt.step(model, grads, 1e-2, None, Some(&mut ema));
+    let read = |bytes: &[u8]| -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                let values = v
+                    .data()
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                (name, (v.shape().to_vec(), values))
+            })
+            .collect()
+    };
+    let from_host =
+        vicinity::weights::native_bytes_from_host(&opt.weights_host(false).unwrap().unwrap(), &config)
+            .unwrap();
+    let own = vicinity::weights::native_bytes(&model.valid(), &config).unwrap();
+    assert_eq!(read(&from_host), read(&own));
+    let dir = tmp("host-weights");
+    let path = dir.join("model.safetensors");
+    std::fs::write(&path, &from_host).unwrap();
+    assert_eq!(
+        vicinity::weights::native_config(&path).unwrap().as_ref(),
+        Some(&config)
+    );
+    let fresh: Model<B> = config.init(&device).unwrap();
+    let loaded = vicinity::weights::load_native(fresh, &path).unwrap();
+    let own = vicinity::weights::native_bytes(&loaded, &config).unwrap();
+    assert_eq!(read(&from_host), read(&own));
+    // The averages: after one update they are the new weights.
+    let ema_bytes = opt.weights_host(true).unwrap().unwrap();
+    assert_eq!(ema_bytes, opt.weights_host(false).unwrap().unwrap());
+}
+
+#[test]
+fn adamw_state_of_the_wrong_shape_is_refused_by_name() {
+    let device = Default::default();
+    let model: Model<B> = demo::micro_vvt(3).init(&device).unwrap();
+    let info = param_info(&model);
+    let name = &info[0].name;
+    let mut state = vicinity::train::optim::HostTensors::new();
+    state.insert(format!("m/{name}"), (vec![3], vec![0.0; 3]));
+    state.insert(format!("v/{name}"), (vec![3], vec![0.0; 3]));
+    let mut opt = AdamW::<B>::new(AdamWConfig::default(), false);
+    let err = opt.load_host(&model, state.clone(), 1).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("has 3 values"), "{err}");
+    state.insert(
+        format!("m/{name}"),
+        (vec![3], vec![0.0; info[0].shape.iter().product()]),
+    );
+    state.insert("master/no.such.weight".into(), (vec![3], vec![0.0; 3]));
+    let err = opt.load_host(&model, state, 1).unwrap_err().to_string();
+    assert!(err.contains("no.such.weight"), "{err}");
 }
 
 #[test]
