@@ -180,6 +180,15 @@ pub fn conv2d_nhwc_many<B: Backend>(
         })
         .collect();
     let cols: Tensor<B, 4> = Tensor::stack(cols, 0);
+    (
+        conv2d_many_columns(convs, cols),
+        grid.expect("at least one convolution"),
+    )
+}
+
+/// `T` dense convolutions applied to their patches `cols` (`T×B×P×(k·k·Cin)`, ordered like
+/// [`im2col_nhwc`]) → `T×B×P×Cout`.
+pub fn conv2d_many_columns<B: Backend>(convs: &[Conv2d<B>], cols: Tensor<B, 4>) -> Tensor<B, 4> {
     let weights: Vec<Tensor<B, 2>> = convs.iter().map(kernel_matrix).collect();
     let weights: Tensor<B, 3> = Tensor::stack(weights, 0);
     let [t, kkc, cout] = weights.dims();
@@ -195,7 +204,23 @@ pub fn conv2d_nhwc_many<B: Backend>(
     if !biases.is_empty() {
         y = y + Tensor::stack::<2>(biases, 0).reshape([t, 1, 1, cout]);
     }
-    (y, grid.expect("at least one convolution"))
+    y
+}
+
+/// One dense convolution applied to its patches `cols` (`B×P×(k·k·Cin)`) → `B×P×Cout`.
+pub fn conv2d_columns<B: Backend>(conv: &Conv2d<B>, cols: Tensor<B, 3>) -> Tensor<B, 3> {
+    let weight = kernel_matrix(conv);
+    let cout = weight.dims()[1];
+    let y = cols.matmul(weight.unsqueeze_dim::<3>(0));
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, 1, cout]),
+        None => y,
+    }
+}
+
+/// Square kernel, stride and padding of a convolution.
+pub fn conv_geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
+    geometry(conv)
 }
 
 /// A depth-wise (groups = channels) convolution of channels-last `x`: the fused kernel where the

@@ -13,6 +13,8 @@
 //! Module paths follow the official names (`layers.{k}.0` → `stages.{k}`, `layers.{k}.1` →
 //! `stages.{k}.reduce`), see [`rename_official`].
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result, bail};
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
@@ -26,7 +28,9 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
-use crate::ops::{LinearRows, conv2d_nhwc, conv2d_nhwc_many};
+use crate::ops::{
+    LinearRows, conv_geometry, conv2d_columns, conv2d_many_columns, conv2d_nhwc, conv2d_nhwc_many,
+};
 
 /// LayerNorm epsilon used everywhere in LSAGT.
 const LN_EPS: f64 = 1e-6;
@@ -92,6 +96,72 @@ impl ShiftScheme {
             Self::Imagenet if t > 0 => IMAGENET_PADS[t - 1],
             _ => (0, 0),
         }
+    }
+
+    /// The pixel of an `h×w` image at `(row, col)` of variant `t`'s canvas.
+    fn source(self, t: usize, (h, w): (usize, usize), (y, x): (usize, usize)) -> (usize, usize) {
+        match self {
+            Self::Cifar if t > 0 => {
+                let (dy, dx) = CIFAR_SHIFTS[t - 1];
+                (
+                    (y as i64 - dy).rem_euclid(h as i64) as usize,
+                    (x as i64 - dx).rem_euclid(w as i64) as usize,
+                )
+            }
+            _ => {
+                let (left, top) = self.growth(t);
+                ((y + h - top) % h, (x + w - left) % w)
+            }
+        }
+    }
+
+    /// For every variant, output position and kernel tap `(row, col)`, the image pixel that the
+    /// patch column reads (row-major), or `h·w` (a zero pixel) where it falls in the convolution's
+    /// zero padding; and the output grid. Cached per geometry.
+    fn patch_index(
+        self,
+        (h, w): (usize, usize),
+        (k, s, p): (usize, usize, usize),
+    ) -> (Arc<Vec<i64>>, (usize, usize)) {
+        type Key = (ShiftScheme, usize, usize, usize, usize, usize);
+        type Index = (Arc<Vec<i64>>, (usize, usize));
+        static CACHE: Mutex<Vec<(Key, Index)>> = Mutex::new(Vec::new());
+        let key = (self, h, w, k, s, p);
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, v)) = cache.iter().find(|(k, _)| *k == key) {
+            return v.clone();
+        }
+        let t_count = self.num_variants();
+        let out = |n: usize| (n + 2 * p - k) / s + 1;
+        let grid = (out(h), out(w));
+        let mut index = Vec::with_capacity(t_count * grid.0 * grid.1 * k * k);
+        for t in 0..t_count {
+            let (gx, gy) = self.growth(t);
+            let (ch, cw) = (h + gy, w + gx);
+            assert!(
+                (out(ch), out(cw)) == grid,
+                "the shifted variants give different token grids (check the input size)"
+            );
+            for oy in 0..grid.0 {
+                for ox in 0..grid.1 {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (cy, cx) = ((oy * s + ky) as i64 - p as i64, (ox * s + kx) as i64 - p as i64);
+                            let inside = (0..ch as i64).contains(&cy) && (0..cw as i64).contains(&cx);
+                            index.push(if inside {
+                                let (y, x) = self.source(t, (h, w), (cy as usize, cx as usize));
+                                (y * w + x) as i64
+                            } else {
+                                (h * w) as i64
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let v = (Arc::new(index), grid);
+        cache.push((key, v.clone()));
+        v
     }
 }
 
@@ -602,8 +672,45 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
         }
     }
 
-    /// `B×3×H×W` → the tokens of every variant, `T×B×N×D`, and the token grid `(rows, cols)`.
-    pub fn forward(&self, img: Tensor<B, 4>) -> (Tensor<B, 4>, (usize, usize)) {
+    /// `B×3×H×W` → the tokens of every variant, `T×B×N×D`, the tokens of variant 0 on their own
+    /// (`B×N×D`: the same values, computed apart so that their gradient does not go through a
+    /// slice of the large variant tensor), and the token grid `(rows, cols)`.
+    ///
+    /// The patches of all variants are one gather from the image ([`ShiftScheme::patch_index`])
+    /// rather than T rolls or paddings, each with its own im2col: a few kernels instead of
+    /// hundreds of small copies per step.
+    pub fn forward(&self, img: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 3>, (usize, usize)) {
+        let [b, c, h, w] = img.dims();
+        let t = self.projections.len();
+        assert_eq!(t, self.scheme.num_variants(), "one projection per variant");
+        let (k, s, p) = conv_geometry(&self.projections[0]);
+        assert!(
+            self.projections
+                .iter()
+                .all(|conv| conv_geometry(conv) == (k, s, p)),
+            "the variant projections share one geometry"
+        );
+        let (index, (gh, gw)) = self.scheme.patch_index((h, w), (k, s, p));
+        let device = img.device();
+        // Channels-last pixels with one zero pixel appended (the padding's source).
+        let pixels = img.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let pixels = Tensor::cat(vec![pixels, Tensor::zeros([b, 1, c], &device)], 1);
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index.to_vec(), [index.len()]), &device);
+        let n = gh * gw;
+        let cols = pixels
+            .select(1, index)
+            .reshape([b, t, n, k * k * c])
+            .swap_dims(0, 1);
+        let x0 = conv2d_columns(
+            &self.projections[0],
+            cols.clone().slice_dim(0, 0..1).squeeze_dim(0),
+        );
+        (conv2d_many_columns(&self.projections, cols), x0, (gh, gw))
+    }
+
+    /// [`ShiftedPatchEmbed::forward`]'s variant tokens computed as T rolled (or padded) images and
+    /// T convolutions: the plain path the gather is tested against.
+    pub fn forward_reference(&self, img: Tensor<B, 4>) -> (Tensor<B, 4>, (usize, usize)) {
         let variants = (0..self.projections.len())
             .map(|t| self.variant(img.clone(), t).permute([0, 2, 3, 1]))
             .collect::<Vec<_>>();
@@ -685,14 +792,22 @@ impl<B: Backend> Stage<B> {
         );
     }
 
-    /// First stage: `T×B×N×D` variant tokens → `B×N×D`.
-    pub fn forward_variants(&self, variants: Tensor<B, 4>, grid: (usize, usize)) -> Tensor<B, 3> {
+    /// First stage: `T×B×N×D` variant tokens and variant 0's own (`B×N×D`, the same values as
+    /// `variants[0]`) → `B×N×D`.
+    pub fn forward_variants(
+        &self,
+        variants: Tensor<B, 4>,
+        x0: Tensor<B, 3>,
+        grid: (usize, usize),
+    ) -> Tensor<B, 3> {
         self.check_grid(grid);
-        let variants = match &self.variant_pos_emb {
-            Some(pos) => variants + pos.val().unsqueeze_dim::<4>(1),
-            None => variants,
+        let (variants, x) = match &self.variant_pos_emb {
+            Some(pos) => (
+                variants + pos.val().unsqueeze_dim::<4>(1),
+                x0 + pos.val().slice_dim(0, 0..1),
+            ),
+            None => (variants, x0),
         };
-        let x = variants.clone().slice_dim(0, 0..1).squeeze_dim::<3>(0);
         let normed = self.norm1.forward(variants);
         self.run(x, Some(normed))
     }
@@ -741,14 +856,14 @@ pub struct Lsagt<B: Backend> {
 impl<B: Backend> Lsagt<B> {
     /// Logits and each stage's tokens (after its transformer, before its reduction).
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
-        let (variants, mut grid) = self.patch_embed.forward(x);
+        let (variants, x0, mut grid) = self.patch_embed.forward(x);
         let mut outputs = Vec::with_capacity(self.stages.len());
         let mut tokens: Option<Tensor<B, 3>> = None;
-        let mut variants = Some(variants);
+        let mut variants = Some((variants, x0));
         for stage in &self.stages {
             let y = match (tokens.take(), variants.take()) {
                 (Some(x), _) => stage.forward(x, grid),
-                (None, Some(v)) => stage.forward_variants(v, grid),
+                (None, Some((v, x0))) => stage.forward_variants(v, x0, grid),
                 (None, None) => unreachable!(),
             };
             outputs.push(y.clone());
@@ -994,6 +1109,58 @@ mod tests {
                 4.0, 5.0, 3.0, 4.0, 5.0, 1.0, 2.0, 0.0, 1.0, 2.0, 4.0, 5.0, 3.0, 4.0, 5.0
             ]
         );
+    }
+
+    #[test]
+    fn gathered_patches_match_rolled_convolutions_with_gradients() {
+        use burn::module::Module;
+        use burn::tensor::Distribution;
+        type A = burn::backend::Autodiff<B>;
+        let device = Default::default();
+        let close = |a: Tensor<B, 4>, b: Tensor<B, 4>, what: &str| {
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
+            assert_eq!(a.len(), b.len(), "{what}");
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "{what}: {worst}");
+        };
+        // Non-square inputs; ImageNet's 9/7/1 geometry on a canvas that grows by up to 3 pixels.
+        for (scheme, (h, w), (k, s, p)) in [
+            (ShiftScheme::Cifar, (8, 6), (3, 1, 1)),
+            (ShiftScheme::Imagenet, (29, 30), (9, 7, 1)),
+            (ShiftScheme::Imagenet, (16, 12), (4, 4, 0)),
+        ] {
+            let embed = ShiftedPatchEmbed::<A> {
+                projections: (0..scheme.num_variants())
+                    .map(|_| conv2d(3, 5, k, s, p, 1, ConvInit::Normal002, &device))
+                    .collect(),
+                scheme,
+            };
+            let img = Tensor::<A, 4>::random([2, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let (v, x0, grid) = embed.forward(img.clone());
+            let (vr, grid_r) = embed.forward_reference(img);
+            assert_eq!(grid, grid_r, "{scheme:?}");
+            let what = format!("{scheme:?} {h}x{w}");
+            close(v.clone().inner(), vr.clone().inner(), &what);
+            close(
+                x0.clone().unsqueeze::<4>().inner(),
+                vr.clone().slice_dim(0, 0..1).inner(),
+                &what,
+            );
+            // Gradients of every projection, with variant 0 reaching it through x0 (new) or
+            // through a slice of the variants (reference).
+            let weights = |t: usize| Tensor::<A, 1, Int>::arange(0..t as i64, &device).float().sin();
+            let n = v.dims().iter().product::<usize>();
+            let loss = (v.reshape([n]) * weights(n)).sum() + x0.powi_scalar(2).sum();
+            let loss_r =
+                (vr.clone().reshape([n]) * weights(n)).sum() + vr.slice_dim(0, 0..1).powi_scalar(2).sum();
+            let (g, g_r) = (loss.backward(), loss_r.backward());
+            for conv in &embed.projections {
+                let (a, b) = (conv.weight.grad(&g).unwrap(), conv.weight.grad(&g_r).unwrap());
+                close(a, b, &format!("{what} weight gradient"));
+            }
+            assert!(embed.num_params() > 0);
+        }
     }
 
     #[test]
