@@ -18,10 +18,10 @@
 use burn::nn::{Dropout, DropoutConfig, Linear};
 
 use crate::init::linear;
+use crate::kernels::flash_attention::attention;
 use crate::kernels::local_attention::{LocalHeads, local_attention};
 use crate::ops::LinearRows;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 /// Shapes of either LSAGT attention kind.
 #[derive(Config, Debug)]
@@ -213,9 +213,7 @@ impl<B: Backend> GlobalAttention<B> {
                 .reshape([b * kvh, n, dh])
         };
         let (k, v) = (per_head(k), per_head(v));
-        let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((dh as f64).powf(-0.5));
-        let out = softmax(scores, 2)
-            .matmul(v)
+        let out = attention(q.unsqueeze_dim(1), k.unsqueeze_dim(1), v.unsqueeze_dim(1))
             .reshape([b, kvh, g, n, dh])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, n, d]);

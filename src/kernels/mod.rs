@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod depthwise;
+pub mod flash_attention;
 pub mod local_attention;
 pub mod vicinity;
 
@@ -20,7 +21,7 @@ use std::sync::OnceLock;
 use burn::prelude::*;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
-pub const KERNELS: [&str; 3] = ["depthwise", "local_attention", "vicinity"];
+pub const KERNELS: [&str; 4] = ["depthwise", "flash_attention", "local_attention", "vicinity"];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
 /// (docs/GPU_RESULTS.md), both in training only. LSAGT's local attention kernel is correct but
