@@ -316,6 +316,7 @@ impl<B: Backend> AdamW<B> {
                 len += if single { n } else { n.next_multiple_of(ALIGN) };
             }
             let device = ps[0].value.device();
+            let zeros = || Tensor::zeros([len], (&device, DType::F32));
             let mut values: HashMap<String, Tensor<B, 1>> =
                 ps.into_iter().map(|p| (p.name, p.value)).collect();
             let mut group = Group {
@@ -323,9 +324,9 @@ impl<B: Backend> AdamW<B> {
                 len,
                 weight_decay,
                 dtype,
-                weights: Tensor::zeros([len], (&device, DType::F32)),
-                m: Tensor::zeros([len], (&device, DType::F32)),
-                v: Tensor::zeros([len], (&device, DType::F32)),
+                weights: Tensor::empty([0], &device),
+                m: zeros(),
+                v: zeros(),
                 ema: None,
             };
             group.weights = group
@@ -343,7 +344,7 @@ impl<B: Backend> AdamW<B> {
         mut grads: GradientsParams,
         lr: f64,
         clip: Option<f64>,
-        ema: Option<&mut Ema<B>>,
+        mut ema: Option<&mut Ema<B>>,
     ) -> (M, StepStats<B>)
     where
         AB: AutodiffBackend<InnerBackend = B>,
@@ -371,7 +372,6 @@ impl<B: Backend> AdamW<B> {
         let t = self.step as i32;
         let c = self.config;
         let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        let mut ema = ema;
         let ema_decay = ema.as_ref().map(|e| e.current_decay());
         let mut restored = ema
             .as_mut()
