@@ -87,7 +87,7 @@ fn window<B: Backend>(
 }
 
 /// Square kernel, stride and padding of a convolution (Burn keeps them per axis).
-fn geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
+pub fn conv_geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
     let [_, _, k, k2] = conv.weight.dims();
     assert_eq!(k, k2, "only square kernels are used by the models");
     let pad = match &conv.padding {
@@ -102,7 +102,7 @@ fn geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
 /// ordered (row, col, channel) like [`kernel_matrix`], and the output grid `(Ho, Wo)`.
 /// Non-overlapping kernels (stride = kernel, no padding) need no copy beyond a reshape.
 pub fn im2col_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> (Tensor<B, 3>, (usize, usize)) {
-    let (k, s, p) = geometry(conv);
+    let (k, s, p) = conv_geometry(conv);
     let [_, cin, _, _] = conv.weight.dims();
     assert_eq!(conv.groups, 1, "im2col is for dense convolutions");
     let [b, h, w, c] = x.dims();
@@ -218,16 +218,11 @@ pub fn conv2d_columns<B: Backend>(conv: &Conv2d<B>, cols: Tensor<B, 3>) -> Tenso
     }
 }
 
-/// Square kernel, stride and padding of a convolution.
-pub fn conv_geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
-    geometry(conv)
-}
-
 /// A depth-wise (groups = channels) convolution of channels-last `x`: the fused kernel where the
 /// backend has one (stride 1), otherwise k² shifted slices times per-channel weights
 /// ([`crate::kernels::depthwise`]).
 pub fn depthwise_conv2d_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let (k, s, p) = geometry(conv);
+    let (k, s, p) = conv_geometry(conv);
     let c = x.dims()[3];
     assert!(
         conv.groups == c && conv.weight.dims()[0] == c && conv.weight.dims()[1] == 1,

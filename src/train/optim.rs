@@ -31,7 +31,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, TensorData};
 
-use super::params::{PathStack, cast, decays, float_dtype, to_f32};
+use super::params::{ParamInfo, PathStack, cast, collect_flat, param_info, to_f32};
 
 /// Named host tensors (shape, f32 values), as written to and read from safetensors files.
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -216,54 +216,34 @@ impl<B: Backend> Ema<B> {
     }
 }
 
+/// The optimizer's buffers on the host ([`AdamW::host_copy`]).
+pub struct HostCopy {
+    /// The f32 weights (the master copy with bf16), by name, in the parameters' shapes.
+    pub weights: HostTensors,
+    /// The moving averages, likewise, once there are any.
+    pub ema: Option<HostTensors>,
+    /// What [`AdamW::to_host`] returns: moments and (bf16) master weights, flat.
+    pub state: HostTensors,
+}
+
 /// What a step measured, still on the device (read it back only when needed).
 pub struct StepStats<B: Backend> {
     /// Global gradient norm before clipping, shape `[1]`.
     pub grad_norm: Tensor<B, 1>,
 }
 
-/// One float parameter as the optimizer sees it.
-struct ParamValue<B: Backend> {
-    name: String,
-    shape: Vec<usize>,
-    decays: bool,
-    dtype: FloatDType,
-    /// f32, flat.
-    value: Tensor<B, 1>,
-}
-
-/// Every float parameter of `module`, in module order.
-fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamValue<B>> {
-    struct V<B: Backend> {
-        path: PathStack,
-        out: Vec<ParamValue<B>>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for V<B> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.path.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let name = self.path.name();
-            let t = param.val();
-            let n = t.shape().num_elements();
-            self.out.push(ParamValue {
-                shape: t.dims().to_vec(),
-                decays: decays(&name, D),
-                dtype: float_dtype(&t),
-                value: to_f32(t.reshape([n])),
-                name,
-            });
-        }
-    }
-    let mut v = V {
-        path: PathStack::default(),
-        out: Vec::new(),
-    };
-    module.visit(&mut v);
-    v.out
+/// Every float parameter of `module` in module order, with its value flat in f32.
+fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, Tensor<B, 1>)> {
+    let mut values = collect_flat(module);
+    param_info(module)
+        .into_iter()
+        .map(|p| {
+            let v = values
+                .remove(&p.name)
+                .expect("collect_flat visits the same parameters");
+            (p, v)
+        })
+        .collect()
 }
 
 impl<B: Backend> AdamW<B> {
@@ -287,12 +267,12 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Lays out the groups over `params`, with zero moments.
-    fn lay_out(&mut self, params: Vec<ParamValue<B>>) {
+    fn lay_out(&mut self, params: Vec<(ParamInfo, Tensor<B, 1>)>) {
         self.groups.clear();
         let mut keys: Vec<(bool, FloatDType)> = Vec::new();
-        let mut members: Vec<Vec<ParamValue<B>>> = Vec::new();
+        let mut members: Vec<Vec<(ParamInfo, Tensor<B, 1>)>> = Vec::new();
         for p in params {
-            let key = (p.decays, p.dtype);
+            let key = (p.0.decay, p.0.dtype);
             match (self.grouping, keys.iter().position(|k| *k == key)) {
                 (Grouping::Flat, Some(i)) => members[i].push(p),
                 _ => {
@@ -305,20 +285,20 @@ impl<B: Backend> AdamW<B> {
             let single = ps.len() == 1;
             let mut slots = Vec::with_capacity(ps.len());
             let mut len = 0;
-            for p in &ps {
-                let n = p.value.shape().num_elements();
+            for (info, value) in &ps {
+                let n = value.shape().num_elements();
                 slots.push(Slot {
-                    name: p.name.clone(),
-                    shape: p.shape.clone(),
+                    name: info.name.clone(),
+                    shape: info.shape.clone(),
                     offset: len,
                     len: n,
                 });
                 len += if single { n } else { n.next_multiple_of(ALIGN) };
             }
-            let device = ps[0].value.device();
+            let device = ps[0].1.device();
             let zeros = || Tensor::zeros([len], (&device, DType::F32));
             let mut values: HashMap<String, Tensor<B, 1>> =
-                ps.into_iter().map(|p| (p.name, p.value)).collect();
+                ps.into_iter().map(|(info, value)| (info.name, value)).collect();
             let mut group = Group {
                 slots,
                 len,
@@ -445,35 +425,38 @@ impl<B: Backend> AdamW<B> {
         out
     }
 
-    /// The state as named host tensors: `m/NAME`, `v/NAME` and (bf16) `master/NAME`; one copy to
-    /// the host per group buffer.
+    /// The state as named host tensors: `m/NAME`, `v/NAME` and (bf16) `master/NAME`.
     pub fn to_host(&self) -> Result<HostTensors> {
-        let mut out = BTreeMap::new();
-        for g in &self.groups {
-            g.scatter_host(&crate::io::to_host(g.m.clone())?.1, "m/", false, &mut out);
-            g.scatter_host(&crate::io::to_host(g.v.clone())?.1, "v/", false, &mut out);
-            if self.master_weights {
-                g.scatter_host(
-                    &crate::io::to_host(g.weights.clone())?.1,
-                    "master/",
-                    false,
-                    &mut out,
-                );
-            }
-        }
-        Ok(out)
+        Ok(self.host_copy(false)?.map(|c| c.state).unwrap_or_default())
     }
 
-    /// The f32 weights (the master copy with bf16) or, with `ema`, the moving averages, in the
-    /// parameters' shapes, with one copy to the host per group; `None` before the first step.
-    pub fn weights_host(&self, ema: bool) -> Result<Option<HostTensors>> {
-        let mut out = BTreeMap::new();
-        for g in &self.groups {
-            let buf = if ema { g.ema.as_ref() } else { Some(&g.weights) };
-            let Some(buf) = buf else { return Ok(None) };
-            g.scatter_host(&crate::io::to_host(buf.clone())?.1, "", true, &mut out);
+    /// What a checkpoint needs, each group buffer read from the device once; `None` before the
+    /// first step (no buffers yet). `with_ema` also reads the moving averages (if any yet).
+    pub fn host_copy(&self, with_ema: bool) -> Result<Option<HostCopy>> {
+        if self.groups.is_empty() {
+            return Ok(None);
         }
-        Ok((!out.is_empty()).then_some(out))
+        let read = |t: &Tensor<B, 1>| crate::io::to_host(t.clone()).map(|(_, v)| v);
+        let mut ema = (with_ema && self.groups.iter().all(|g| g.ema.is_some())).then(BTreeMap::new);
+        let mut copy = HostCopy {
+            weights: BTreeMap::new(),
+            ema: None,
+            state: BTreeMap::new(),
+        };
+        for g in &self.groups {
+            let w = read(&g.weights)?;
+            g.scatter_host(&w, "", true, &mut copy.weights);
+            if self.master_weights {
+                g.scatter_host(&w, "master/", false, &mut copy.state);
+            }
+            g.scatter_host(&read(&g.m)?, "m/", false, &mut copy.state);
+            g.scatter_host(&read(&g.v)?, "v/", false, &mut copy.state);
+            if let (Some(out), Some(e)) = (ema.as_mut(), &g.ema) {
+                g.scatter_host(&read(e)?, "", true, out);
+            }
+        }
+        copy.ema = ema;
+        Ok(Some(copy))
     }
 
     /// Restores the state written by [`AdamW::to_host`] for the parameters of `model` (the step
@@ -499,7 +482,10 @@ impl<B: Backend> AdamW<B> {
         }
         let params = param_values(model);
         for (i, kind) in ["m", "v", "master"].iter().enumerate() {
-            if let Some(name) = state[i].keys().find(|n| !params.iter().any(|p| &p.name == *n)) {
+            if let Some(name) = state[i]
+                .keys()
+                .find(|n| !params.iter().any(|(p, _)| &p.name == *n))
+            {
                 bail!("the optimizer state has {kind}/{name}, a parameter this model does not have");
             }
         }

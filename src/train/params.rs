@@ -50,7 +50,8 @@ pub fn decays(name: &str, rank: usize) -> bool {
         .any(|p| p.contains("pos_emb") || p.contains("pos_embed") || p.contains("cls_token"))
 }
 
-/// Name, shape and whether it decays, for every float parameter of a module, in module order.
+/// Name, shape, dtype and whether it decays, for every float parameter of a module, in module
+/// order.
 pub fn param_info<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
     struct V {
         path: PathStack,
@@ -65,11 +66,12 @@ pub fn param_info<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let name = self.path.name();
-            let shape = param.val().dims().to_vec();
+            let value = param.val();
             self.out.push(ParamInfo {
                 decay: decays(&name, D),
+                shape: value.dims().to_vec(),
+                dtype: float_dtype(&value),
                 name,
-                shape,
             });
         }
     }
@@ -86,6 +88,7 @@ pub fn param_info<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
 pub struct ParamInfo {
     pub name: String,
     pub shape: Vec<usize>,
+    pub dtype: FloatDType,
     pub decay: bool,
 }
 

@@ -456,6 +456,22 @@ pub fn resume<B: AutodiffBackend>(
     session.run()
 }
 
+/// Weights for a checkpoint file: already serialised, or host tensors to serialise on the
+/// checkpoint writer's thread.
+enum WeightsOut {
+    Bytes(Vec<u8>),
+    Host(HostTensors),
+}
+
+impl WeightsOut {
+    fn into_bytes(self, config: &crate::models::ModelConfig) -> Result<Vec<u8>> {
+        match self {
+            WeightsOut::Bytes(b) => Ok(b),
+            WeightsOut::Host(h) => weights::native_bytes_from_host(&h, config),
+        }
+    }
+}
+
 /// Every F32 tensor of a safetensors file, by name.
 pub fn read_all_f32(path: &Path) -> Result<HostTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -761,29 +777,33 @@ impl<B: AutodiffBackend> Session<B> {
     fn save(&mut self, best: bool) -> Result<()> {
         self.state.elapsed_s = self.elapsed();
         let config = self.state.model.clone();
-        // The optimizer's f32 buffers come to the host in one piece each; before the first step
-        // (no buffers yet) the model is read parameter by parameter.
-        let model = match self.optim.weights_host(false)? {
-            Some(host) => weights::native_bytes_from_host(&host, &config)?,
-            None => weights::native_bytes(&self.model_to_save(), &config)?,
+        // Each optimizer buffer comes to the host once; the files are serialised on the writer
+        // thread. Before the first step (no buffers yet) the model is read parameter by
+        // parameter, and so are averages restored by a resume and not yet laid out.
+        let copy = self.optim.host_copy(self.ema.is_some())?;
+        let (model, ema_host, optim) = match copy {
+            Some(c) => (WeightsOut::Host(c.weights), c.ema, c.state),
+            None => (
+                WeightsOut::Bytes(weights::native_bytes(&self.model_to_save(), &config)?),
+                None,
+                HostTensors::new(),
+            ),
         };
-        let ema = match (&self.ema, self.optim.weights_host(true)?) {
-            (None, _) => None,
-            (Some(_), Some(host)) => Some(weights::native_bytes_from_host(&host, &config)?),
-            (Some(_), None) => self
+        let ema = match ema_host {
+            Some(host) => Some(WeightsOut::Host(host)),
+            None => self
                 .ema_model(Some(FloatDType::F32))
-                .map(|m| weights::native_bytes(&m, &config))
+                .map(|m| weights::native_bytes(&m, &config).map(WeightsOut::Bytes))
                 .transpose()?,
         };
-        let optim = self.optim.to_host()?;
         let state_json = serde_json::to_vec_pretty(&self.state)?;
         let last = self.run_dir.join("last");
         let best = best.then(|| self.run_dir.join("best"));
         self.writer.submit(move || {
             checkpoint::commit_dir(&last, |dir| {
-                weights::write_atomic(&dir.join(MODEL_FILE), &model)?;
-                if let Some(ema) = &ema {
-                    weights::write_atomic(&dir.join(EMA_FILE), ema)?;
+                weights::write_atomic(&dir.join(MODEL_FILE), &model.into_bytes(&config)?)?;
+                if let Some(ema) = ema {
+                    weights::write_atomic(&dir.join(EMA_FILE), &ema.into_bytes(&config)?)?;
                 }
                 crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
                 checkpoint::write_synced(&dir.join(STATE_FILE), &state_json)

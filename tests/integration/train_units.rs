@@ -265,7 +265,7 @@ fn weights_written_from_the_optimizer_equal_the_models_own() {
     let model: Model<AB> = config.init(&device).unwrap();
     let mut opt = AdamW::<B>::new(AdamWConfig::default(), false);
     assert!(
-        opt.weights_host(false).unwrap().is_none(),
+        opt.host_copy(true).unwrap().is_none(),
         "no copy before the first step"
     );
     let x = Tensor::<AB, 4>::ones([2, 3, 32, 32], &device);
@@ -286,9 +286,8 @@ fn weights_written_from_the_optimizer_equal_the_models_own() {
             })
             .collect()
     };
-    let from_host =
-        vicinity::weights::native_bytes_from_host(&opt.weights_host(false).unwrap().unwrap(), &config)
-            .unwrap();
+    let copy = opt.host_copy(true).unwrap().unwrap();
+    let from_host = vicinity::weights::native_bytes_from_host(&copy.weights, &config).unwrap();
     let own = vicinity::weights::native_bytes(&model.valid(), &config).unwrap();
     assert_eq!(read(&from_host), read(&own));
     let dir = tmp("host-weights");
@@ -303,8 +302,9 @@ fn weights_written_from_the_optimizer_equal_the_models_own() {
     let own = vicinity::weights::native_bytes(&loaded, &config).unwrap();
     assert_eq!(read(&from_host), read(&own));
     // The averages: after one update they are the new weights.
-    let ema_bytes = opt.weights_host(true).unwrap().unwrap();
-    assert_eq!(ema_bytes, opt.weights_host(false).unwrap().unwrap());
+    assert_eq!(copy.ema.as_ref(), Some(&copy.weights));
+    // The optimizer state in the same copy is what `to_host` returns.
+    assert_eq!(copy.state, opt.to_host().unwrap());
 }
 
 #[test]
