@@ -41,6 +41,16 @@ pub fn matmul<R: CubeRuntime>(
     strategy: MatmulStrategy,
     out_dtype: DType,
 ) -> Result<CubeTensor<R>, MatmulSetupError> {
+    // vicinity patch: a registered hook (the CUDA build's cuBLAS path) may take the product.
+    if out.is_none()
+        && lhs.qparams.is_none()
+        && rhs.qparams.is_none()
+        && let Some(hook) = MATMUL_HOOK.get()
+        && let Some(result) = hook(&lhs, &rhs, out_dtype)
+        && let Ok(result) = result.downcast::<CubeTensor<R>>()
+    {
+        return Ok(*result);
+    }
     match strategy {
         MatmulStrategy::Cube => {
             log_shapes(&lhs, &rhs);
@@ -180,6 +190,22 @@ pub(crate) fn launch_matmul<R: CubeRuntime>(
     Ok(())
 }
 
+/// vicinity patch: a function that may compute `lhs · rhs` itself (both `&CubeTensor<R>`, returning
+/// a boxed `CubeTensor<R>` of the output dtype), or decline with `None`. Registered once by the
+/// application ([`set_matmul_hook`]); runtimes it does not know it declines by type.
+pub type MatmulHook = Box<
+    dyn Fn(&dyn core::any::Any, &dyn core::any::Any, DType) -> Option<Box<dyn core::any::Any>>
+        + Send
+        + Sync,
+>;
+
+static MATMUL_HOOK: std::sync::OnceLock<MatmulHook> = std::sync::OnceLock::new();
+
+/// vicinity patch: registers the matmul hook; `false` if one was registered before.
+pub fn set_matmul_hook(hook: MatmulHook) -> bool {
+    MATMUL_HOOK.set(hook).is_ok()
+}
+
 /// vicinity patch: the matmul kernel named by the `VICINITY_MATMUL` environment variable, read
 /// once. Names follow CubeCL's tunables; unset, empty or `auto` keep CubeCL's default
 /// (`simple_cyclic_cmma`). An unknown name panics with the list of known ones.
@@ -212,7 +238,8 @@ pub fn env_strategy() -> Option<&'static Strategy> {
             use BlueprintStrategy::Inferred as I;
             use TileMatmulKind::{Cmma, Mma};
             Some(match name.as_str() {
-                "" | "auto" => return None,
+                // `cubecl` / `cublas`: the application's switch for its matmul hook.
+                "" | "auto" | "cubecl" | "cublas" => return None,
                 "simple_cyclic_mma" => Strategy::SimpleCyclicMma(I(simple(false, Mma))),
                 "simple_multirow_cmma" => Strategy::SimpleCyclicCmma(I(simple(true, Cmma))),
                 "simple_multirow_mma" => Strategy::SimpleCyclicMma(I(simple(true, Mma))),
