@@ -20,6 +20,9 @@
 # machine returns at most 8 files from $OUT, so scratch files stay in /tmp.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# cuBLAS (the matmuls, src/kernels/cublas.rs): the toolkit's, else the one PyTorch's wheels bring.
+CUBLAS_LIB=$(python3 -c 'import nvidia.cublas as c, os; print(os.path.join(list(c.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$CUBLAS_LIB" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$CUBLAS_LIB
 BIN=${BIN:-/tmp/vicinity}
 # Always unpack: a warm machine keeps /tmp from the previous call, binary included.
 gunzip -c .carry/vicinity.gz > "$BIN" && chmod +x "$BIN"

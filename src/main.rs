@@ -206,6 +206,12 @@ fn check_kernels(backend: BackendKind, tolerance: f32) -> Result<()> {
             "{failed} of {} checks above the tolerance {tolerance:e}",
             checks.len()
         );
+        let cublas = vicinity::kernels::cublas::calls();
+        println!("products taken by cuBLAS: {cublas}");
+        anyhow::ensure!(
+            cublas > 0 || !vicinity::kernels::cublas::install(),
+            "cuBLAS is installed but took none of the checked products"
+        );
         return Ok(());
     }
     let _ = tolerance;

@@ -151,8 +151,17 @@ fn timed_loop<S>(
     for _ in 0..iters {
         state = step(state);
     }
+    // Host time to issue the steps: when it is close to the whole, the CPU is the bottleneck.
+    let issued = start.elapsed().as_secs_f64();
     sync()?;
-    Ok((state, start.elapsed().as_secs_f64()))
+    let total = start.elapsed().as_secs_f64();
+    eprintln!(
+        "host issued the {iters} timed steps in {:.1} ms per step ({:.0} % of the {:.1} ms until the GPU finished)",
+        issued * 1e3 / iters.max(1) as f64,
+        100.0 * issued / total.max(1e-9),
+        total * 1e3 / iters.max(1) as f64,
+    );
+    Ok((state, total))
 }
 
 /// Times one step on its own (compilation included), synchronised.
@@ -189,6 +198,21 @@ impl<B: AutodiffBackend> BenchOptim<B> {
     }
 }
 
+/// One line on what cuBLAS did per step of the warm-up and timed loops, when it took any product.
+fn report_cublas(spec: &BenchSpec, before: crate::kernels::cublas::Stats) {
+    let now = crate::kernels::cublas::stats();
+    let steps = (spec.warmup + spec.iters).max(1) as f64;
+    if now.taken > before.taken {
+        eprintln!(
+            "{}: cuBLAS took {:.0} products per step ({:.0} left to CubeCL), {:.2} ms host time per step",
+            spec.name,
+            (now.taken - before.taken) as f64 / steps,
+            (now.declined - before.declined) as f64 / steps,
+            (now.host_us - before.host_us) as f64 / steps / 1000.0,
+        );
+    }
+}
+
 /// Runs one bench row on backend `B` (autodiff for training; its inner backend for inference).
 pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<BenchRow> {
     let config = spec.config;
@@ -214,7 +238,9 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 "{}: first inference step (compilation + autotune) {first:.1} s",
                 spec.name
             );
+            let before = crate::kernels::cublas::stats();
             let ((), timed) = timed_loop((), loops, step, || sync::<B::InnerBackend>(device))?;
+            report_cublas(spec, before);
             (first, timed, None)
         }
         Mode::Train => {
@@ -250,7 +276,9 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 last = Some(loss);
                 optim.step(model, grads)
             };
+            let before = crate::kernels::cublas::stats();
             let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;
+            report_cublas(spec, before);
             (first, timed, last.map(|l| l.into_scalar().elem::<f32>()))
         }
     };

@@ -121,6 +121,15 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
             check_flash_attention::<B::InnerBackend>([batch, heads], queries, keys, d, device)
         })?);
     }
+    for (lhs, rhs, transposed) in [
+        (vec![4, 33, 20], vec![1, 20, 17], false),
+        (vec![4, 33, 20], vec![4, 20, 17], true),
+        (vec![2, 3, 17, 9], vec![2, 3, 9, 11], false),
+        (vec![2, 3, 17, 9], vec![1, 1, 9, 11], true),
+        (vec![70, 48], vec![48, 130], true),
+    ] {
+        out.push(timed(&|| check_matmul::<B>(&lhs, &rhs, transposed, device))?);
+    }
     use crate::attention::vicinity::Locality;
     for (heads, d, q_grid, k_grid, locality, clamp) in [
         (1, 8, (4, 5), (4, 5), Locality::TwoD, true),
@@ -142,6 +151,80 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         out.push(timed(&|| check_vicinity::<B>(2, d, cfg, device))?);
     }
     Ok(out)
+}
+
+/// A matrix product (cuBLAS on the CUDA build, CubeCL's kernel elsewhere): output and both
+/// gradients, whose products take transposed operands. `transposed` stores `lhs` transposed (a
+/// `swap_dims` view). The case names how many products cuBLAS took.
+pub fn check_matmul<B: AutodiffBackend>(
+    lhs: &[usize],
+    rhs: &[usize],
+    transposed: bool,
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    let out = super::cublas::output_shape(lhs, rhs)
+        .ok_or_else(|| anyhow::anyhow!("{lhs:?} and {rhs:?} do not multiply"))?;
+    let rank = lhs.len();
+    let mut stored = lhs.to_vec();
+    if transposed {
+        stored.swap(rank - 1, rank - 2);
+    }
+    let with_shape = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let data = Tensor::<crate::backend::Cpu, 1>::random(
+            [n],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        );
+        TensorData::new(data.into_data().to_vec::<f32>().expect("f32"), shape.to_vec())
+    };
+    let data = [with_shape(&stored), with_shape(rhs), with_shape(&out)];
+    let before = super::cublas::calls();
+    let fast = matmul_run::<B>(&data, transposed, device);
+    let taken = super::cublas::calls() - before;
+    Ok(KernelCheck::new(
+        "matmul",
+        format!(
+            "{lhs:?}{} x {rhs:?}, cuBLAS {taken}",
+            if transposed { "ᵀ" } else { "" }
+        ),
+        &["output", "grad lhs", "grad rhs"],
+        fast,
+        matmul_run::<Reference>(&data, transposed, &Default::default()),
+    ))
+}
+
+fn matmul_run<B: AutodiffBackend>(
+    data: &[TensorData; 3],
+    transposed: bool,
+    device: &B::Device,
+) -> Vec<TensorData> {
+    fn run<B: AutodiffBackend, const D: usize>(
+        [l, r, probe]: &[TensorData; 3],
+        transposed: bool,
+        device: &B::Device,
+    ) -> Vec<TensorData> {
+        let l = on::<B, D>(l, device).require_grad();
+        let r = on::<B, D>(r, device).require_grad();
+        let lhs = if transposed {
+            l.clone().swap_dims(D - 1, D - 2)
+        } else {
+            l.clone()
+        };
+        let y = lhs.matmul(r.clone());
+        let grads = (y.clone() * on::<B, D>(probe, device)).sum().backward();
+        vec![
+            y.into_data(),
+            l.grad(&grads).expect("lhs gradient").into_data(),
+            r.grad(&grads).expect("rhs gradient").into_data(),
+        ]
+    }
+    match data[0].shape.len() {
+        2 => run::<B, 2>(data, transposed, device),
+        3 => run::<B, 3>(data, transposed, device),
+        4 => run::<B, 4>(data, transposed, device),
+        r => panic!("matmul check of rank {r}"),
+    }
 }
 
 /// Depth-wise convolution: output, input gradient and weight gradient.

@@ -8,6 +8,7 @@
 //! each kernel on its backend and its reference path on the CPU, and compare values and gradients.
 
 pub mod check;
+pub mod cublas;
 pub mod depthwise;
 pub mod flash_attention;
 pub mod local_attention;

@@ -1,0 +1,574 @@
+//! Matrix products through cuBLAS on the CUDA build.
+//!
+//! CubeCL's own matmul kernels reach about a tenth of what cuBLAS does on an H100 (88 against
+//! 790 TFLOP/s at 8192³, ../shared/docs/GPU.md), and the models' products are a quarter (VVT) to
+//! two fifths (LSAGT) of a training step. The CUDA build therefore registers a hook in the
+//! vendored burn-cubecl ([`install`]) that hands every float matmul it can lay out to
+//! `cublasGemmStridedBatchedEx`, enqueued from CubeCL's device thread on the stream its kernels
+//! run on (the vendored cubecl-runtime and cubecl-cuda's `run_with_resources`), so the product
+//! runs in order with everything around it. What it cannot
+//! lay out, and every product when `libcublas` is missing or `VICINITY_MATMUL=cubecl`, runs on
+//! CubeCL's kernels as before.
+//!
+//! [`plan`] maps Burn's row-major, possibly strided and broadcast operands onto cuBLAS's
+//! column-major call; it is plain arithmetic, tested on the CPU against a naive product.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Products handed to cuBLAS so far (0 when it is not in use).
+pub fn calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
+
+/// What the cuBLAS path did so far: products taken, products left to CubeCL, and host time
+/// spent in the hook (most of it waiting for CubeCL's device thread to hand out pointers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub taken: u64,
+    pub declined: u64,
+    pub host_us: u64,
+}
+
+pub fn stats() -> Stats {
+    Stats {
+        taken: CALLS.load(Ordering::Relaxed),
+        declined: DECLINED.load(Ordering::Relaxed),
+        host_us: HOST_US.load(Ordering::Relaxed),
+    }
+}
+
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static DECLINED: AtomicU64 = AtomicU64::new(0);
+static HOST_US: AtomicU64 = AtomicU64::new(0);
+
+/// One `cublasGemmStridedBatchedEx` call computing `out = lhs · rhs` for row-major `out`
+/// (`[batch…, M, N]`, dense). cuBLAS is column-major, so it computes `outᵀ = rhsᵀ · lhsᵀ`:
+/// its `A` is `rhs` and its `B` is `lhs`, `m = N`, `n = M` (times the batch when the batch is
+/// folded into the rows), `k = K`. Strides and leading dimensions are in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// `rhs` is stored column-major (`op(A) = Aᵀ`).
+    pub trans_a: bool,
+    pub lda: usize,
+    pub stride_a: usize,
+    /// `lhs` is stored column-major (`op(B) = Bᵀ`).
+    pub trans_b: bool,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub ldc: usize,
+    pub stride_c: usize,
+}
+
+/// How a `rows×cols` matrix with strides `(row, col)` reads as a cuBLAS operand: `(transposed,
+/// leading dimension)`, or `None` when it is neither row- nor column-major (e.g. broadcast).
+fn matrix_layout(rows: usize, cols: usize, row: usize, col: usize) -> Option<(bool, usize)> {
+    if (cols == 1 || col == 1) && (rows == 1 || row >= cols) {
+        return Some((false, if rows == 1 { cols } else { row }));
+    }
+    if (rows == 1 || row == 1) && (cols == 1 || col >= rows) {
+        return Some((true, if cols == 1 { rows } else { col }));
+    }
+    None
+}
+
+/// The one stride that walks an operand's batch in the output's batch order (0 when it is
+/// broadcast over the whole batch), or `None` when its batch dimensions do not collapse.
+fn batch_stride(shape: &[usize], strides: &[usize], out: &[usize]) -> Option<usize> {
+    let mut stride = None;
+    let mut span = 1;
+    for d in (0..out.len()).rev() {
+        if out[d] == 1 {
+            continue;
+        }
+        let s = if shape[d] == 1 { 0 } else { strides[d] };
+        let unit = *stride.get_or_insert(s);
+        if s != unit * span {
+            return None;
+        }
+        span *= out[d];
+    }
+    Some(stride.unwrap_or(0))
+}
+
+/// The output's shape for `lhs · rhs` (batch dimensions broadcast), or `None` if they do not fit.
+pub fn output_shape(lhs: &[usize], rhs: &[usize]) -> Option<Vec<usize>> {
+    let r = lhs.len();
+    if r < 2 || rhs.len() != r || lhs[r - 1] != rhs[r - 2] {
+        return None;
+    }
+    let mut out = Vec::with_capacity(r);
+    for d in 0..r - 2 {
+        match (lhs[d], rhs[d]) {
+            (a, b) if a == b || b == 1 => out.push(a),
+            (1, b) => out.push(b),
+            _ => return None,
+        }
+    }
+    out.extend([lhs[r - 2], rhs[r - 1]]);
+    Some(out)
+}
+
+/// The cuBLAS call for `lhs · rhs` into a dense output, or `None` when the operands do not lay
+/// out as one strided batched call (then the caller makes them dense and asks again, or leaves
+/// the product to CubeCL). Shapes and strides are Burn's (row-major, in elements).
+pub fn plan(
+    lhs_shape: &[usize],
+    lhs_strides: &[usize],
+    rhs_shape: &[usize],
+    rhs_strides: &[usize],
+) -> Option<Gemm> {
+    let out = output_shape(lhs_shape, rhs_shape)?;
+    let r = out.len();
+    let (rows, inner, cols) = (lhs_shape[r - 2], lhs_shape[r - 1], rhs_shape[r - 1]);
+    let batch: usize = out[..r - 2].iter().product();
+    if rows == 0 || inner == 0 || cols == 0 || batch == 0 {
+        return None;
+    }
+    let (trans_b, ldb) = matrix_layout(rows, inner, lhs_strides[r - 2], lhs_strides[r - 1])?;
+    let (trans_a, lda) = matrix_layout(inner, cols, rhs_strides[r - 2], rhs_strides[r - 1])?;
+    let stride_b = batch_stride(&lhs_shape[..r - 2], &lhs_strides[..r - 2], &out[..r - 2])?;
+    let stride_a = batch_stride(&rhs_shape[..r - 2], &rhs_strides[..r - 2], &out[..r - 2])?;
+    let mut gemm = Gemm {
+        batch,
+        m: cols,
+        n: rows,
+        k: inner,
+        trans_a,
+        lda,
+        stride_a,
+        trans_b,
+        ldb,
+        stride_b,
+        ldc: cols,
+        stride_c: rows * cols,
+    };
+    // A weight shared by the whole batch, against row-major inputs whose images follow each
+    // other at the row stride: one product with the batch folded into the rows.
+    if batch > 1 && stride_a == 0 && !trans_b && stride_b == rows * ldb {
+        gemm.n = rows * batch;
+        gemm.batch = 1;
+        gemm.stride_b = 0;
+        gemm.stride_c = 0;
+    }
+    let fits = |x: usize| x <= i32::MAX as usize;
+    [gemm.batch, gemm.m, gemm.n, gemm.k, gemm.lda, gemm.ldb, gemm.ldc]
+        .into_iter()
+        .all(fits)
+        .then_some(gemm)
+}
+
+/// Whether cuBLAS may take the products: not when `VICINITY_MATMUL` names a CubeCL kernel (or
+/// `cubecl`), which keeps CubeCL's matmuls as the reference path.
+pub fn wanted() -> bool {
+    match std::env::var("VICINITY_MATMUL") {
+        Ok(v) => matches!(v.trim(), "" | "auto" | "cublas"),
+        Err(_) => true,
+    }
+}
+
+/// Registers the cuBLAS matmul with burn-cubecl, once, if [`wanted`] and the library loads.
+/// Returns whether cuBLAS is in use. A no-op returning `false` without the `cuda` feature.
+pub fn install() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::install()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// Runs `f` with the cuBLAS hook declining every product on this thread, so that CubeCL's
+/// kernels compute them (the reference path of `check-kernels`).
+pub fn without<T>(f: impl FnOnce() -> T) -> T {
+    BYPASS.with(|b| b.set(true));
+    let out = f();
+    BYPASS.with(|b| b.set(false));
+    out
+}
+
+thread_local! {
+    static BYPASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::any::Any;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use burn::tensor::DType;
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::cuda::CudaRuntime;
+    use cudarc::cublas::sys as cublas;
+    use cudarc::driver::result as driver;
+
+    use std::sync::atomic::Ordering;
+
+    use super::{BYPASS, CALLS, DECLINED, Gemm, HOST_US, output_shape, plan};
+    use crate::kernels::cube::empty;
+
+    type Tensor = CubeTensor<CudaRuntime>;
+
+    pub fn install() -> bool {
+        static INSTALLED: OnceLock<bool> = OnceLock::new();
+        *INSTALLED.get_or_init(|| {
+            if !super::wanted() {
+                return false;
+            }
+            // SAFETY: only looks the library up.
+            if !unsafe { cublas::is_culib_present() } {
+                eprintln!(
+                    "note: cuBLAS (libcublas) was not found, so matmuls run on CubeCL's slower kernels; \
+                     add the CUDA libraries' folder (e.g. /usr/local/cuda/lib64) to LD_LIBRARY_PATH"
+                );
+                return false;
+            }
+            burn_cubecl::kernel::matmul::set_matmul_hook(Box::new(hook))
+        })
+    }
+
+    fn hook(lhs: &dyn Any, rhs: &dyn Any, dtype: DType) -> Option<Box<dyn Any>> {
+        if BYPASS.with(|b| b.get()) {
+            return None;
+        }
+        let (lhs, rhs) = (lhs.downcast_ref::<Tensor>()?, rhs.downcast_ref::<Tensor>()?);
+        let start = std::time::Instant::now();
+        let out = matmul(lhs, rhs, dtype);
+        HOST_US.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if out.is_none() {
+            DECLINED.fetch_add(1, Ordering::Relaxed);
+        }
+        out.map(|t| Box::new(t) as Box<dyn Any>)
+    }
+
+    fn data_type(dtype: DType) -> Option<cublas::cudaDataType> {
+        match dtype {
+            DType::F32 => Some(cublas::cudaDataType::CUDA_R_32F),
+            DType::BF16 => Some(cublas::cudaDataType::CUDA_R_16BF),
+            DType::F16 => Some(cublas::cudaDataType::CUDA_R_16F),
+            _ => None,
+        }
+    }
+
+    fn layout(lhs: &Tensor, rhs: &Tensor) -> Option<Gemm> {
+        plan(
+            lhs.meta.shape().as_slice(),
+            lhs.meta.strides(),
+            rhs.meta.shape().as_slice(),
+            rhs.meta.strides(),
+        )
+    }
+
+    fn matmul(lhs: &Tensor, rhs: &Tensor, dtype: DType) -> Option<Tensor> {
+        if lhs.dtype != dtype || rhs.dtype != dtype || lhs.device != rhs.device {
+            return None;
+        }
+        let kind = data_type(dtype)?;
+        let (mut lhs, mut rhs) = (lhs.clone(), rhs.clone());
+        let gemm = match layout(&lhs, &rhs) {
+            Some(g) => g,
+            None => {
+                lhs = into_contiguous(lhs);
+                rhs = into_contiguous(rhs);
+                layout(&lhs, &rhs)?
+            }
+        };
+        let shape = output_shape(lhs.meta.shape().as_slice(), rhs.meta.shape().as_slice())?;
+        let out = empty(&lhs, shape, dtype);
+        let device = lhs.device.index;
+        let handles = vec![rhs.handle.clone(), lhs.handle.clone(), out.handle.clone()];
+        // Enqueued on CubeCL's device thread, in order with its kernels and without waiting for
+        // them: `get_resource` would block until that thread caught up, which measured 380 µs
+        // per product (session 7). The bindings keep the operands alive until it has run.
+        out.client.run_with_resources(
+            handles,
+            Box::new(move |resources| {
+                let [a, b, c] = [&resources[0], &resources[1], &resources[2]];
+                if let Err(e) = launch(device, c.stream, &gemm, kind, a.ptr, b.ptr, c.ptr) {
+                    // Past the point of handing the product back to CubeCL: fail loudly rather
+                    // than leave the output unwritten.
+                    panic!(
+                        "cuBLAS failed on a product ({e}): {gemm:?}; rerun with VICINITY_MATMUL=cubecl \
+                         to use CubeCL's kernels"
+                    );
+                }
+            }),
+        );
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        Some(out)
+    }
+
+    /// One cuBLAS handle per device, created on first use with the device's primary context.
+    struct Handles(HashMap<usize, cublas::cublasHandle_t>);
+    // SAFETY: a handle is only used under the mutex.
+    unsafe impl Send for Handles {}
+
+    fn launch(
+        device: usize,
+        stream: cudarc::driver::sys::CUstream,
+        g: &Gemm,
+        kind: cublas::cudaDataType,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<(), String> {
+        static HANDLES: OnceLock<Mutex<Handles>> = OnceLock::new();
+        let mut handles = HANDLES
+            .get_or_init(|| Mutex::new(Handles(HashMap::new())))
+            .lock()
+            .map_err(|_| "cuBLAS handle lock poisoned".to_string())?;
+        bind_context(device)?;
+        let handle = match handles.0.get(&device) {
+            Some(h) => *h,
+            None => {
+                let h = cudarc::cublas::result::create_handle().map_err(|e| format!("{e:?}"))?;
+                handles.0.insert(device, h);
+                h
+            }
+        };
+        let op = |t: bool| {
+            if t {
+                cublas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the pointers are live CubeCL allocations of the sizes `plan` checked (the
+        // tensors are held by the caller until this returns, and everything later that reuses
+        // their memory runs after this product on the same stream); the handle belongs to this
+        // device and is used under the mutex.
+        unsafe {
+            cudarc::cublas::result::set_stream(handle, stream as _).map_err(|e| format!("{e:?}"))?;
+            cublas::cublasGemmStridedBatchedEx(
+                handle,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                (&alpha as *const f32).cast(),
+                a as *const _,
+                kind,
+                g.lda as i32,
+                g.stride_a as i64,
+                b as *const _,
+                kind,
+                g.ldb as i32,
+                g.stride_b as i64,
+                (&beta as *const f32).cast(),
+                c as *mut _,
+                kind,
+                g.ldc as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+                cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .result()
+            .map_err(|e| format!("{e:?}"))
+        }
+    }
+
+    /// Makes `device`'s primary context (the one CubeCL uses) current on this thread.
+    fn bind_context(device: usize) -> Result<(), String> {
+        thread_local! {
+            static BOUND: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+        }
+        if BOUND.with(|b| b.get()) == Some(device) {
+            return Ok(());
+        }
+        // SAFETY: CubeCL initialised the driver and retained this primary context already.
+        unsafe {
+            let dev = driver::device::get(device as i32).map_err(|e| format!("{e:?}"))?;
+            let ctx = driver::primary_ctx::retain(dev).map_err(|e| format!("{e:?}"))?;
+            driver::ctx::set_current(ctx).map_err(|e| format!("{e:?}"))?;
+        }
+        BOUND.with(|b| b.set(Some(device)));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Gemm, output_shape, plan};
+
+    /// cuBLAS's strided batched product, as its documentation defines it (column-major).
+    fn run_cublas(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        for batch in 0..g.batch {
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut s = 0.0;
+                    for p in 0..g.k {
+                        let av = if g.trans_a {
+                            a[batch * g.stride_a + p + i * g.lda]
+                        } else {
+                            a[batch * g.stride_a + i + p * g.lda]
+                        };
+                        let bv = if g.trans_b {
+                            b[batch * g.stride_b + j + p * g.ldb]
+                        } else {
+                            b[batch * g.stride_b + p + j * g.ldb]
+                        };
+                        s += av * bv;
+                    }
+                    c[batch * g.stride_c + i + j * g.ldc] = s;
+                }
+            }
+        }
+    }
+
+    /// Element `index` of a strided tensor stored in `data`.
+    fn at(data: &[f32], strides: &[usize], index: &[usize]) -> f32 {
+        data[index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>()]
+    }
+
+    /// The naive broadcast product of two strided tensors, dense row-major.
+    fn naive(ls: &[usize], lst: &[usize], l: &[f32], rs: &[usize], rst: &[usize], r: &[f32]) -> Vec<f32> {
+        let out = output_shape(ls, rs).unwrap();
+        let rank = out.len();
+        let total: usize = out.iter().product();
+        let mut res = vec![0.0; total];
+        for (flat, slot) in res.iter_mut().enumerate() {
+            let mut idx = vec![0; rank];
+            let mut rem = flat;
+            for d in (0..rank).rev() {
+                idx[d] = rem % out[d];
+                rem /= out[d];
+            }
+            let mut s = 0.0;
+            for p in 0..ls[rank - 1] {
+                let mut li: Vec<usize> = (0..rank - 2)
+                    .map(|d| if ls[d] == 1 { 0 } else { idx[d] })
+                    .collect();
+                li.extend([idx[rank - 2], p]);
+                let mut ri: Vec<usize> = (0..rank - 2)
+                    .map(|d| if rs[d] == 1 { 0 } else { idx[d] })
+                    .collect();
+                ri.extend([p, idx[rank - 1]]);
+                s += at(l, lst, &li) * at(r, rst, &ri);
+            }
+            *slot = s;
+        }
+        res
+    }
+
+    /// A tensor of `shape` stored with its dimensions in `order` (outermost first), plus the
+    /// padding `pad` on its innermost stored dimension: `(strides, storage size)`.
+    fn strided(shape: &[usize], order: &[usize], pad: usize) -> (Vec<usize>, usize) {
+        let mut strides = vec![0; shape.len()];
+        let mut step = 1;
+        for (i, &d) in order.iter().rev().enumerate() {
+            strides[d] = step;
+            step *= shape[d] + if i == 0 { pad } else { 0 };
+        }
+        (strides, step)
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 97) as f32 - 48.0) / 17.0)
+            .collect()
+    }
+
+    #[test]
+    fn planned_products_match_a_naive_product_for_strided_and_broadcast_operands() {
+        // (lhs shape, lhs storage order, rhs shape, rhs storage order, row padding, folds)
+        type Case = (Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>, usize);
+        let cases: Vec<Case> = vec![
+            (vec![3, 5, 4], vec![0, 1, 2], vec![1, 4, 6], vec![0, 1, 2], 0),
+            (vec![3, 5, 4], vec![0, 2, 1], vec![1, 4, 6], vec![0, 1, 2], 0),
+            (vec![3, 5, 4], vec![0, 1, 2], vec![1, 4, 6], vec![0, 2, 1], 0),
+            (vec![3, 5, 4], vec![0, 1, 2], vec![3, 4, 6], vec![0, 1, 2], 0),
+            (vec![3, 5, 4], vec![0, 2, 1], vec![3, 4, 6], vec![0, 2, 1], 0),
+            (vec![1, 5, 4], vec![0, 1, 2], vec![3, 4, 6], vec![0, 1, 2], 0),
+            (
+                vec![2, 3, 5, 4],
+                vec![0, 1, 2, 3],
+                vec![2, 3, 4, 6],
+                vec![0, 1, 3, 2],
+                0,
+            ),
+            (
+                vec![2, 3, 5, 4],
+                vec![1, 0, 2, 3],
+                vec![2, 3, 4, 6],
+                vec![0, 1, 2, 3],
+                0,
+            ),
+            (
+                vec![2, 3, 5, 4],
+                vec![0, 1, 2, 3],
+                vec![1, 1, 4, 6],
+                vec![0, 1, 2, 3],
+                0,
+            ),
+            (vec![3, 5, 4], vec![0, 1, 2], vec![1, 4, 6], vec![0, 1, 2], 3),
+            (vec![3, 1, 4], vec![0, 1, 2], vec![3, 4, 1], vec![0, 1, 2], 0),
+            (vec![4, 7], vec![0, 1], vec![7, 2], vec![1, 0], 0),
+            (vec![4, 7], vec![1, 0], vec![7, 2], vec![0, 1], 2),
+        ];
+        let mut planned = 0;
+        for (ls, lo, rs, ro, pad) in cases {
+            let (lst, ln) = strided(&ls, &lo, pad);
+            let (rst, rn) = strided(&rs, &ro, 0);
+            let (l, r) = (values(ln, 1), values(rn, 2));
+            let expect = naive(&ls, &lst, &l, &rs, &rst, &r);
+            let Some(g) = plan(&ls, &lst, &rs, &rst) else {
+                // Permuted batch dimensions cannot be one strided call.
+                assert!(
+                    lo[..lo.len() - 2].windows(2).any(|w| w[0] > w[1]),
+                    "{ls:?} {lst:?} {rs:?} {rst:?} declined"
+                );
+                continue;
+            };
+            planned += 1;
+            let mut got = vec![f32::NAN; expect.len()];
+            run_cublas(&g, &r, &l, &mut got);
+            for (x, y) in got.iter().zip(&expect) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "{ls:?}/{lst:?} · {rs:?}/{rst:?} with {g:?}: {x} vs {y}"
+                );
+            }
+        }
+        assert_eq!(planned, 12);
+    }
+
+    #[test]
+    fn a_shared_weight_folds_the_batch_into_rows() {
+        let g = plan(
+            &[64, 3136, 96],
+            &[3136 * 96, 96, 1],
+            &[1, 96, 768],
+            &[96 * 768, 768, 1],
+        )
+        .unwrap();
+        assert_eq!((g.batch, g.m, g.n, g.k), (1, 768, 64 * 3136, 96));
+        // Transposed inputs (a weight gradient's `xᵀ`) stay batched.
+        let g = plan(
+            &[64, 96, 3136],
+            &[3136 * 96, 1, 96],
+            &[64, 3136, 768],
+            &[3136 * 768, 768, 1],
+        )
+        .unwrap();
+        assert_eq!((g.batch, g.trans_b, g.ldb), (64, true, 96));
+    }
+
+    #[test]
+    fn mismatched_or_broadcast_matrices_are_declined() {
+        assert!(plan(&[2, 3], &[3, 1], &[4, 5], &[5, 1]).is_none());
+        assert!(plan(&[2, 3, 4], &[12, 4, 1], &[3, 4, 5], &[20, 5, 1]).is_none());
+        // A matrix broadcast along its rows (stride 0) is neither row- nor column-major.
+        assert!(plan(&[3, 4], &[0, 1], &[4, 5], &[5, 1]).is_none());
+        assert!(plan(&[0, 4], &[4, 1], &[4, 5], &[5, 1]).is_none());
+    }
+}
