@@ -80,7 +80,6 @@ pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> any
             }
         }
         CubeClRuntimeConfig::set(config);
-        crate::kernels::cublas::install();
     }
     #[cfg(not(feature = "cuda"))]
     let _ = (dir, autotune);

@@ -172,6 +172,8 @@ fn run(args: Args) -> Result<()> {
     if backend == BackendKind::Cuda {
         let dir = vicinity::backend::cache_dir(args.cache_dir.as_deref());
         vicinity::backend::configure_gpu_cache(&dir, args.autotune.as_deref())?;
+        // Matrix products through cuBLAS where the library loads (a note says when it does not).
+        vicinity::kernels::cublas::install();
     }
     let args = match args.command {
         Command::Train(a) => return vicinity::train::train_command(*a, backend),

@@ -151,7 +151,8 @@ fn timed_loop<S>(
     for _ in 0..iters {
         state = step(state);
     }
-    // Host time to issue the steps: when it is close to the whole, the CPU is the bottleneck.
+    // Host time to issue the steps. Close to the whole: the host never ran ahead of the GPU (which
+    // does not tell launch cost from waiting on the GPU; see docs/BENCH.md).
     let issued = start.elapsed().as_secs_f64();
     sync()?;
     let total = start.elapsed().as_secs_f64();
