@@ -6,9 +6,8 @@
 //! vendored burn-cubecl ([`install`]) that hands every float matmul it can lay out to
 //! `cublasGemmStridedBatchedEx`, enqueued from CubeCL's device thread on the stream its kernels
 //! run on (the vendored cubecl-runtime and cubecl-cuda's `run_with_resources`), so the product
-//! runs in order with everything around it. What it cannot
-//! lay out, and every product when `libcublas` is missing or `VICINITY_MATMUL=cubecl`, runs on
-//! CubeCL's kernels as before.
+//! runs in order with everything around it. What it cannot lay out, and every product when
+//! `libcublas` is missing or `VICINITY_MATMUL=cubecl`, runs on CubeCL's kernels as before.
 //!
 //! [`plan`] maps Burn's row-major, possibly strided and broadcast operands onto cuBLAS's
 //! column-major call; it is plain arithmetic, tested on the CPU against a naive product.
@@ -21,7 +20,8 @@ pub fn calls() -> u64 {
 }
 
 /// What the cuBLAS path did so far: products taken, products left to CubeCL, and host time
-/// spent in the hook (most of it waiting for CubeCL's device thread to hand out pointers).
+/// spent in the hook (planning, allocating the output and submitting the product, including
+/// any wait for CubeCL's device thread).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub taken: u64,
@@ -29,6 +29,7 @@ pub struct Stats {
     pub host_us: u64,
 }
 
+/// The counters so far (the bench prints their change per step).
 pub fn stats() -> Stats {
     Stats {
         taken: CALLS.load(Ordering::Relaxed),
@@ -183,19 +184,6 @@ pub fn install() -> bool {
     }
 }
 
-/// Runs `f` with the cuBLAS hook declining every product on this thread, so that CubeCL's
-/// kernels compute them (the reference path of `check-kernels`).
-pub fn without<T>(f: impl FnOnce() -> T) -> T {
-    BYPASS.with(|b| b.set(true));
-    let out = f();
-    BYPASS.with(|b| b.set(false));
-    out
-}
-
-thread_local! {
-    static BYPASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 #[cfg(feature = "cuda")]
 mod gpu {
     use std::any::Any;
@@ -211,7 +199,7 @@ mod gpu {
 
     use std::sync::atomic::Ordering;
 
-    use super::{BYPASS, CALLS, DECLINED, Gemm, HOST_US, output_shape, plan};
+    use super::{CALLS, DECLINED, Gemm, HOST_US, output_shape, plan};
     use crate::kernels::cube::empty;
 
     type Tensor = CubeTensor<CudaRuntime>;
@@ -235,9 +223,6 @@ mod gpu {
     }
 
     fn hook(lhs: &dyn Any, rhs: &dyn Any, dtype: DType) -> Option<Box<dyn Any>> {
-        if BYPASS.with(|b| b.get()) {
-            return None;
-        }
         let (lhs, rhs) = (lhs.downcast_ref::<Tensor>()?, rhs.downcast_ref::<Tensor>()?);
         let start = std::time::Instant::now();
         let out = matmul(lhs, rhs, dtype);
