@@ -248,9 +248,8 @@ fn flat_adamw_matches_the_per_tensor_reference_step_by_step() {
                 .mul_scalar(0.01 * (step + 1) as f64)
                 .sin()
                 .reshape([2, 3, 32, 32]);
-            // One backward pass, its gradients copied for the twin: two passes on the CPU backend
-            // can differ by ~1e-5 (its parallel sums split differently under load), which is
-            // what made this test fail once on CI.
+            // One backward pass, its gradients copied for the twin, so both groupings see the same
+            // gradients.
             let g = GradientsParams::from_grads(
                 model.forward(x.clone()).powi_scalar(2).mean().backward(),
                 &model,
@@ -261,8 +260,11 @@ fn flat_adamw_matches_the_per_tensor_reference_step_by_step() {
             let what = format!("{grouping:?} step {step}");
             let (n, n_twin) = (stats.grad_norm.into_scalar(), twin_stats.grad_norm.into_scalar());
             assert!(n > 0.05, "{what}: the clip must be active, norm {n}");
+            // The norm is an f32 sum of squares over every gradient, in a different order per
+            // grouping (and per thread split): CI measured 1.3e-5 apart twice, with identical
+            // gradients, so 1e-4.
             assert!(
-                (n - n_twin).abs() <= 1e-5 * n,
+                (n - n_twin).abs() <= 1e-4 * n,
                 "{what}: grad norm {n} vs {n_twin}"
             );
             close(
