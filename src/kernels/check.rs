@@ -104,6 +104,11 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         (3, 7, 7, 40, 3, 1),
         (1, 6, 5, 4, 5, 2),
         (2, 4, 4, 3, 3, 0),
+        // Rows wider than a thread's run of 8 outputs (a partial last run), and enough rows per
+        // channel that the weight gradient sums several rows per chunk.
+        (2, 9, 19, 8, 3, 1),
+        (1, 5, 21, 12, 5, 2),
+        (2, 70, 3, 1024, 3, 1),
     ] {
         out.push(timed(&|| check_depthwise::<B>([b, h, w, c], k, pad, device))?);
     }

@@ -122,12 +122,18 @@ mod cube {
 
     use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims};
 
-    /// One output (or input-gradient) value per thread: the k² taps of one channel.
+    /// Output columns per thread in [`depthwise_kernel`]: each input value loaded feeds up to k
+    /// outputs, so a row of `RUN` outputs loads `k·(RUN + k − 1)` values instead of `k²·RUN`.
+    const RUN: usize = 8;
+
+    /// One thread per (batch, output row, run of [`RUN`] output columns, channel): the k² taps of
+    /// one channel, the filter held in registers (the output, or the input gradient).
     #[cube(launch_unchecked)]
     fn depthwise_kernel<E: Float>(
         input: &Tensor<E>,
         weight: &Tensor<E>,
         output: &mut Tensor<E>,
+        threads: usize,
         #[comptime] in_h: usize,
         #[comptime] in_w: usize,
         #[comptime] out_h: usize,
@@ -135,37 +141,61 @@ mod cube {
         #[comptime] c: usize,
         #[comptime] k: usize,
         #[comptime] pad: usize,
+        #[comptime] run: usize,
         #[define(E)] _dtype: StorageType,
     ) {
         let pos = ABSOLUTE_POS;
-        if pos >= output.len() {
+        if pos >= threads {
             terminate!();
         }
+        let runs = comptime!(out_w.div_ceil(run));
         let ch = pos % c;
-        let x = (pos / c) % out_w;
-        let y = (pos / (c * out_w)) % out_h;
-        let b = pos / (c * out_w * out_h);
-        let mut acc = f32::new(0.0);
+        let x0 = ((pos / c) % runs) * run;
+        let y = (pos / (c * runs)) % out_h;
+        let b = pos / (c * runs * out_h);
+        let mut w = Array::<f32>::new(comptime!(k * k));
+        #[unroll]
+        for t in 0..comptime!(k * k) {
+            w[t] = f32::cast_from(weight[ch * comptime!(k * k) + t]);
+        }
+        let mut acc = Array::<f32>::new(run);
+        #[unroll]
+        for r in 0..run {
+            acc[r] = f32::new(0.0);
+        }
         #[unroll]
         for i in 0..k {
             let yy = y + i;
             if yy >= pad && yy < in_h + pad {
                 let row = (b * in_h + yy - pad) * in_w;
+                // Padded input column x0 + jj feeds output x0 + jj − j through tap j.
                 #[unroll]
-                for j in 0..k {
-                    let xx = x + j;
+                for jj in 0..comptime!(run + k - 1) {
+                    let xx = x0 + jj;
                     if xx >= pad && xx < in_w + pad {
                         let v = f32::cast_from(input[(row + xx - pad) * c + ch]);
-                        acc += v * f32::cast_from(weight[ch * k * k + i * k + j]);
+                        #[unroll]
+                        for j in 0..k {
+                            if jj >= j && jj < run + j {
+                                acc[jj - j] += v * w[i * k + j];
+                            }
+                        }
                     }
                 }
             }
         }
-        output[pos] = E::cast_from(acc);
+        #[unroll]
+        for r in 0..run {
+            let x = x0 + r;
+            if x < out_w {
+                output[((b * out_h + y) * out_w + x) * c + ch] = E::cast_from(acc[r]);
+            }
+        }
     }
 
-    /// Partial weight gradients: thread (chunk, channel) sums `grad · input` over `chunk_rows`
-    /// output positions for each of the k² taps, in f32.
+    /// Partial weight gradients: thread (chunk, channel) sums `grad · input` over the output rows
+    /// `chunk·chunk_rows ..` (each a whole row of positions) for each of the k² taps, in f32. A
+    /// k×k window of inputs slides along the row in registers: k new loads per position.
     #[cube(launch_unchecked)]
     fn weight_grad_kernel<E: Float>(
         input: &Tensor<E>,
@@ -188,35 +218,58 @@ mod cube {
         }
         let ch = pos % c;
         let chunk = pos / c;
-        let mut acc = Array::<f32>::new(k * k);
+        let mut acc = Array::<f32>::new(comptime!(k * k));
+        let mut win = Array::<f32>::new(comptime!(k * k));
         #[unroll]
-        for t in 0..k * k {
+        for t in 0..comptime!(k * k) {
             acc[t] = f32::new(0.0);
+            win[t] = f32::new(0.0);
         }
         let start = chunk * chunk_rows;
         let end = select(start + chunk_rows < rows, start + chunk_rows, rows);
         for r in start..end {
-            let x = r % out_w;
-            let y = (r / out_w) % out_h;
-            let b = r / (out_w * out_h);
-            let g = f32::cast_from(grad[r * c + ch]);
+            let y = r % out_h;
+            let b = r / out_h;
+            // Window column j holds padded input column x + j; the first k − 1 are loaded here
+            // into slots 1.., the loop shifts them down before loading column x + k − 1.
             #[unroll]
             for i in 0..k {
                 let yy = y + i;
-                if yy >= pad && yy < in_h + pad {
-                    let row = (b * in_h + yy - pad) * in_w;
-                    #[unroll]
-                    for j in 0..k {
-                        let xx = x + j;
-                        if xx >= pad && xx < in_w + pad {
-                            acc[i * k + j] += g * f32::cast_from(input[(row + xx - pad) * c + ch]);
-                        }
+                let row_ok = yy >= pad && yy < in_h + pad;
+                let row = (b * in_h + yy - pad) * in_w;
+                #[unroll]
+                for j in 0..comptime!(k - 1) {
+                    let mut v = f32::new(0.0);
+                    if row_ok && j >= pad && j < in_w + pad {
+                        v = f32::cast_from(input[(row + j - pad) * c + ch]);
                     }
+                    win[i * k + j + 1] = v;
+                }
+            }
+            for x in 0..out_w {
+                #[unroll]
+                for i in 0..k {
+                    #[unroll]
+                    for j in 0..comptime!(k - 1) {
+                        win[i * k + j] = win[i * k + j + 1];
+                    }
+                    let yy = y + i;
+                    let xx = x + k - 1;
+                    let mut v = f32::new(0.0);
+                    if yy >= pad && yy < in_h + pad && xx >= pad && xx < in_w + pad {
+                        v = f32::cast_from(input[((b * in_h + yy - pad) * in_w + xx - pad) * c + ch]);
+                    }
+                    win[i * k + k - 1] = v;
+                }
+                let g = f32::cast_from(grad[(r * out_w + x) * c + ch]);
+                #[unroll]
+                for t in 0..comptime!(k * k) {
+                    acc[t] += g * win[t];
                 }
             }
         }
         #[unroll]
-        for t in 0..k * k {
+        for t in 0..comptime!(k * k) {
             partial[(chunk * k * k + t) * c + ch] = acc[t];
         }
     }
@@ -259,7 +312,9 @@ mod cube {
         let [b, h, wd, c] = dims4(&x);
         let (ho, wo) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
         let out = empty(&x, [b, ho, wo, c], x.dtype);
-        let (count, dim) = launch_dims(&x.client, b * ho * wo * c);
+        let run = RUN.min(wo);
+        let threads = b * ho * wo.div_ceil(run) * c;
+        let (count, dim) = launch_dims(&x.client, threads);
         let dtype = x.dtype;
         unsafe {
             depthwise_kernel::launch_unchecked(
@@ -269,6 +324,7 @@ mod cube {
                 x.clone().into_tensor_arg(),
                 w.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
+                threads,
                 h,
                 wd,
                 ho,
@@ -276,6 +332,7 @@ mod cube {
                 c,
                 k,
                 pad,
+                run,
                 dtype.into(),
             )
         };
@@ -290,9 +347,9 @@ mod cube {
     ) -> CubeTensor<R> {
         let [b, h, w, c] = dims4(&x);
         let [_, ho, wo, _] = dims4(&g);
-        let rows = b * ho * wo;
-        // Enough (chunk, channel) threads to fill the GPU, each summing a few hundred positions.
-        let chunks = (65_536 / c).clamp(1, rows);
+        let rows = b * ho;
+        // Enough (chunk, channel) threads to fill the GPU, each summing whole output rows.
+        let chunks = (131_072 / c).clamp(1, rows);
         let chunk_rows = rows.div_ceil(chunks);
         let chunks = rows.div_ceil(chunk_rows);
         let client = x.client.clone();

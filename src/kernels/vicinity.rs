@@ -4,10 +4,13 @@
 //! code's magnitude clamp. Nothing N×N.
 //!
 //! Reference path: heads split out, features re-weighted into 4 copies, two matmuls, a sum and the
-//! clamps as tensor ops ([`crate::attention::vicinity`]). Fused path: one pass over the keys for `KV`
-//! and `S` (kept in f32), one over the queries; the backward recomputes `KV`/`S`, then one pass over
-//! the queries (their gradient and the gradient of `KV`/`S` per query), one reduction over the
-//! queries and one pass over the keys. The re-weighted copies are never written.
+//! clamps as tensor ops ([`crate::attention::vicinity`]), all kept by autodiff for the backward.
+//! Fused path: a custom op whose every reduction is a batched matrix product (cuBLAS on the CUDA
+//! build): `[KV, S] = k'ᵀ·[v, 1]` and `[num, den] = q'·[C(KV), S]` forward, four more products
+//! backward, with one small kernel for each re-weighting, clamp and normaliser step. The backward
+//! recomputes the re-weighted copies instead of keeping them, which holds training memory below the
+//! reference's. (Sessions 4–7 did the reductions in hand-written CUDA-core kernels: 31 ms of a
+//! 78 ms vvt_tiny 224² b64 training step on the H100, against 4.6 ms for all of cuBLAS's products.)
 
 use burn::prelude::*;
 
@@ -35,11 +38,8 @@ pub fn vicinity_core<B: Backend>(
     v: Tensor<B, 3>,
     cfg: VicinityCore,
 ) -> Tensor<B, 3> {
-    // In training at every grid size: on the H100 it made vvt_tiny 15–17 % faster at 32² (where the
-    // reference's many small kernels dominate) and 4–8 % slower at 224² (where its products run on
-    // the tensor cores, the kernels in f32 on the CUDA cores), but it keeps no 4× re-weighted
-    // copies, which is what holds training memory below the authors' code up to 768²
-    // (docs/GPU_RESULTS.md, session 5).
+    // In training: it keeps no 4× re-weighted copies for the backward, which is what holds training
+    // memory below the authors' code up to 768² (docs/GPU_RESULTS.md, session 5).
     if super::use_fused::<B>("vicinity", &q.device()) {
         match fused(q, k, v, cfg) {
             Ok(y) => return y,
@@ -132,6 +132,7 @@ pub fn vicinity_core_reference<B: Backend>(
 
 #[cfg(feature = "kernels")]
 mod cube {
+    use burn::tensor::ops::FloatTensorOps;
     use burn::tensor::{DType, Shape};
     use burn_cubecl::CubeRuntime;
     use burn_cubecl::kernel::into_contiguous;
@@ -139,7 +140,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::{EPS, VicinityCore};
-    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
+    use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims};
 
     /// `sign(t)·min(max(|t|, 1e-4), 1e4)` when `on`.
     #[cube]
@@ -167,146 +168,118 @@ mod cube {
         }
     }
 
-    /// `acc[b, h, e, p, c] = Σ_j pos[j, e]·feat[b, j, h·d + p]·val[b, j, h·vw + c]` in f32, for
-    /// `c < d + 1`; columns `c ≥ vw` read as 1 (so with `vw = d` the last one is `S`).
-    ///
-    /// One cube per (batch·head, chunk of keys); each unit owns one `p`, a slice of `cw` columns and
-    /// every `e`, so a key's `feat` value and `val` row, staged in shared memory `tile` keys at a
-    /// time, feed `ex·cw` accumulators. With several chunks, `acc` holds one partial sum per chunk
-    /// (`[chunks, b, h, ex, d, d + 1]`), added up by [`sum_chunks_kernel`].
+    /// Rows of `width` per (batch, head, token) from `x: B×L×(heads·d)`: column `e·d + p`
+    /// (`e < ex`) is `x[b, l, h·d + p]`, times `pos[l, e]` when `weighted`; column `ex·d` is 1
+    /// when `ones` (the column that turns `k'ᵀ·[v, 1]` into `[KV, S]`); the rest are 0.
     #[cube(launch_unchecked)]
-    fn reduce_kernel<E: Float>(
-        feat: &Tensor<E>,
-        val: &Tensor<E>,
+    fn expand_kernel<E: Float>(
+        x: &Tensor<E>,
         pos: &Tensor<f32>,
-        acc: &mut Tensor<f32>,
+        out: &mut Tensor<E>,
         len: usize,
-        chunk_len: usize,
         #[comptime] heads: usize,
         #[comptime] d: usize,
         #[comptime] ex: usize,
-        #[comptime] vw: usize,
-        #[comptime] cw: usize,
-        #[comptime] slices: usize,
-        #[comptime] tile: usize,
+        #[comptime] width: usize,
+        #[comptime] weighted: bool,
+        #[comptime] ones: bool,
         #[define(E)] _dtype: StorageType,
     ) {
-        let bh = CUBE_POS_X as usize;
-        let chunk = CUBE_POS_Y as usize;
-        let h = bh % heads;
-        let b = bh / heads;
-        let unit = UNIT_POS_X as usize;
-        let units = comptime!(d * slices);
-        let width = comptime!(cw * slices);
-        let p = unit % d;
-        let c0 = (unit / d) * cw;
-        let mut fs = SharedMemory::<f32>::new(comptime!(tile * d));
-        let mut vs = SharedMemory::<f32>::new(comptime!(tile * cw * slices));
-        let mut ps = SharedMemory::<f32>::new(comptime!(tile * ex));
-        let mut sums = Array::<f32>::new(comptime!(ex * cw));
-        #[unroll]
-        for i in 0..comptime!(ex * cw) {
-            sums[i] = f32::new(0.0);
-        }
-        let start = chunk * chunk_len;
-        let mut end = start + chunk_len;
-        if end > len {
-            end = len;
-        }
-        let mut j0 = start;
-        while j0 < end {
-            // Stage `tile` keys; rows past the chunk's end are zeros and add nothing.
-            let mut at = unit;
-            while at < comptime!(tile * d) {
-                let j = j0 + at / d;
-                let mut x = f32::new(0.0);
-                if j < end {
-                    x = f32::cast_from(feat[(b * len + j) * heads * d + h * d + at % d]);
-                }
-                fs[at] = x;
-                at += units;
-            }
-            at = unit;
-            while at < comptime!(tile * cw * slices) {
-                let j = j0 + at / width;
-                let c = at % width;
-                let mut x = f32::new(0.0);
-                if j < end {
-                    x = f32::new(1.0);
-                    if c < vw {
-                        x = f32::cast_from(val[(b * len + j) * heads * vw + h * vw + c]);
-                    }
-                }
-                vs[at] = x;
-                at += units;
-            }
-            at = unit;
-            while at < comptime!(tile * ex) {
-                let j = j0 + at / ex;
-                let mut x = f32::new(0.0);
-                if j < end {
-                    x = pos[j * ex + at % ex];
-                }
-                ps[at] = x;
-                at += units;
-            }
-            sync_cube();
-            // Only the keys of this tile that exist (a 1×1 grid stages one key, not `tile`).
-            let mut valid = end - j0;
-            if valid > tile {
-                valid = tile;
-            }
-            for jj in 0..valid {
-                let f = fs[jj * d + p];
-                #[unroll]
-                for e in 0..ex {
-                    let fe = f * ps[jj * ex + e];
-                    #[unroll]
-                    for c in 0..cw {
-                        sums[e * cw + c] += fe * vs[jj * width + c0 + c];
-                    }
-                }
-            }
-            sync_cube();
-            j0 += tile;
-        }
-        let base = (chunk * CUBE_COUNT_X as usize + bh) * comptime!(ex * d * (d + 1));
-        #[unroll]
-        for e in 0..ex {
-            #[unroll]
-            for c in 0..cw {
-                if c0 + c < d + 1 {
-                    acc[base + (e * d + p) * (d + 1) + c0 + c] = sums[e * cw + c];
-                }
-            }
-        }
-    }
-
-    /// `acc[t] = Σ_chunk part[chunk, t]`.
-    #[cube(launch_unchecked)]
-    fn sum_chunks_kernel(part: &Tensor<f32>, acc: &mut Tensor<f32>, chunks: usize) {
         let at = ABSOLUTE_POS;
-        if at >= acc.len() {
+        if at >= out.len() {
             terminate!();
         }
-        let mut sum = f32::new(0.0);
-        for chunk in 0..chunks {
-            sum += part[chunk * acc.len() + at];
+        let col = at % width;
+        let row = at / width;
+        let l = row % len;
+        let h = (row / len) % heads;
+        let b = row / (len * heads);
+        let mut v = f32::new(0.0);
+        if col < comptime!(ex * d) {
+            v = f32::cast_from(x[(b * len + l) * comptime!(heads * d) + h * d + col % d]);
+            if weighted {
+                v *= pos[l * ex + col / d];
+            }
         }
-        acc[at] = sum;
+        if ones && col == comptime!(ex * d) {
+            v = f32::new(1.0);
+        }
+        out[at] = E::cast_from(v);
     }
 
-    /// One output value (query `i`, head `h`, channel `c`) per thread.
+    /// The transpose of [`expand_kernel`]: `out[b, l, h·d + p] = Σ_e pos[l, e]·xe[b, h, l, e·d + p]`
+    /// (without `weighted`, the plain sum), rows of `xe` being `width` long.
     #[cube(launch_unchecked)]
-    fn query_kernel<E: Float>(
-        q: &Tensor<E>,
-        acc: &Tensor<f32>,
-        phi: &Tensor<f32>,
+    fn contract_kernel<E: Float>(
+        xe: &Tensor<E>,
+        pos: &Tensor<f32>,
+        out: &mut Tensor<E>,
+        len: usize,
+        #[comptime] heads: usize,
+        #[comptime] d: usize,
+        #[comptime] ex: usize,
+        #[comptime] width: usize,
+        #[comptime] weighted: bool,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let at = ABSOLUTE_POS;
+        if at >= out.len() {
+            terminate!();
+        }
+        let p = at % d;
+        let h = (at / d) % heads;
+        let row = at / comptime!(heads * d);
+        let l = row % len;
+        let b = row / len;
+        let base = ((b * heads + h) * len + l) * width + p;
+        let mut s = f32::new(0.0);
+        #[unroll]
+        for e in 0..ex {
+            let t = f32::cast_from(xe[base + e * d]);
+            if weighted {
+                s += pos[l * ex + e] * t;
+            } else {
+                s += t;
+            }
+        }
+        out[at] = E::cast_from(s);
+    }
+
+    /// Over `[KV_pre, S]` (rows of `width`): forward, `C(KV_pre)` beside `S`; backward, the
+    /// gradient through that clamp (`∂L/∂KV · C'(KV_pre)` beside `∂L/∂S`).
+    #[cube(launch_unchecked)]
+    fn clamp_kv_kernel<E: Float>(
+        acc: &Tensor<E>,
+        grad: &Tensor<E>,
+        out: &mut Tensor<E>,
+        #[comptime] d: usize,
+        #[comptime] width: usize,
+        #[comptime] backward: bool,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let at = ABSOLUTE_POS;
+        if at >= out.len() {
+            terminate!();
+        }
+        let kv = at % width < d;
+        let a = f32::cast_from(acc[at]);
+        if backward {
+            let g = f32::cast_from(grad[at]);
+            out[at] = E::cast_from(select(kv, g * clamp_slope(a, true), g));
+        } else {
+            out[at] = E::cast_from(select(kv, clamp_mag(a, true), a));
+        }
+    }
+
+    /// `out[b, i, h·d + c] = C(C(num)·C(1/(den + ε)))` from the rows `nd[b, h, i] = [num, den, 0…]`.
+    #[cube(launch_unchecked)]
+    fn output_kernel<E: Float>(
+        nd: &Tensor<E>,
         out: &mut Tensor<E>,
         n: usize,
         #[comptime] heads: usize,
         #[comptime] d: usize,
-        #[comptime] ex: usize,
+        #[comptime] width: usize,
         #[comptime] clamp: bool,
         #[define(E)] _dtype: StorageType,
     ) {
@@ -316,266 +289,230 @@ mod cube {
         }
         let c = at % d;
         let h = (at / d) % heads;
-        let row = at / (d * heads);
+        let row = at / comptime!(heads * d);
         let i = row % n;
         let b = row / n;
-        let q_at = row * heads * d + h * d;
-        let acc_at = (b * heads + h) * ex * d * (d + 1);
-        let mut den = f32::new(0.0);
-        let mut num = f32::new(0.0);
-        #[unroll]
-        for e in 0..ex {
-            let w = phi[i * ex + e];
-            let mut s_dot = f32::new(0.0);
-            let mut kv_dot = f32::new(0.0);
-            for p in 0..d {
-                let qp = f32::cast_from(q[q_at + p]);
-                let base = acc_at + (e * d + p) * (d + 1);
-                s_dot += qp * acc[base + d];
-                kv_dot += qp * clamp_mag(acc[base + c], clamp);
-            }
-            den += w * s_dot;
-            num += w * kv_dot;
-        }
+        let base = ((b * heads + h) * n + i) * width;
+        let den = f32::cast_from(nd[base + d]);
         let z = clamp_mag(f32::new(1.0) / (den + f32::new(comptime!(EPS as f32))), clamp);
-        out[at] = E::cast_from(clamp_mag(clamp_mag(num, clamp) * z, clamp));
+        let num = clamp_mag(f32::cast_from(nd[base + c]), clamp);
+        out[at] = E::cast_from(clamp_mag(num * z, clamp));
     }
 
-    /// One query row (query `i`, head `h`) per thread: recomputes the row's output, then writes its
-    /// query gradient and `dn[b, i, h, :] = (∂L/∂num_pre, ∂L/∂den)` for the reduction over queries.
+    /// One query row (batch, head, query) per thread: from `nd` (as in [`output_kernel`]) and the
+    /// output gradient, the row `dn = [∂L/∂num, ∂L/∂den, 0…]`.
     #[cube(launch_unchecked)]
-    fn query_backward_kernel<E: Float>(
-        q: &Tensor<E>,
-        acc: &Tensor<f32>,
-        phi: &Tensor<f32>,
+    fn dn_kernel<E: Float>(
+        nd: &Tensor<E>,
         grad: &Tensor<E>,
-        dq: &mut Tensor<E>,
         dn: &mut Tensor<E>,
         n: usize,
         #[comptime] heads: usize,
         #[comptime] d: usize,
-        #[comptime] ex: usize,
+        #[comptime] width: usize,
         #[comptime] clamp: bool,
         #[define(E)] _dtype: StorageType,
     ) {
-        let at = ABSOLUTE_POS;
-        if at * d >= dq.len() {
+        let row = ABSOLUTE_POS;
+        if row * width >= dn.len() {
             terminate!();
         }
-        let h = at % heads;
-        let row = at / heads;
         let i = row % n;
-        let b = row / n;
-        let q_at = row * heads * d + h * d;
-        let acc_at = (b * heads + h) * ex * d * (d + 1);
-        let mut den = f32::new(0.0);
-        #[unroll]
-        for e in 0..ex {
-            let w = phi[i * ex + e];
-            for p in 0..d {
-                den += w * f32::cast_from(q[q_at + p]) * acc[acc_at + (e * d + p) * (d + 1) + d];
-            }
-        }
-        let z_pre = f32::new(1.0) / (den + f32::new(comptime!(EPS as f32)));
+        let h = (row / n) % heads;
+        let b = row / (n * heads);
+        let base = row * width;
+        let g_at = (b * n + i) * comptime!(heads * d) + h * d;
+        let z_pre = f32::new(1.0) / (f32::cast_from(nd[base + d]) + f32::new(comptime!(EPS as f32)));
         let z = clamp_mag(z_pre, clamp);
-        let mut dnum = Array::<f32>::new(d);
         let mut dz = f32::new(0.0);
         for c in 0..d {
-            let mut num_pre = f32::new(0.0);
-            #[unroll]
-            for e in 0..ex {
-                let w = phi[i * ex + e];
-                let mut s = f32::new(0.0);
-                for p in 0..d {
-                    s += f32::cast_from(q[q_at + p])
-                        * clamp_mag(acc[acc_at + (e * d + p) * (d + 1) + c], clamp);
-                }
-                num_pre += w * s;
-            }
+            let num_pre = f32::cast_from(nd[base + c]);
             let num = clamp_mag(num_pre, clamp);
-            let g = f32::cast_from(grad[q_at + c]) * clamp_slope(num * z, clamp);
-            dnum[c] = g * z * clamp_slope(num_pre, clamp);
+            let g = f32::cast_from(grad[g_at + c]) * clamp_slope(num * z, clamp);
+            dn[base + c] = E::cast_from(g * z * clamp_slope(num_pre, clamp));
             dz += g * num;
         }
-        let dden = -dz * clamp_slope(z_pre, clamp) * z_pre * z_pre;
-        let dn_at = (row * heads + h) * (d + 1);
-        for c in 0..d {
-            dn[dn_at + c] = E::cast_from(dnum[c]);
-        }
-        dn[dn_at + d] = E::cast_from(dden);
-        for p in 0..d {
-            let mut s = f32::new(0.0);
-            #[unroll]
-            for e in 0..ex {
-                let base = acc_at + (e * d + p) * (d + 1);
-                let mut t = dden * acc[base + d];
-                for c in 0..d {
-                    t += dnum[c] * clamp_mag(acc[base + c], clamp);
-                }
-                s += phi[i * ex + e] * t;
-            }
-            dq[q_at + p] = E::cast_from(s);
-        }
-    }
-
-    /// One key row (key `j`, head `h`) per thread: the gradients of its key and value from
-    /// `dacc` (the gradient of `KV` and `S`) and `acc` (for the clamp's slope).
-    #[cube(launch_unchecked)]
-    fn key_backward_kernel<E: Float>(
-        k: &Tensor<E>,
-        v: &Tensor<E>,
-        acc: &Tensor<f32>,
-        dacc: &Tensor<f32>,
-        psi: &Tensor<f32>,
-        dk: &mut Tensor<E>,
-        dv: &mut Tensor<E>,
-        m: usize,
-        #[comptime] heads: usize,
-        #[comptime] d: usize,
-        #[comptime] ex: usize,
-        #[comptime] clamp: bool,
-        #[define(E)] _dtype: StorageType,
-    ) {
-        let at = ABSOLUTE_POS;
-        if at * d >= dk.len() {
-            terminate!();
-        }
-        let h = at % heads;
-        let row = at / heads;
-        let j = row % m;
-        let b = row / m;
-        let x_at = row * heads * d + h * d;
-        let acc_at = (b * heads + h) * ex * d * (d + 1);
-        let mut dvs = Array::<f32>::new(d);
-        for c in 0..d {
-            dvs[c] = f32::new(0.0);
-        }
-        for p in 0..d {
-            let kp = f32::cast_from(k[x_at + p]);
-            let mut dkp = f32::new(0.0);
-            #[unroll]
-            for e in 0..ex {
-                let w = psi[j * ex + e];
-                let base = acc_at + (e * d + p) * (d + 1);
-                let mut t = dacc[base + d];
-                for c in 0..d {
-                    let g = dacc[base + c] * clamp_slope(acc[base + c], clamp);
-                    t += g * f32::cast_from(v[x_at + c]);
-                    dvs[c] += w * kp * g;
-                }
-                dkp += w * t;
-            }
-            dk[x_at + p] = E::cast_from(dkp);
-        }
-        for c in 0..d {
-            dv[x_at + c] = E::cast_from(dvs[c]);
-        }
-    }
-
-    /// How [`reduce_kernel`] splits its work: `slices` column slices of `cw` columns per `p`
-    /// (at most 1024 units a cube), `tile` keys staged at a time (≤ 32 KiB of shared memory), and
-    /// the keys cut into `chunks` of `chunk_len` so that small batches still fill the GPU.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) struct ReducePlan {
-        pub cw: usize,
-        pub slices: usize,
-        pub tile: usize,
-        pub chunks: usize,
-        pub chunk_len: usize,
-    }
-
-    impl ReducePlan {
-        /// Aim for at least this many cubes (a few per SM on an H100)…
-        const CUBES: usize = 1024;
-        /// …but give each chunk at least this many keys.
-        const MIN_KEYS: usize = 64;
-
-        pub fn new(bh: usize, len: usize, d: usize, ex: usize) -> Self {
-            let slices = (d + 1).div_ceil(16).min((1024 / d).max(1));
-            let cw = (d + 1).div_ceil(slices);
-            let tile = (8192 / (d + cw * slices + ex)).clamp(1, 32);
-            let chunks = Self::CUBES
-                .div_ceil(bh)
-                .clamp(1, len.div_ceil(Self::MIN_KEYS).max(1));
-            let chunk_len = len.div_ceil(chunks).max(1);
-            ReducePlan {
-                cw,
-                slices,
-                tile,
-                chunks: len.div_ceil(chunk_len).max(1),
-                chunk_len,
-            }
+        dn[base + d] = E::cast_from(-dz * clamp_slope(z_pre, clamp) * z_pre * z_pre);
+        for c in comptime!(d + 1)..width {
+            dn[base + c] = E::cast_from(f32::new(0.0));
         }
     }
 
     #[derive(Clone, Debug)]
     pub struct Core(pub VicinityCore);
 
+    /// The operands of one core, dense and in the compute dtype.
+    struct Operands<R: CubeRuntime> {
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        phi: CubeTensor<R>,
+        psi: CubeTensor<R>,
+        /// `(batch, queries, keys, heads, head width)`
+        dims: (usize, usize, usize, usize, usize),
+    }
+
+    /// The saved intermediates of the forward pass, recomputed by the backward.
+    struct Forward<R: CubeRuntime> {
+        /// `q' = φ ⊗ q`, `B×h×N×(ex·d)`.
+        qe: CubeTensor<R>,
+        /// `k' = ψ ⊗ k`, `B×h×M×(ex·d)`.
+        ke: CubeTensor<R>,
+        /// `[v, 1, 0…]`, `B×h×M×width`.
+        v1: CubeTensor<R>,
+        /// `k'ᵀ·[v, 1]` = `[KV_pre, S]`, `B×h×(ex·d)×width`.
+        acc: CubeTensor<R>,
+        /// `[C(KV_pre), S]`.
+        acc_c: CubeTensor<R>,
+        /// `q'·acc_c` = `[num_pre, den]`, `B×h×N×width`.
+        nd: CubeTensor<R>,
+    }
+
+    fn matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
+        TensorOps::<R>::float_matmul(lhs, rhs)
+    }
+
+    /// The last two dims swapped (a view; the products take it without a copy).
+    fn t<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+        TensorOps::<R>::float_swap_dims(x, 2, 3)
+    }
+
     impl Core {
-        fn dims<R: CubeRuntime>(
-            &self,
-            q: &CubeTensor<R>,
-            k: &CubeTensor<R>,
-        ) -> (usize, usize, usize, usize, usize) {
-            let (b, n, c) = (q.meta.shape()[0], q.meta.shape()[1], q.meta.shape()[2]);
-            (b, n, k.meta.shape()[1], self.0.heads, c / self.0.heads)
+        fn ex(&self) -> usize {
+            self.0.locality.expansion()
         }
 
-        /// `KV` and `S` (or their gradients): Σ over the rows of `feat` (`B×L×(h·d)`) of
-        /// `pos ⊗ feat ⊗ [val, 1]`, where `val` has `val_width` columns per head (`d`: the values,
-        /// the ones column giving `S`; `d + 1`: `∂L/∂num` and `∂L/∂den`).
-        fn reduce<R: CubeRuntime>(
+        /// Row width of `[v, 1]`, `[num, den]` and their gradients: `d + 1` rounded up to 8
+        /// (aligned rows for the tensor cores; the padding stays zero).
+        fn width(d: usize) -> usize {
+            (d + 1).next_multiple_of(8)
+        }
+
+        fn operands<R: CubeRuntime>(&self, [q, k, v, phi, psi]: [CubeTensor<R>; 5]) -> Operands<R> {
+            let q = into_contiguous(q);
+            let dtype = q.dtype;
+            let (k, v) = (dense(k, dtype), dense(v, dtype));
+            let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
+            let (b, n, c) = (q.meta.shape()[0], q.meta.shape()[1], q.meta.shape()[2]);
+            let dims = (b, n, k.meta.shape()[1], self.0.heads, c / self.0.heads);
+            Operands { q, k, v, phi, psi, dims }
+        }
+
+        /// `x: B×L×(h·d)` → `B×h×L×width` rows (see [`expand_kernel`]).
+        fn expand<R: CubeRuntime>(
             &self,
-            feat: &CubeTensor<R>,
-            val: &CubeTensor<R>,
+            x: &CubeTensor<R>,
             pos: &CubeTensor<R>,
-            val_width: usize,
+            ex: usize,
+            width: usize,
+            (weighted, ones): (bool, bool),
         ) -> CubeTensor<R> {
-            let (heads, ex) = (self.0.heads, self.0.locality.expansion());
-            let s = feat.meta.shape();
-            let (b, len, d) = (s[0], s[1], s[2] / heads);
-            let plan = ReducePlan::new(b * heads, len, d, ex);
-            let acc = empty(feat, [b, heads, ex, d, d + 1], DType::F32);
-            let part = if plan.chunks == 1 {
-                acc.clone()
-            } else {
-                empty(feat, [plan.chunks, b, heads, ex, d, d + 1], DType::F32)
-            };
+            let s = x.meta.shape();
+            let (b, len, heads) = (s[0], s[1], self.0.heads);
+            let d = s[2] / heads;
+            let out = empty(x, [b, heads, len, width], x.dtype);
+            let (count, dim) = launch_dims(&x.client, b * heads * len * width);
             unsafe {
-                reduce_kernel::launch_unchecked(
-                    &feat.client,
-                    CubeCount::Static((b * heads) as u32, plan.chunks as u32, 1),
-                    CubeDim::new_1d((d * plan.slices) as u32),
-                    feat.clone().into_tensor_arg(),
-                    val.clone().into_tensor_arg(),
+                expand_kernel::launch_unchecked(
+                    &x.client,
+                    count,
+                    dim,
+                    x.clone().into_tensor_arg(),
                     pos.clone().into_tensor_arg(),
-                    part.clone().into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
                     len,
-                    plan.chunk_len,
                     heads,
                     d,
                     ex,
-                    val_width,
-                    plan.cw,
-                    plan.slices,
-                    plan.tile,
-                    feat.dtype.into(),
+                    width,
+                    weighted,
+                    ones,
+                    x.dtype.into(),
                 )
             };
-            if plan.chunks > 1 {
-                let (count, dim) = launch_dims(&feat.client, b * heads * ex * d * (d + 1));
-                unsafe {
-                    sum_chunks_kernel::launch_unchecked(
-                        &feat.client,
-                        count,
-                        dim,
-                        part.into_tensor_arg(),
-                        acc.clone().into_tensor_arg(),
-                        plan.chunks,
-                    )
-                };
+            out
+        }
+
+        /// `B×h×L×width` rows → `B×L×(h·d)` (see [`contract_kernel`]).
+        fn contract<R: CubeRuntime>(
+            &self,
+            xe: CubeTensor<R>,
+            pos: &CubeTensor<R>,
+            (d, ex): (usize, usize),
+            weighted: bool,
+        ) -> CubeTensor<R> {
+            let s = xe.meta.shape();
+            let (b, heads, len, width) = (s[0], s[1], s[2], s[3]);
+            let out = empty(&xe, [b, len, heads * d], xe.dtype);
+            let (count, dim) = launch_dims(&xe.client, b * len * heads * d);
+            let dtype = xe.dtype;
+            unsafe {
+                contract_kernel::launch_unchecked(
+                    &xe.client,
+                    count,
+                    dim,
+                    xe.clone().into_tensor_arg(),
+                    pos.clone().into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    len,
+                    heads,
+                    d,
+                    ex,
+                    width,
+                    weighted,
+                    dtype.into(),
+                )
+            };
+            out
+        }
+
+        /// [`clamp_kv_kernel`]: `grad` `None` for the forward clamp, `Some` for its gradient.
+        fn clamp_kv<R: CubeRuntime>(
+            acc: &CubeTensor<R>,
+            grad: Option<&CubeTensor<R>>,
+            d: usize,
+        ) -> CubeTensor<R> {
+            let width = acc.meta.shape()[3];
+            let out = empty(acc, acc.meta.shape().clone(), acc.dtype);
+            let (count, dim) = launch_dims(&acc.client, acc.meta.shape().num_elements());
+            unsafe {
+                clamp_kv_kernel::launch_unchecked(
+                    &acc.client,
+                    count,
+                    dim,
+                    acc.clone().into_tensor_arg(),
+                    grad.unwrap_or(acc).clone().into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    d,
+                    width,
+                    grad.is_some(),
+                    acc.dtype.into(),
+                )
+            };
+            out
+        }
+
+        fn run_forward<R: CubeRuntime>(&self, o: &Operands<R>) -> Forward<R> {
+            let (_, _, _, _, d) = o.dims;
+            let (ex, width) = (self.ex(), Self::width(d));
+            let qe = self.expand(&o.q, &o.phi, ex, ex * d, (true, false));
+            let ke = self.expand(&o.k, &o.psi, ex, ex * d, (true, false));
+            let v1 = self.expand(&o.v, &o.psi, 1, width, (false, true));
+            let acc = matmul(t(ke.clone()), v1.clone());
+            let acc_c = if self.0.clamp {
+                Self::clamp_kv(&acc, None, d)
+            } else {
+                acc.clone()
+            };
+            let nd = matmul(qe.clone(), acc_c.clone());
+            Forward {
+                qe,
+                ke,
+                v1,
+                acc,
+                acc_c,
+                nd,
             }
-            acc
         }
     }
 
@@ -584,32 +521,25 @@ mod cube {
             inputs[0].clone()
         }
 
-        fn forward<R: CubeRuntime>(&self, [q, k, v, phi, psi]: [CubeTensor<R>; 5]) -> CubeTensor<R> {
-            let q = into_contiguous(q);
-            let dtype = q.dtype;
-            let (k, v) = (dense(k, dtype), dense(v, dtype));
-            let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
-            let (b, n, _, heads, d) = self.dims(&q, &k);
-            let ex = self.0.locality.expansion();
-            let acc = self.reduce(&k, &v, &psi, d);
-            let client = q.client.clone();
-            let out = empty(&q, q.meta.shape().clone(), dtype);
-            let (count, dim) = launch_dims(&client, b * n * heads * d);
+        fn forward<R: CubeRuntime>(&self, inputs: [CubeTensor<R>; 5]) -> CubeTensor<R> {
+            let o = self.operands(inputs);
+            let (b, n, _, heads, d) = o.dims;
+            let nd = self.run_forward(&o).nd;
+            let out = empty(&o.q, o.q.meta.shape().clone(), o.q.dtype);
+            let (count, dim) = launch_dims(&o.q.client, b * n * heads * d);
             unsafe {
-                query_kernel::launch_unchecked(
-                    &client,
+                output_kernel::launch_unchecked(
+                    &o.q.client,
                     count,
                     dim,
-                    q.into_tensor_arg(),
-                    acc.into_tensor_arg(),
-                    phi.into_tensor_arg(),
+                    nd.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     n,
                     heads,
                     d,
-                    ex,
+                    Self::width(d),
                     self.0.clamp,
-                    dtype.into(),
+                    o.q.dtype.into(),
                 )
             };
             out
@@ -617,108 +547,63 @@ mod cube {
 
         fn backward<R: CubeRuntime>(
             &self,
-            [q, k, v, phi, psi]: [CubeTensor<R>; 5],
+            inputs: [CubeTensor<R>; 5],
             grad: CubeTensor<R>,
             wanted: [bool; 5],
         ) -> [Option<CubeTensor<R>>; 5] {
-            let dtypes = [q.dtype, k.dtype, v.dtype];
-            let q = into_contiguous(q);
-            let dtype = q.dtype;
-            let (k, v, grad) = (dense(k, dtype), dense(v, dtype), dense(grad, dtype));
-            let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
-            let (b, n, m, heads, d) = self.dims(&q, &k);
-            let ex = self.0.locality.expansion();
-            let client = q.client.clone();
-            let acc = self.reduce(&k, &v, &psi, d);
+            let dtypes = [inputs[0].dtype, inputs[1].dtype, inputs[2].dtype];
+            let o = self.operands(inputs);
+            let grad = dense(grad, o.q.dtype);
+            let (b, n, _, heads, d) = o.dims;
+            let (ex, width) = (self.ex(), Self::width(d));
+            let f = self.run_forward(&o);
 
-            let dq = empty(&q, q.meta.shape().clone(), dtype);
-            let dn = empty(&q, [b, n, heads, d + 1], dtype);
-            let (count, dim) = launch_dims(&client, b * n * heads);
+            // dn = [∂L/∂num_pre, ∂L/∂den] per query.
+            let dn = empty(&f.nd, f.nd.meta.shape().clone(), o.q.dtype);
+            let (count, dim) = launch_dims(&o.q.client, b * heads * n);
             unsafe {
-                query_backward_kernel::launch_unchecked(
-                    &client,
+                dn_kernel::launch_unchecked(
+                    &o.q.client,
                     count,
                     dim,
-                    q.clone().into_tensor_arg(),
-                    acc.clone().into_tensor_arg(),
-                    phi.clone().into_tensor_arg(),
+                    f.nd.into_tensor_arg(),
                     grad.into_tensor_arg(),
-                    dq.clone().into_tensor_arg(),
                     dn.clone().into_tensor_arg(),
                     n,
                     heads,
                     d,
-                    ex,
+                    width,
                     self.0.clamp,
-                    dtype.into(),
+                    o.q.dtype.into(),
                 )
             };
-            // ∂L/∂KV and ∂L/∂S: Σ over queries of φ ⊗ q ⊗ (∂L/∂num, ∂L/∂den).
-            let dacc = self.reduce(&q, &dn, &phi, d + 1);
-
-            let dk = empty(&q, k.meta.shape().clone(), dtype);
-            let dv = empty(&q, v.meta.shape().clone(), dtype);
-            let (count, dim) = launch_dims(&client, b * m * heads);
-            unsafe {
-                key_backward_kernel::launch_unchecked(
-                    &client,
-                    count,
-                    dim,
-                    k.into_tensor_arg(),
-                    v.into_tensor_arg(),
-                    acc.into_tensor_arg(),
-                    dacc.into_tensor_arg(),
-                    psi.into_tensor_arg(),
-                    dk.clone().into_tensor_arg(),
-                    dv.clone().into_tensor_arg(),
-                    m,
-                    heads,
-                    d,
-                    ex,
-                    self.0.clamp,
-                    dtype.into(),
-                )
+            // [num_pre, den] = q'·acc_c: ∂L/∂acc_c = q'ᵀ·dn and ∂L/∂q' = dn·acc_cᵀ.
+            let dacc = matmul(t(f.qe), dn.clone());
+            let dq = wanted[0].then(|| {
+                let dqe = matmul(dn, t(f.acc_c));
+                self.contract(dqe, &o.phi, (d, ex), true)
+            });
+            let dacc = if self.0.clamp {
+                Self::clamp_kv(&f.acc, Some(&dacc), d)
+            } else {
+                dacc
             };
-            let [want_q, want_k, want_v, ..] = wanted;
+            // acc = k'ᵀ·[v, 1]: ∂L/∂k' = [v, 1]·∂L/∂accᵀ and ∂L/∂[v, 1] = k'·∂L/∂acc.
+            let dk = wanted[1].then(|| {
+                let dke = matmul(f.v1, t(dacc.clone()));
+                self.contract(dke, &o.psi, (d, ex), true)
+            });
+            let dv = wanted[2].then(|| {
+                let dv1 = matmul(f.ke, dacc);
+                self.contract(dv1, &o.psi, (d, 1), false)
+            });
             [
-                want_q.then(|| cast(dq, dtypes[0])),
-                want_k.then(|| cast(dk, dtypes[1])),
-                want_v.then(|| cast(dv, dtypes[2])),
+                dq.map(|g| cast(g, dtypes[0])),
+                dk.map(|g| cast(g, dtypes[1])),
+                dv.map(|g| cast(g, dtypes[2])),
                 None,
                 None,
             ]
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::ReducePlan;
-
-        #[test]
-        fn reduce_plans_fit_a_cube_and_cover_every_key() {
-            for (bh, len, d, ex) in [
-                (64, 3136, 64, 4),
-                (2, 196, 16, 4),
-                (1024, 64, 64, 4),
-                (8, 5, 3, 1),
-                (4, 900, 128, 4),
-                (1, 40, 256, 2),
-            ] {
-                let plan = ReducePlan::new(bh, len, d, ex);
-                assert!(d * plan.slices <= 1024, "{plan:?}");
-                assert!(plan.cw * plan.slices > d, "{plan:?}: columns");
-                assert!(
-                    plan.tile >= 1 && plan.tile * (d + plan.cw * plan.slices + ex) * 4 <= 32 * 1024,
-                    "{plan:?}"
-                );
-                assert!(plan.chunks * plan.chunk_len >= len, "{plan:?}: keys");
-                assert!(
-                    (plan.chunks - 1) * plan.chunk_len < len,
-                    "{plan:?}: an empty chunk"
-                );
-            }
-            assert_eq!(ReducePlan::new(64, 3136, 64, 4).slices, 5);
-            assert_eq!(ReducePlan::new(64, 3136, 64, 4).chunks, 16);
         }
     }
 }
