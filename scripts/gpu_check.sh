@@ -7,7 +7,7 @@
 #   memory     vvt_tiny batch 16 f32 training at 224/384/512/768 (speed and memory, CSV + PNG)
 #   attention  one attention layer of each kind against the token grid side
 #   profile    per-kernel GPU time of 5 steady training steps (PROFILE_MODELS), by kernel family and matmul shape
-#   ncu        GPU time of every kernel (cuBLAS's included) in 3 steady steps per NCU_MODELS entry
+#   ncu        GPU time of every kernel (cuBLAS's included) in 2 steady steps per NCU_MODELS entry
 #              `model:res:batch[:mode]`, by Nsight Compute, against the unprofiled step time: tells
 #              how much of a step the GPU is busy
 #   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value,VAR=value`, or `-` for none;
@@ -104,11 +104,11 @@ for stage in $STAGES; do
       IFS=: read -r model res batch mode <<< "$spec"
       args=(--backend cuda bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode "${mode:-train}")
       timed "unprofiled $spec" 150 "$BIN" "${args[@]}" --warmup 3 --iters 10 --json "$SCRATCH/ncu-wall.jsonl" | tail -1
-      for steps in 1 4; do
+      for steps in 1 3; do
         timed "ncu $spec ($steps+1 steps)" ${NCU_LIMIT:-200} "$NCU" --clock-control none --metrics gpu__time_duration.sum \
           --csv --print-units base --log-file "/tmp/ncu$steps.csv" "$BIN" "${args[@]}" --warmup 0 --iters $steps > /dev/null
       done
-      python3 scripts/ncu_summary.py /tmp/ncu4.csv --skip-like /tmp/ncu1.csv --steps 3 --top 25 \
+      python3 scripts/ncu_summary.py /tmp/ncu3.csv --skip-like /tmp/ncu1.csv --steps 2 --top 25 \
         --wall "$SCRATCH/ncu-wall.jsonl" | tee "$OUT/ncu-$model-${mode:-train}.txt"
       rm -f "$SCRATCH/ncu-wall.jsonl"
     done ;;

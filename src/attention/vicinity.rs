@@ -20,7 +20,7 @@ use crate::kernels::vicinity::{EPS, VicinityCore, vicinity_core};
 use crate::ops::{LinearRows, conv2d_nhwc};
 
 /// How token positions re-weight attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Locality {
     /// Row and column angles: a Manhattan-distance weight (the paper's default).

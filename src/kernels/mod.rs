@@ -4,7 +4,7 @@
 //! (CUDA with `--features cuda`, WebGPU with `--features wgpu`; plain, fused or under autodiff)
 //! the kernel runs; on every other backend, or when `VICINITY_FUSED` leaves it out ([`enabled`]), the
 //! reference path runs.
-//! The default kernels run in training only ([`use_fused`]). Tests and `vicinity check-kernels` run
+//! The default kernels run in training, the vicinity core in inference too ([`use_fused`]). Tests and `vicinity check-kernels` run
 //! each kernel on its backend and its reference path on the CPU, and compare values and gradients.
 
 pub mod check;
@@ -25,38 +25,60 @@ use burn::prelude::*;
 pub const KERNELS: [&str; 4] = ["depthwise", "flash_attention", "local_attention", "vicinity"];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
-/// (docs/GPU_RESULTS.md), both in training only. LSAGT's local attention kernel is correct but
+/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel is correct but
 /// slower, so it is opt-in.
 const DEFAULT: [&str; 2] = ["depthwise", "vicinity"];
 
-/// Whether the fused kernel `name` is used where the backend has it. `VICINITY_FUSED` picks:
-/// `0`/`off`/`none`, `all`, or a comma-separated list of [`KERNELS`]; unset means [`DEFAULT`].
-pub fn enabled(name: &str) -> bool {
-    static CHOICE: OnceLock<Vec<String>> = OnceLock::new();
-    let choice = CHOICE.get_or_init(|| match std::env::var("VICINITY_FUSED") {
-        Err(_) => DEFAULT.iter().map(|k| k.to_string()).collect(),
+/// The kernels used in inference too, by default: the vicinity core, whose matrix-product form
+/// measured 6 % faster than the reference in vvt_tiny 224² b64 bf16 inference on the H100
+/// (docs/GPU_RESULTS.md, session 8). The others' forward passes alone were no faster.
+const INFERENCE_DEFAULT: [&str; 1] = ["vicinity"];
+
+/// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
+/// list of [`KERNELS`]; `default` when it is unset.
+fn listed(var: &str, default: &[&str]) -> Vec<String> {
+    match std::env::var(var) {
+        Err(_) => default.iter().map(|k| k.to_string()).collect(),
         Ok(v) => match v.trim() {
             "0" | "off" | "none" | "false" => Vec::new(),
             "1" | "all" | "on" => KERNELS.iter().map(|k| k.to_string()).collect(),
             list => {
                 let names: Vec<String> = list.split(',').map(|k| k.trim().to_string()).collect();
                 for n in names.iter().filter(|n| !KERNELS.contains(&n.as_str())) {
-                    eprintln!("warning: VICINITY_FUSED names an unknown kernel {n:?} (known: {KERNELS:?})");
+                    eprintln!("warning: {var} names an unknown kernel {n:?} (known: {KERNELS:?})");
                 }
                 names
             }
         },
-    });
-    choice.iter().any(|k| k == name)
+    }
+}
+
+/// Whether the fused kernel `name` is used where the backend has it: `VICINITY_FUSED` lists them
+/// (see [`listed`]); unset means [`DEFAULT`].
+pub fn enabled(name: &str) -> bool {
+    static CHOICE: OnceLock<Vec<String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| listed("VICINITY_FUSED", &DEFAULT))
+        .iter()
+        .any(|k| k == name)
+}
+
+/// Whether the fused kernel `name` runs without autodiff (inference) too: `VICINITY_FUSED_INFER`
+/// lists them like `VICINITY_FUSED`; unset means [`INFERENCE_DEFAULT`].
+fn in_inference(name: &str) -> bool {
+    static CHOICE: OnceLock<Vec<String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| listed("VICINITY_FUSED_INFER", &INFERENCE_DEFAULT))
+        .iter()
+        .any(|k| k == name)
 }
 
 /// Whether the fused kernel `name` should replace its reference here: it is [`enabled`] and
-/// gradients can flow (`B` is an autodiff backend: training). Their forward passes alone were
-/// slower than the reference's on the H100, so inference takes the reference paths.
-/// (`Tensor::is_require_grad` cannot tell: it is true only for leaf tensors, so a check on a
-/// layer's input or reshaped weight silently kept the fused kernels off in training.)
+/// gradients can flow (`B` is an autodiff backend: training), or it is listed for inference.
+/// (`Tensor::is_require_grad` cannot tell training: it is true only for leaf tensors, so a check
+/// on a layer's input or reshaped weight silently kept the fused kernels off in training.)
 pub fn use_fused<B: Backend>(name: &str, device: &B::Device) -> bool {
-    enabled(name) && B::ad_enabled(device)
+    enabled(name) && (B::ad_enabled(device) || in_inference(name))
 }
 
 /// Whether this backend runs the fused kernels (whatever [`enabled`] says).
@@ -90,7 +112,8 @@ mod tests {
         assert!(super::use_fused::<burn::backend::Autodiff<Cpu>>(
             "vicinity", &device
         ));
-        assert!(!super::use_fused::<Cpu>("vicinity", &device));
+        assert!(!super::use_fused::<Cpu>("depthwise", &device));
+        assert!(super::use_fused::<Cpu>("vicinity", &device));
         assert!(!super::use_fused::<burn::backend::Autodiff<Cpu>>(
             "no_such_kernel",
             &device

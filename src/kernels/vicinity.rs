@@ -85,9 +85,8 @@ pub fn fused<B: Backend>(
             return Err((q, k, v));
         }
         let device = q.device();
-        use crate::attention::vicinity::position_features;
-        let phi = position_features::<B>(cfg.locality, cfg.q_grid, &device);
-        let psi = position_features::<B>(cfg.locality, cfg.k_grid, &device);
+        let phi = features::<B>(cfg.locality, cfg.q_grid, &device);
+        let psi = features::<B>(cfg.locality, cfg.k_grid, &device);
         let inputs = [
             primitive(q),
             primitive(k),
@@ -102,6 +101,27 @@ pub fn fused<B: Backend>(
     }
     #[cfg(not(feature = "kernels"))]
     Err((q, k, v))
+}
+
+/// The position features of a grid in f32, built once per backend, device and grid: they are
+/// constants, and rebuilding them took ~8 kernel launches per attention layer and step, where the
+/// host's time per launch is most of a training step on the GPU (docs/BENCH.md).
+#[cfg(feature = "kernels")]
+fn features<B: Backend>(locality: Locality, grid: (usize, usize), device: &B::Device) -> Tensor<B, 2> {
+    use std::any::{Any, TypeId};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (TypeId, Locality, (usize, usize), String);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
+    let key = (TypeId::of::<B>(), locality, grid, format!("{device:?}"));
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
+        return t.clone();
+    }
+    let t = crate::attention::vicinity::position_features::<B>(locality, grid, device)
+        .cast(burn::tensor::FloatDType::F32);
+    cache.insert(key, Box::new(t.clone()));
+    t
 }
 
 /// Tensor ops: per-head re-weighted features, `k'ᵀv`, the normaliser and the clamps.
