@@ -61,7 +61,10 @@ pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> any
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create the kernel cache folder {}: {e}", dir.display()))?;
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-        config.compilation.cache = Some(CacheConfig::File(dir.join("kernels")));
+        // One folder per version of the kernels' sources (see build.rs): CubeCL would otherwise
+        // hand back a kernel compiled from older code under the same name and arguments.
+        let kernels = format!("kernels-{}", env!("VICINITY_KERNELS_HASH"));
+        config.compilation.cache = Some(CacheConfig::File(dir.join(kernels)));
         config.autotune.cache = CacheConfig::File(dir.join("autotune"));
         // One line per kernel compilation, to see what a cold start spends its time on.
         if let Some(path) = std::env::var_os("VICINITY_KERNEL_LOG") {

@@ -10,9 +10,9 @@
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::Slice;
 
-use crate::kernels::depthwise::{depthwise_conv2d, pad_nhwc};
+use crate::kernels::depthwise::depthwise_conv2d;
+use crate::kernels::im2col::{im2col, out_size};
 
 /// [`Linear::forward`] with the images of a batch multiplied in groups of up to [`LINEAR_ROWS`]
 /// rows. Burn 0.21 multiplies a `B×N×C` input image by image with the weight broadcast, and its
@@ -63,29 +63,6 @@ impl<B: Backend> LinearRows<B> for Linear<B> {
     }
 }
 
-/// Output side of a convolution.
-fn out_size(size: usize, k: usize, stride: usize, pad: usize) -> usize {
-    (size + 2 * pad - k) / stride + 1
-}
-
-/// Window `(i, j)` of every output position: `B×Ho×Wo×C`.
-fn window<B: Backend>(
-    xp: &Tensor<B, 4>,
-    (i, j): (usize, usize),
-    (ho, wo): (usize, usize),
-    s: usize,
-) -> Tensor<B, 4> {
-    let span = |start: usize, n: usize| {
-        Slice::new(
-            start as isize,
-            Some((start + s * (n - 1) + 1) as isize),
-            s as isize,
-        )
-    };
-    xp.clone()
-        .slice([Slice::full(), span(i, ho), span(j, wo), Slice::full()])
-}
-
 /// Square kernel, stride and padding of a convolution (Burn keeps them per axis).
 pub fn conv_geometry<B: Backend>(conv: &Conv2d<B>) -> (usize, usize, usize) {
     let [_, _, k, k2] = conv.weight.dims();
@@ -116,11 +93,7 @@ pub fn im2col_nhwc<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> (Tensor<B, 
             .permute([0, 1, 3, 2, 4, 5])
             .reshape([b, ho * wo, k * k * c])
     } else {
-        let xp = pad_nhwc(x, p);
-        let windows = (0..k * k)
-            .map(|ij| window(&xp, (ij / k, ij % k), (ho, wo), s))
-            .collect();
-        Tensor::stack::<5>(windows, 3).reshape([b, ho * wo, k * k * c])
+        im2col(x, k, s, p)
     };
     (cols, (ho, wo))
 }

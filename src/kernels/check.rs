@@ -112,6 +112,17 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     ] {
         out.push(timed(&|| check_depthwise::<B>([b, h, w, c], k, pad, device))?);
     }
+    // (b, h, w, c, k, stride, pad): VVT's patch embeddings (7/4/3, 3/2/1), LSAGT's stage
+    // transitions (3/1/1), and odd sizes whose last window overhangs.
+    for (b, h, w, c, k, s, p) in [
+        (2, 16, 12, 3, 7, 4, 3),
+        (2, 8, 8, 6, 3, 2, 1),
+        (1, 7, 9, 5, 3, 2, 1),
+        (2, 6, 5, 4, 3, 1, 1),
+        (1, 9, 7, 2, 5, 3, 0),
+    ] {
+        out.push(timed(&|| check_im2col::<B>([b, h, w, c], (k, s, p), device))?);
+    }
     for (t, heads, kv_heads, head_dim) in [(5, 4, 1, 8), (3, 2, 2, 6), (18, 4, 1, 48), (4, 6, 3, 5)] {
         let h = super::local_attention::LocalHeads {
             heads,
@@ -276,6 +287,46 @@ fn depthwise_run<B: AutodiffBackend>(
         y.into_data(),
         x.grad(&grads).expect("x gradient").into_data(),
         w.grad(&grads).expect("w gradient").into_data(),
+    ])
+}
+
+/// A convolution's patches (`(k, stride, pad)`): output and input gradient.
+pub fn check_im2col<B: AutodiffBackend>(
+    shape: [usize; 4],
+    (k, s, p): (usize, usize, usize),
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    use super::im2col::out_size;
+    let [b, h, w, c] = shape;
+    let rows = out_size(h, k, s, p) * out_size(w, k, s, p);
+    let data = [random(shape), random([b, rows, k * k * c])];
+    Ok(KernelCheck::new(
+        "im2col",
+        format!("x {shape:?}, k {k}, stride {s}, pad {p}"),
+        &["output", "grad x"],
+        im2col_run::<B>(&data, (k, s, p), true, device)?,
+        im2col_run::<Reference>(&data, (k, s, p), false, &Default::default())?,
+    ))
+}
+
+fn im2col_run<B: AutodiffBackend>(
+    [x, probe]: &[TensorData; 2],
+    (k, s, p): (usize, usize, usize),
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::im2col::{fused, im2col_reference};
+    let x = on::<B, 4>(x, device).require_grad();
+    let y = if fast {
+        fused(x.clone(), k, s, p)
+            .map_err(|_| anyhow::anyhow!("the im2col kernel did not run on this backend"))?
+    } else {
+        im2col_reference(x.clone(), k, s, p)
+    };
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        x.grad(&grads).expect("x gradient").into_data(),
     ])
 }
 

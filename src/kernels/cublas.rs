@@ -222,8 +222,17 @@ mod gpu {
         let start = std::time::Instant::now();
         let out = matmul(lhs, rhs, dtype);
         HOST_US.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if out.is_none() {
-            DECLINED.fetch_add(1, Ordering::Relaxed);
+        if out.is_none() && DECLINED.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Once per process: which product CubeCL's slower kernel computes instead.
+            eprintln!(
+                "note: cuBLAS left a product to CubeCL: {:?} {:?} (strides {:?}) × {:?} {:?} (strides {:?}), {dtype:?}",
+                lhs.dtype,
+                lhs.meta.shape().as_slice(),
+                lhs.meta.strides(),
+                rhs.dtype,
+                rhs.meta.shape().as_slice(),
+                rhs.meta.strides(),
+            );
         }
         out.map(|t| Box::new(t) as Box<dyn Any>)
     }

@@ -11,6 +11,7 @@ pub mod check;
 pub mod cublas;
 pub mod depthwise;
 pub mod flash_attention;
+pub mod im2col;
 pub mod local_attention;
 pub mod vicinity;
 
@@ -22,12 +23,18 @@ use std::sync::OnceLock;
 use burn::prelude::*;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
-pub const KERNELS: [&str; 4] = ["depthwise", "flash_attention", "local_attention", "vicinity"];
+pub const KERNELS: [&str; 5] = [
+    "depthwise",
+    "flash_attention",
+    "im2col",
+    "local_attention",
+    "vicinity",
+];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
 /// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel is correct but
 /// slower, so it is opt-in.
-const DEFAULT: [&str; 2] = ["depthwise", "vicinity"];
+const DEFAULT: [&str; 3] = ["depthwise", "im2col", "vicinity"];
 
 /// The kernels used in inference too, by default: the vicinity core, whose matrix-product form
 /// measured 6 % faster than the reference in vvt_tiny 224² b64 bf16 inference on the H100

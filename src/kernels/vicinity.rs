@@ -114,7 +114,10 @@ fn features<B: Backend>(locality: Locality, grid: (usize, usize), device: &B::De
     type Key = (TypeId, Locality, (usize, usize), String);
     static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
     let key = (TypeId::of::<B>(), locality, grid, format!("{device:?}"));
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
         return t.clone();
     }
@@ -415,7 +418,14 @@ mod cube {
             let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
             let (b, n, c) = (q.meta.shape()[0], q.meta.shape()[1], q.meta.shape()[2]);
             let dims = (b, n, k.meta.shape()[1], self.0.heads, c / self.0.heads);
-            Operands { q, k, v, phi, psi, dims }
+            Operands {
+                q,
+                k,
+                v,
+                phi,
+                psi,
+                dims,
+            }
         }
 
         /// `x: B×L×(h·d)` → `B×h×L×width` rows (see [`expand_kernel`]).
