@@ -168,7 +168,9 @@ done
 # Only a cache under the 16 MiB return limit comes back; a bigger one is dropped rather than truncated.
 # xz packs the PTX cache 2.5x smaller than gzip; `tar -xf` reads either.
 if command -v xz > /dev/null; then pack="xz -T0 -6"; else pack="gzip"; fi
-tar -cf - -C "$VICINITY_CACHE" . | $pack > /tmp/cache.tar && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] \
+# Only the newest kernel folder travels (each build's kernels live in kernels-<hash of their sources>).
+newest=$(cd "$VICINITY_CACHE" && ls -td kernels-* 2>/dev/null | head -1)
+tar -cf - -C "$VICINITY_CACHE" autotune $newest | $pack > /tmp/cache.tar && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] \
   && cp /tmp/cache.tar "$OUT/cache.tar"
 echo "== kernels compiled, by name"; sed 's/^.*\[Compiling kernel\] *//' /tmp/kernels.log 2>/dev/null | cut -c1-60 | sort | uniq -c | sort -rn | head -25
 echo "== bench rows"; cat "$OUT/bench.jsonl" 2>/dev/null
