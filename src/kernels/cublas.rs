@@ -120,18 +120,32 @@ pub fn plan(
     let out = output_shape(lhs_shape, rhs_shape)?;
     let r = out.len();
     let (rows, inner, cols) = (lhs_shape[r - 2], lhs_shape[r - 1], rhs_shape[r - 1]);
-    let batch: usize = out[..r - 2].iter().product();
-    if rows == 0 || inner == 0 || cols == 0 || batch == 0 {
+    if rows == 0 || inner == 0 || cols == 0 || out[..r - 2].contains(&0) {
         return None;
     }
     let (trans_b, ldb) = matrix_layout(rows, inner, lhs_strides[r - 2], lhs_strides[r - 1])?;
     let (trans_a, lda) = matrix_layout(inner, cols, rhs_strides[r - 2], rhs_strides[r - 1])?;
-    let stride_b = batch_stride(&lhs_shape[..r - 2], &lhs_strides[..r - 2], &out[..r - 2])?;
-    let stride_a = batch_stride(&rhs_shape[..r - 2], &rhs_strides[..r - 2], &out[..r - 2])?;
-    let mut gemm = Gemm {
-        batch,
+    // Trailing batch dimensions over which the weight is shared fold into the rows when the
+    // input's row blocks follow each other at the row stride: `[B, M, K]·[1, K, N]` is one
+    // `(B·M)×K · K×N` product, and LSAGT's 18 variant embeddings `[18, B, N, 27]·[18, 1, 27, D]`
+    // are 18 products of `(B·N)` rows. (The output is dense, so its rows follow the same way.)
+    let mut kept = r - 2;
+    let mut n = rows;
+    while kept > 0 && !trans_b {
+        let d = kept - 1;
+        let shared = rhs_shape[d] == 1 && lhs_shape[d] == out[d];
+        if out[d] != 1 && !(shared && lhs_strides[d] == n * ldb) {
+            break;
+        }
+        n *= out[d];
+        kept -= 1;
+    }
+    let stride_b = batch_stride(&lhs_shape[..kept], &lhs_strides[..kept], &out[..kept])?;
+    let stride_a = batch_stride(&rhs_shape[..kept], &rhs_strides[..kept], &out[..kept])?;
+    let gemm = Gemm {
+        batch: out[..kept].iter().product(),
         m: cols,
-        n: rows,
+        n,
         k: inner,
         trans_a,
         lda,
@@ -140,16 +154,8 @@ pub fn plan(
         ldb,
         stride_b,
         ldc: cols,
-        stride_c: rows * cols,
+        stride_c: n * cols,
     };
-    // A weight shared by the whole batch, against row-major inputs whose images follow each
-    // other at the row stride: one product with the batch folded into the rows.
-    if batch > 1 && stride_a == 0 && !trans_b && stride_b == rows * ldb {
-        gemm.n = rows * batch;
-        gemm.batch = 1;
-        gemm.stride_b = 0;
-        gemm.stride_c = 0;
-    }
     let fits = |x: usize| x <= i32::MAX as usize;
     [gemm.batch, gemm.m, gemm.n, gemm.k, gemm.lda, gemm.ldb, gemm.ldc]
         .into_iter()
@@ -483,6 +489,8 @@ mod tests {
             (vec![2, 3, 5, 4], vec![0, 1, 2, 3], vec![2, 3, 4, 6], vec![0, 1, 3, 2], 0),
             (vec![2, 3, 5, 4], vec![1, 0, 2, 3], vec![2, 3, 4, 6], vec![0, 1, 2, 3], 0),
             (vec![2, 3, 5, 4], vec![0, 1, 2, 3], vec![1, 1, 4, 6], vec![0, 1, 2, 3], 0),
+            (vec![2, 3, 5, 4], vec![0, 1, 2, 3], vec![2, 1, 4, 6], vec![0, 1, 2, 3], 0),
+            (vec![2, 3, 5, 4], vec![0, 1, 2, 3], vec![2, 1, 4, 6], vec![0, 1, 3, 2], 2),
             (vec![3, 5, 4], vec![0, 1, 2], vec![1, 4, 6], vec![0, 1, 2], 3),
             (vec![3, 1, 4], vec![0, 1, 2], vec![3, 4, 1], vec![0, 1, 2], 0),
             (vec![4, 7], vec![0, 1], vec![7, 2], vec![1, 0], 0),
@@ -512,7 +520,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(planned, 12);
+        assert_eq!(planned, 14);
     }
 
     #[test]
@@ -534,6 +542,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!((g.batch, g.trans_b, g.ldb), (64, true, 96));
+        // A weight per leading index, shared over the next: those two dims fold, not the first.
+        let g = plan(
+            &[18, 128, 1024, 27],
+            &[128 * 1024 * 27, 1024 * 27, 27, 1],
+            &[18, 1, 27, 192],
+            &[27 * 256, 27 * 256, 256, 1],
+        )
+        .unwrap();
+        assert_eq!(
+            (g.batch, g.n, g.stride_b, g.stride_a),
+            (18, 128 * 1024, 128 * 1024 * 27, 27 * 256)
+        );
+        // Permuted leading dims do not fold.
+        let permuted = [27648, 497664, 27, 1];
+        assert!(
+            plan(
+                &[18, 128, 1024, 27],
+                &permuted,
+                &[18, 1, 27, 192],
+                &[6912, 6912, 256, 1]
+            )
+            .is_none()
+        );
     }
 
     #[test]

@@ -193,10 +193,8 @@ mod cube {
         }
     }
 
-    /// `input[b, yy − pad, xx − pad, ch]` at padded coordinates, 0 in the padding. The load is
-    /// branch-free at a clamped (always valid) index. A branchy form (`if` around the load inside
-    /// the unrolled taps) gave wrong weight gradients on CUDA in two of seven `check-kernels` cases
-    /// (session 8; cause not found), while WebGPU got all seven right.
+    /// `input[b, yy − pad, xx − pad, ch]` at padded coordinates, 0 in the padding: a load at a
+    /// clamped (always valid) index, no branch.
     #[cube]
     #[allow(clippy::too_many_arguments)]
     fn padded_at<E: Float>(
