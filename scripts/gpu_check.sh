@@ -16,7 +16,7 @@
 #   trainab    training speed of the real loop per TRAINAB_CONFIGS entry (flags and env), a few epochs each
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
 #              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back;
-#              then the last checkpoint is evaluated again with --tta-flip
+#              then the last checkpoint is evaluated again with --tta-flip; TRAIN_WARM=1 compiles first
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
 # transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
 # .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
@@ -132,6 +132,11 @@ for l in open(sys.argv[1]):
     cat "$SCRATCH"/ab-*.jsonl >> "$OUT/bench.jsonl" ;;
   train)
     model=${TRAIN_MODEL:-vvt_tiny}
+    # TRAIN_WARM=1: compile the run's kernels first (30 steps, thrown away), so that a cold kernel
+    # cache does not eat into the budget.
+    [ -n "${TRAIN_WARM:-}" ] && timed "warm-up $model" 200 "$BIN" --backend cuda train --model "$model" \
+      --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --epochs 1 --stop-at-step 30 \
+      --dtype bf16 --log-every 50 --out "$SCRATCH/warm-$model-$$" ${TRAIN_ARGS:-} > /dev/null
     timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \
       --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --budget "${TRAIN_BUDGET:-4m}" \
       --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model-$$" ${TRAIN_ARGS:-}
