@@ -501,6 +501,30 @@ mod tests {
     }
 
     #[test]
+    fn cached_position_features_follow_the_grid_and_locality() {
+        // The fused core builds each grid's features once; a later core on the same grid with
+        // another locality, or on a transposed grid, must not get them.
+        use crate::attention::vicinity::Locality;
+        let device = Default::default();
+        for (grid, locality) in [
+            ((3, 4), Locality::TwoD),
+            ((3, 4), Locality::OneD),
+            ((4, 3), Locality::TwoD),
+            ((3, 4), Locality::TwoD),
+        ] {
+            let cfg = crate::kernels::vicinity::VicinityCore {
+                heads: 1,
+                q_grid: grid,
+                k_grid: grid,
+                locality,
+                clamp: true,
+            };
+            let c = check_vicinity::<G>(2, 4, cfg, &device).expect("vicinity kernels run on wgpu");
+            assert!(c.worst() < 1e-4, "{grid:?} {locality:?}: {:?}", c.errors);
+        }
+    }
+
+    #[test]
     fn reference_backends_have_no_fused_kernels() {
         assert!(!crate::kernels::available::<crate::backend::Cpu>());
         assert!(crate::kernels::available::<G>());
