@@ -193,28 +193,6 @@ mod cube {
         }
     }
 
-    /// `input[b, yy − pad, xx − pad, ch]` at padded coordinates, 0 in the padding: a load at a
-    /// clamped (always valid) index, no branch.
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn padded_at<E: Float>(
-        input: &Tensor<E>,
-        b: usize,
-        yy: usize,
-        xx: usize,
-        ch: usize,
-        #[comptime] in_h: usize,
-        #[comptime] in_w: usize,
-        #[comptime] c: usize,
-        #[comptime] pad: usize,
-    ) -> f32 {
-        let inside = yy >= pad && yy < in_h + pad && xx >= pad && xx < in_w + pad;
-        let yi = select(yy < in_h + pad, select(yy >= pad, yy, pad), pad) - pad;
-        let xi = select(xx < in_w + pad, select(xx >= pad, xx, pad), pad) - pad;
-        let v = f32::cast_from(input[((b * in_h + yi) * in_w + xi) * c + ch]);
-        select(inside, v, f32::new(0.0))
-    }
-
     /// Partial weight gradients: thread (chunk, channel) sums `grad · input` over the output rows
     /// `chunk·chunk_rows ..` (each a whole row of positions) for each of the k² taps, in f32. A
     /// k×k window of inputs slides along the row in registers: k new loads per position.
@@ -256,9 +234,16 @@ mod cube {
             // into slots 1.., the loop shifts them down before loading column x + k − 1.
             #[unroll]
             for i in 0..k {
+                let yy = y + i;
+                let row_ok = yy >= pad && yy < in_h + pad;
+                let row = (b * in_h + yy - pad) * in_w;
                 #[unroll]
                 for j in 0..comptime!(k - 1) {
-                    win[i * k + j + 1] = padded_at(input, b, y + i, j, ch, in_h, in_w, c, pad);
+                    let mut v = f32::new(0.0);
+                    if row_ok && j >= pad && j < in_w + pad {
+                        v = f32::cast_from(input[(row + j - pad) * c + ch]);
+                    }
+                    win[i * k + j + 1] = v;
                 }
             }
             for x in 0..out_w {
@@ -268,7 +253,13 @@ mod cube {
                     for j in 0..comptime!(k - 1) {
                         win[i * k + j] = win[i * k + j + 1];
                     }
-                    win[i * k + k - 1] = padded_at(input, b, y + i, x + k - 1, ch, in_h, in_w, c, pad);
+                    let yy = y + i;
+                    let xx = x + k - 1;
+                    let mut v = f32::new(0.0);
+                    if yy >= pad && yy < in_h + pad && xx >= pad && xx < in_w + pad {
+                        v = f32::cast_from(input[((b * in_h + yy - pad) * in_w + xx - pad) * c + ch]);
+                    }
+                    win[i * k + k - 1] = v;
                 }
                 let g = f32::cast_from(grad[(r * out_w + x) * c + ch]);
                 #[unroll]

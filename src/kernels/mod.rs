@@ -4,8 +4,9 @@
 //! (CUDA with `--features cuda`, WebGPU with `--features wgpu`; plain, fused or under autodiff)
 //! the kernel runs; on every other backend, or when `VICINITY_FUSED` leaves it out ([`enabled`]), the
 //! reference path runs.
-//! The default kernels run in training, the vicinity core in inference too ([`use_fused`]). Tests and `vicinity check-kernels` run
-//! each kernel on its backend and its reference path on the CPU, and compare values and gradients.
+//! The default kernels run in training, the vicinity core in inference too ([`use_fused`]). Tests
+//! and `vicinity check-kernels` run each kernel on its backend and its reference path on the CPU,
+//! and compare values and gradients.
 
 pub mod check;
 pub mod cublas;
@@ -32,8 +33,8 @@ pub const KERNELS: [&str; 5] = [
 ];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
-/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel is correct but
-/// slower, so it is opt-in.
+/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel
+/// is correct but slower, so it is opt-in.
 const DEFAULT: [&str; 3] = ["depthwise", "im2col", "vicinity"];
 
 /// The kernels used in inference too, by default: the vicinity core, whose matrix-product form
@@ -64,18 +65,20 @@ fn listed(var: &str, default: &[&str]) -> Vec<String> {
 /// (see [`listed`]); unset means [`DEFAULT`].
 pub fn enabled(name: &str) -> bool {
     static CHOICE: OnceLock<Vec<String>> = OnceLock::new();
-    CHOICE
-        .get_or_init(|| listed("VICINITY_FUSED", &DEFAULT))
-        .iter()
-        .any(|k| k == name)
+    chosen(&CHOICE, "VICINITY_FUSED", &DEFAULT, name)
 }
 
 /// Whether the fused kernel `name` runs without autodiff (inference) too: `VICINITY_FUSED_INFER`
 /// lists them like `VICINITY_FUSED`; unset means [`INFERENCE_DEFAULT`].
 fn in_inference(name: &str) -> bool {
     static CHOICE: OnceLock<Vec<String>> = OnceLock::new();
-    CHOICE
-        .get_or_init(|| listed("VICINITY_FUSED_INFER", &INFERENCE_DEFAULT))
+    chosen(&CHOICE, "VICINITY_FUSED_INFER", &INFERENCE_DEFAULT, name)
+}
+
+/// Whether `var`'s list (read once into `choice`) names `name`.
+fn chosen(choice: &OnceLock<Vec<String>>, var: &str, default: &[&str], name: &str) -> bool {
+    choice
+        .get_or_init(|| listed(var, default))
         .iter()
         .any(|k| k == name)
 }
