@@ -26,8 +26,9 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 # cuBLAS (the matmuls, src/kernels/cublas.rs): the toolkit's, else the one PyTorch's wheels bring.
 CUBLAS_LIB=$(python3 -c 'import nvidia.cublas as c, os; print(os.path.join(list(c.__path__)[0], "lib"))' 2>/dev/null)
 [ -n "$CUBLAS_LIB" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$CUBLAS_LIB
-BIN=${BIN:-/tmp/vicinity}
-# Always unpack: a warm machine keeps /tmp from the previous call, binary included.
+# In the checkout, not /tmp: one fresh machine refused to execute from /tmp (session 8 run 7).
+BIN=${BIN:-$PWD/.carry/vicinity-bin}
+# Always unpack: a warm machine keeps the previous call's binary.
 gunzip -c .carry/vicinity.gz > "$BIN" && chmod +x "$BIN"
 FIX=${FIX:-.carry/fixtures}
 OUT=${OUT:-/tmp/out}
