@@ -16,7 +16,14 @@
 #   trainab    training speed of the real loop per TRAINAB_CONFIGS entry (flags and env), a few epochs each
 #   train      CIFAR-10 from .carry/cifar10-jpeg.tar.zst: TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe
 #              at 32², bf16, TRAIN_BUDGET (4m); TRAIN_ARGS adds flags (not --out); metrics and curves come back;
-#              then the last checkpoint is evaluated again with --tta-flip; TRAIN_WARM=1 compiles first
+#              then the last checkpoint is evaluated again with --tta-flip; TRAIN_WARM=1 compiles first;
+#              TRAIN_TAG names the files that come back (default: the model), for several runs in one call
+#   long       a run longer than one call: compiles its kernels (20 throw-away steps), then starts
+#              `train --model TRAIN_MODEL --budget TRAIN_BUDGET LONG_ARGS` (CIFAR-10, bf16) in its own
+#              process session, so it outlives the call (until the machine goes back, 30 minutes after
+#              its start); its run directory is runs/long, kept on the warm machine between calls
+#   watch      follows runs/long for up to WATCH_S seconds (540) or until it ends; once ended, evaluates
+#              the last and best checkpoints (and EMA weights) with --tta-flip; metrics come back each time
 # Needs .carry/vicinity.gz (gzip of `cargo build --release --features cuda`, gzipped to fit the 64 MiB
 # transfer limit) and .carry/fixtures (a copy of ../shared/fixtures). The CubeCL kernel cache travels as
 # .carry/cache.tar (in) and $OUT/cache.tar (out). Everything printed also lands in $OUT/log.txt; the
@@ -28,8 +35,9 @@ CUBLAS_LIB=$(python3 -c 'import nvidia.cublas as c, os; print(os.path.join(list(
 [ -n "$CUBLAS_LIB" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$CUBLAS_LIB
 # In the checkout, not /tmp: one fresh machine refused to execute from /tmp (session 8 run 7).
 BIN=${BIN:-$PWD/.carry/vicinity-bin}
-# Always unpack: a warm machine keeps the previous call's binary.
-gunzip -c .carry/vicinity.gz > "$BIN" && chmod +x "$BIN"
+# Always unpack: a warm machine keeps the previous call's binary. Through a rename, since a run
+# started by `long` may still be executing the old file.
+gunzip -c .carry/vicinity.gz > "$BIN.new" && chmod +x "$BIN.new" && mv -f "$BIN.new" "$BIN"
 FIX=${FIX:-.carry/fixtures}
 OUT=${OUT:-/tmp/out}
 STAGES=${STAGES:-fixtures bench}
@@ -141,10 +149,39 @@ for l in open(sys.argv[1]):
     timed "train $model ${TRAIN_BUDGET:-4m}" ${TRAIN_LIMIT:-560} "$BIN" --backend cuda train --model "$model" \
       --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast --resolution 32 --budget "${TRAIN_BUDGET:-4m}" \
       --dtype bf16 --log-every 50 --out "$SCRATCH/run-$model-$$" ${TRAIN_ARGS:-}
-    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model-$$/$f" "$OUT/$model-$f" 2>/dev/null; done
+    for f in metrics.csv curves.png; do cp "$SCRATCH/run-$model-$$/$f" "$OUT/${TRAIN_TAG:-$model}-$f" 2>/dev/null; done
     # The last checkpoint again, with the mirror-image test-time augmentation.
     timed "eval $model --tta-flip" 120 "$BIN" --backend cuda eval --weights "$SCRATCH/run-$model-$$/last/model.safetensors" \
       --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/eval-$model-$$" | head -1 ;;
+  long)
+    model=${TRAIN_MODEL:-vvt_tiny}; dir=$PWD/runs/long
+    pgrep -f -- "--out $dir" > /dev/null && { echo "a long run is already going in $dir"; continue; }
+    rm -rf "$dir" "$dir.log"; mkdir -p runs
+    timed "warm-up $model" 300 "$BIN" --backend cuda train --model "$model" --data .carry/cifar10-jpeg.tar.zst \
+      --epochs 1 --stop-at-step 20 --dtype bf16 --log-every 10 --out "$SCRATCH/warm-long-$$" ${LONG_ARGS:-} > /dev/null
+    echo "long run: $BIN --backend cuda train --model $model --data cifar10-jpeg.tar.zst --dtype bf16" \
+      "--budget ${TRAIN_BUDGET:-20m} --log-every 50 ${LONG_ARGS:-} --out $dir"
+    setsid nohup "$BIN" --backend cuda train --model "$model" --data .carry/cifar10-jpeg.tar.zst --dtype bf16 \
+      --budget "${TRAIN_BUDGET:-20m}" --log-every 50 ${LONG_ARGS:-} --out "$dir" > "$dir.log" 2>&1 < /dev/null &
+    sleep ${WATCH_S:-90}
+    tr '\r' '\n' < "$dir.log" | grep -v '^ *$' | tail -8 ;;
+  watch)
+    dir=$PWD/runs/long
+    [ -f "$dir.log" ] || { echo "no long run on this machine (it went back?)"; continue; }
+    deadline=$(( $(date +%s) + ${WATCH_S:-540} ))
+    while [ "$(date +%s)" -lt $deadline ] && pgrep -f -- "--out $dir" > /dev/null; do sleep 5; done
+    tr '\r' '\n' < "$dir.log" | grep -v '^ *$' | tail -12
+    cp "$dir.log" "$OUT/long-train.log"
+    for f in metrics.csv curves.png config.json; do cp "$dir/$f" "$OUT/long-$f" 2>/dev/null; done
+    if pgrep -f -- "--out $dir" > /dev/null; then echo "long run still going"; else
+      echo "long run ended"
+      for ck in last/model best/model last/ema; do
+        [ -f "$dir/$ck.safetensors" ] || continue
+        timed "eval $ck --tta-flip" 120 "$BIN" --backend cuda eval --weights "$dir/$ck.safetensors" \
+          --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/eval-${ck//\//-}" | head -2
+        for f in summary.json; do cp "$SCRATCH/eval-${ck//\//-}/$f" "$OUT/eval-${ck//\//-}-$f" 2>/dev/null; done
+      done
+    fi ;;
   trainab)
     # Training speed of the real loop (data, optimizer with master weights and clipping, checkpoints):
     # each TRAINAB_CONFIGS entry is comma-separated `--flag=value` and `VAR=value` items (`-`: none),
@@ -176,7 +213,8 @@ done
 if command -v xz > /dev/null; then pack="xz -T0 -6"; else pack="gzip"; fi
 # Only the newest kernel folder travels (each build's kernels live in kernels-<hash of their sources>).
 newest=$(cd "$VICINITY_CACHE" && ls -td kernels-* 2>/dev/null | head -1)
-tar -cf - -C "$VICINITY_CACHE" autotune $newest | $pack > /tmp/cache.tar && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] \
+# (A run without autotuning writes no `autotune` folder: tar must not be asked for it.)
+tar -cf - -C "$VICINITY_CACHE" $(cd "$VICINITY_CACHE" && ls -d autotune 2>/dev/null) $newest | $pack > /tmp/cache.tar && [ "$(stat -c %s /tmp/cache.tar)" -lt 16000000 ] \
   && cp /tmp/cache.tar "$OUT/cache.tar"
 echo "== kernels compiled, by name"; sed 's/^.*\[Compiling kernel\] *//' /tmp/kernels.log 2>/dev/null | cut -c1-60 | sort | uniq -c | sort -rn | head -25
 echo "== bench rows"; cat "$OUT/bench.jsonl" 2>/dev/null

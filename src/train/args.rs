@@ -104,9 +104,12 @@ pub struct TrainArgs {
     /// Horizontal flip probability.
     #[arg(long)]
     pub hflip: Option<f32>,
-    /// Spatial augmentation: `random-resized` (papers), `pad-crop` (CIFAR, reflect pad 4), `resize`.
+    /// Spatial augmentation: `random-resized` (papers), `pad-crop` (CIFAR: reflect pad, random crop), `resize`.
     #[arg(long, value_parser = ["random-resized", "pad-crop", "resize"])]
     pub crop: Option<String>,
+    /// Padding of `pad-crop` in input pixels (default: an eighth of the side, 4 at 32²).
+    #[arg(long, value_name = "PIXELS")]
+    pub crop_pad: Option<u32>,
     /// Input normalisation: imagenet, cifar10, cifar100.
     #[arg(long)]
     pub normalize: Option<String>,
@@ -254,6 +257,13 @@ impl TrainArgs {
              log_every <- log_every, save_every <- save_every, workers <- workers);
         c.num_classes = self.num_classes;
         c.resolution = self.resolution;
+        if let Crop::PadCrop { pad, .. } = &mut c.augment.crop {
+            // CIFAR's 4-pixel shift at 32², in proportion at other sizes (8 at 64²).
+            let side = c.resolution.unwrap_or_else(|| c.model.default_resolution());
+            *pad = self.crop_pad.unwrap_or((side as u32 / 8).max(1));
+        } else if self.crop_pad.is_some() {
+            bail!("--crop-pad applies to --crop pad-crop only");
+        }
         if let Some(v) = self.drop_path {
             c.drop_path = Some(v);
         }
@@ -521,4 +531,40 @@ pub fn predict_command(args: PredictArgs, backend: BackendKind) -> Result<()> {
     };
     print!("{text}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cifar(resolution: Option<usize>, crop_pad: Option<u32>) -> TrainArgs {
+        TrainArgs {
+            model: Some("vvt_tiny".into()),
+            data: Some("data".into()),
+            recipe: Some(Recipe::CifarFast),
+            resolution,
+            crop_pad,
+            ..Default::default()
+        }
+    }
+
+    fn pad_of(args: &TrainArgs) -> u32 {
+        match args.to_config().unwrap().augment.crop {
+            Crop::PadCrop { pad, .. } => pad,
+            other => panic!("expected pad-crop, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pad_crop_shift_follows_the_resolution() {
+        assert_eq!(pad_of(&cifar(Some(32), None)), 4);
+        assert_eq!(pad_of(&cifar(Some(64), None)), 8);
+        // No --resolution: the model's own (224 for vvt_tiny).
+        assert_eq!(pad_of(&cifar(None, None)), 28);
+        assert_eq!(pad_of(&cifar(Some(64), Some(3))), 3);
+        let mut resize = cifar(Some(64), Some(3));
+        resize.crop = Some("resize".into());
+        let err = resize.to_config().unwrap_err().to_string();
+        assert!(err.contains("--crop-pad"), "{err}");
+    }
 }
