@@ -59,6 +59,9 @@ pub struct RunState {
     pub epoch_loss_sum: f64,
     pub epoch_loss_count: u64,
     pub epoch_train_s: f64,
+    /// Of `epoch_train_s`, the time spent waiting for batches.
+    #[serde(default)]
+    pub epoch_data_wait_s: f64,
     pub epoch_images: u64,
     /// Training seconds over all sessions (evaluation included).
     pub elapsed_s: f64,

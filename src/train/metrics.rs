@@ -155,10 +155,12 @@ pub struct EpochMetrics {
     pub eval_s: f64,
     /// Training images per second.
     pub img_per_s: f64,
+    /// Seconds of `epoch_s` the loop spent waiting for the data loader (near 0: decoding keeps up).
+    #[serde(default)]
+    pub data_wait_s: f64,
 }
 
-const CSV_HEADER: &str =
-    "epoch,step,train_loss,val_loss,val_top1,val_top5,ema_top1,ema_top5,lr,epoch_s,eval_s,img_per_s";
+const CSV_HEADER: &str = "epoch,step,train_loss,val_loss,val_top1,val_top5,ema_top1,ema_top5,lr,epoch_s,eval_s,img_per_s,data_wait_s";
 
 /// The whole history as CSV.
 pub fn history_csv(history: &[EpochMetrics]) -> String {
@@ -166,7 +168,7 @@ pub fn history_csv(history: &[EpochMetrics]) -> String {
     let mut out = format!("{CSV_HEADER}\n");
     for m in history {
         out.push_str(&format!(
-            "{},{},{:.6},{},{},{},{},{},{:.6e},{:.3},{:.3},{:.1}\n",
+            "{},{},{:.6},{},{},{},{},{},{:.6e},{:.3},{:.3},{:.1},{:.3}\n",
             m.epoch,
             m.step,
             m.train_loss,
@@ -178,7 +180,8 @@ pub fn history_csv(history: &[EpochMetrics]) -> String {
             m.lr,
             m.epoch_s,
             m.eval_s,
-            m.img_per_s
+            m.img_per_s,
+            m.data_wait_s
         ));
     }
     out

@@ -288,6 +288,7 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         epoch_loss_sum: 0.0,
         epoch_loss_count: 0,
         epoch_train_s: 0.0,
+        epoch_data_wait_s: 0.0,
         epoch_images: 0,
         elapsed_s: 0.0,
         finished: false,
@@ -959,7 +960,9 @@ impl<B: AutodiffBackend> Session<B> {
                             break;
                         }
                     }
+                    let waited = Instant::now();
                     let Some(batch) = batches.next() else { break };
+                    self.state.epoch_data_wait_s += waited.elapsed().as_secs_f64();
                     let lr = self.state.schedule.lr(self.state.global_step);
                     self.step(batch?, lr)?;
                     if self.pending.len() >= self.cfg().log_every {
@@ -1044,6 +1047,7 @@ impl<B: AutodiffBackend> Session<B> {
             epoch_s: train_s,
             eval_s,
             img_per_s: s.epoch_images as f64 / train_s,
+            data_wait_s: s.epoch_data_wait_s,
         };
         let improved = m
             .val_top1
@@ -1058,6 +1062,7 @@ impl<B: AutodiffBackend> Session<B> {
         s.epoch_loss_sum = 0.0;
         s.epoch_loss_count = 0;
         s.epoch_train_s = 0.0;
+        s.epoch_data_wait_s = 0.0;
         s.epoch_images = 0;
         s.finished = last_epoch;
         if raw.is_some() {
@@ -1070,7 +1075,7 @@ impl<B: AutodiffBackend> Session<B> {
             String::new()
         };
         self.progress.line(&format!(
-            "epoch {}/{}: train loss {:.4}, val loss {}, top-1 {}, top-5 {}{ema_text}, lr {:.2e}, {:.1} s, {:.0} img/s{}",
+            "epoch {}/{}: train loss {:.4}, val loss {}, top-1 {}, top-5 {}{ema_text}, lr {:.2e}, {:.1} s (data wait {:.1} s), {:.0} img/s{}",
             m.epoch,
             self.state.epochs,
             m.train_loss,
@@ -1079,6 +1084,7 @@ impl<B: AutodiffBackend> Session<B> {
             pct(m.val_top5),
             m.lr,
             m.epoch_s,
+            m.data_wait_s,
             m.img_per_s,
             if improved { " [best]" } else { "" }
         ));

@@ -81,6 +81,12 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let h = &out.state.history;
     assert_eq!(h.len(), 4);
     assert!(h.iter().all(|m| m.val_top1.is_some() && m.ema_top1.is_some()));
+    // The wait for batches is part of the epoch's training time.
+    assert!(
+        h.iter()
+            .all(|m| m.data_wait_s >= 0.0 && m.data_wait_s <= m.epoch_s),
+        "{h:?}"
+    );
     let run = &out.run_dir;
     for f in [
         "config.json",
@@ -98,6 +104,10 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
     assert!(csv.starts_with("epoch,step,train_loss,val_loss,val_top1,val_top5"));
+    assert!(
+        csv.lines().next().unwrap().ends_with(",img_per_s,data_wait_s"),
+        "{csv}"
+    );
     assert_eq!(
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
