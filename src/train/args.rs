@@ -310,6 +310,35 @@ impl TrainArgs {
         check(self.dtype.is_some(), "--dtype");
         check(self.seed.is_some(), "--seed");
         check(self.out.is_some(), "--out");
+        // The recipe's parts: a resumed run keeps its own, so these are ignored too.
+        for (set, name) in [
+            (self.train_split.is_some(), "--train-split"),
+            (self.val_split.is_some(), "--val-split"),
+            (self.num_classes.is_some(), "--num-classes"),
+            (self.eval_batch.is_some(), "--eval-batch"),
+            (self.lr_scaling.is_some(), "--lr-scaling"),
+            (self.min_lr.is_some(), "--min-lr"),
+            (self.warmup.is_some(), "--warmup"),
+            (self.weight_decay.is_some(), "--weight-decay"),
+            (self.clip.is_some(), "--clip"),
+            (self.ema.is_some(), "--ema"),
+            (self.drop_path.is_some(), "--drop-path"),
+            (self.mixup.is_some(), "--mixup"),
+            (self.cutmix.is_some(), "--cutmix"),
+            (self.mix_prob.is_some(), "--mix-prob"),
+            (self.switch_prob.is_some(), "--switch-prob"),
+            (self.randaug.is_some(), "--randaug"),
+            (self.erasing.is_some(), "--erasing"),
+            (self.smoothing.is_some(), "--smoothing"),
+            (self.hflip.is_some(), "--hflip"),
+            (self.crop.is_some(), "--crop"),
+            (self.crop_pad.is_some(), "--crop-pad"),
+            (self.normalize.is_some(), "--normalize"),
+            (self.eval_every.is_some(), "--eval-every"),
+            (self.save_every.is_some(), "--save-every"),
+        ] {
+            check(set, name);
+        }
         v
     }
 }
@@ -553,6 +582,20 @@ mod tests {
             Crop::PadCrop { pad, .. } => pad,
             other => panic!("expected pad-crop, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn resume_names_every_recipe_flag_it_ignores() {
+        let args = TrainArgs {
+            resume: Some("runs/x".into()),
+            mixup: Some(0.2),
+            crop_pad: Some(2),
+            lr: Some(1e-3),
+            workers: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(args.ignored_on_resume(), ["--lr", "--mixup", "--crop-pad"]);
+        assert!(TrainArgs::default().ignored_on_resume().is_empty());
     }
 
     #[test]
