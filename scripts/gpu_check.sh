@@ -177,9 +177,10 @@ for l in open(sys.argv[1]):
       echo "long run ended"
       for ck in last/model best/model last/ema; do
         [ -f "$dir/$ck.safetensors" ] || continue
+        name=eval-${ck//\//-}
         timed "eval $ck --tta-flip" 120 "$BIN" --backend cuda eval --weights "$dir/$ck.safetensors" \
-          --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/eval-${ck//\//-}" | head -2
-        for f in summary.json; do cp "$SCRATCH/eval-${ck//\//-}/$f" "$OUT/eval-${ck//\//-}-$f" 2>/dev/null; done
+          --data .carry/cifar10-jpeg.tar.zst --split test --tta-flip --out "$SCRATCH/$name" | head -2
+        cp "$SCRATCH/$name/summary.json" "$OUT/$name-summary.json" 2>/dev/null
       done
     fi ;;
   trainab)

@@ -25,8 +25,13 @@ pub enum Crop {
     /// ratio in `ratio`, resized to the output size.
     RandomResized { scale: [f32; 2], ratio: [f32; 2] },
     /// Resize to the output size, pad every side by `pad` (mirror-reflected, or zeros), and take
-    /// a random crop of the output size: the usual CIFAR recipe.
-    PadCrop { pad: u32, reflect: bool },
+    /// a random crop of the output size: the usual CIFAR recipe. No `pad`: an eighth of the
+    /// shorter side, CIFAR's 4 pixels at 32² and the same share of the image at other sizes.
+    PadCrop {
+        #[serde(default)]
+        pad: Option<u32>,
+        reflect: bool,
+    },
 }
 
 /// Resampling filter for resizes.
@@ -189,11 +194,12 @@ impl AugmentConfig {
         }
     }
 
-    /// The fast CIFAR recipe: reflect-pad 4 + random crop, flip 0.5, CIFAR-10 mean/std.
+    /// The fast CIFAR recipe: reflect-pad an eighth of the side (4 at 32²) + random crop, flip 0.5,
+    /// CIFAR-10 mean/std.
     pub fn cifar_fast() -> Self {
         AugmentConfig {
             crop: Crop::PadCrop {
-                pad: 4,
+                pad: None,
                 reflect: true,
             },
             interpolation: Interpolation::Bilinear,
@@ -294,6 +300,7 @@ pub fn spatial(
             resample::resize_box(&img, bx, ow, oh, interp)
         }
         Crop::PadCrop { pad, reflect } => {
+            let pad = pad.unwrap_or((oh.min(ow) / 8).max(1));
             let img = fit(img);
             let ox = rng.int_inclusive(0, 2 * pad as i64) - pad as i64;
             let oy = rng.int_inclusive(0, 2 * pad as i64) - pad as i64;
@@ -745,6 +752,32 @@ mod tests {
         let out = shifted(&img, 2, 0, false);
         let row: Vec<u8> = out.pixels().map(|p| p[0]).collect();
         assert_eq!(row, vec![2, 3, 0, 0]);
+    }
+
+    #[test]
+    fn default_pad_is_an_eighth_of_the_side() {
+        // A constant image with zero padding: the crop's zero border shows the shift, which
+        // may reach the default pad but never exceed it.
+        for (side, pad) in [(32u32, 4i64), (64, 8), (224, 28)] {
+            let crop = Crop::PadCrop {
+                pad: None,
+                reflect: false,
+            };
+            let mut widest = 0;
+            for seed in 0..200 {
+                let img = RgbImage::from_pixel(side, side, Rgb([200, 200, 200]));
+                let s = side as usize;
+                let out = spatial(img, &crop, Interpolation::Bilinear, [s, s], &mut Rng::new(seed));
+                let row: Vec<u8> = (0..side).map(|x| out.get_pixel(x, side / 2)[0]).collect();
+                let zeros = row
+                    .iter()
+                    .take_while(|&&v| v == 0)
+                    .count()
+                    .max(row.iter().rev().take_while(|&&v| v == 0).count());
+                widest = widest.max(zeros as i64);
+            }
+            assert_eq!(widest, pad, "side {side}");
+        }
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl TrainArgs {
                     ratio: [3.0 / 4.0, 4.0 / 3.0],
                 },
                 "pad-crop" => Crop::PadCrop {
-                    pad: 4,
+                    pad: None,
                     reflect: true,
                 },
                 _ => Crop::Resize,
@@ -257,12 +257,11 @@ impl TrainArgs {
              log_every <- log_every, save_every <- save_every, workers <- workers);
         c.num_classes = self.num_classes;
         c.resolution = self.resolution;
-        if let Crop::PadCrop { pad, .. } = &mut c.augment.crop {
-            // CIFAR's 4-pixel shift at 32², in proportion at other sizes (8 at 64²).
-            let side = c.resolution.unwrap_or_else(|| c.model.default_resolution());
-            *pad = self.crop_pad.unwrap_or((side as u32 / 8).max(1));
-        } else if self.crop_pad.is_some() {
-            bail!("--crop-pad applies to --crop pad-crop only");
+        if let Some(v) = self.crop_pad {
+            match &mut c.augment.crop {
+                Crop::PadCrop { pad, .. } => *pad = Some(v),
+                _ => bail!("--crop-pad applies to --crop pad-crop only"),
+            }
         }
         if let Some(v) = self.drop_path {
             c.drop_path = Some(v);
@@ -293,25 +292,18 @@ impl TrainArgs {
 
     /// Flags that a resumed run ignores (its settings come from the run).
     fn ignored_on_resume(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        let mut check = |set: bool, name: &'static str| {
-            if set {
-                v.push(name);
-            }
-        };
-        check(self.model.is_some(), "--model");
-        check(self.data.is_some(), "--data");
-        check(self.recipe.is_some(), "--recipe");
-        check(self.batch.is_some(), "--batch");
-        check(self.epochs.is_some(), "--epochs");
-        check(self.budget.is_some(), "--budget");
-        check(self.lr.is_some(), "--lr");
-        check(self.resolution.is_some(), "--resolution");
-        check(self.dtype.is_some(), "--dtype");
-        check(self.seed.is_some(), "--seed");
-        check(self.out.is_some(), "--out");
-        // The recipe's parts: a resumed run keeps its own, so these are ignored too.
-        for (set, name) in [
+        [
+            (self.model.is_some(), "--model"),
+            (self.data.is_some(), "--data"),
+            (self.recipe.is_some(), "--recipe"),
+            (self.batch.is_some(), "--batch"),
+            (self.epochs.is_some(), "--epochs"),
+            (self.budget.is_some(), "--budget"),
+            (self.lr.is_some(), "--lr"),
+            (self.resolution.is_some(), "--resolution"),
+            (self.dtype.is_some(), "--dtype"),
+            (self.seed.is_some(), "--seed"),
+            (self.out.is_some(), "--out"),
             (self.train_split.is_some(), "--train-split"),
             (self.val_split.is_some(), "--val-split"),
             (self.num_classes.is_some(), "--num-classes"),
@@ -336,10 +328,10 @@ impl TrainArgs {
             (self.normalize.is_some(), "--normalize"),
             (self.eval_every.is_some(), "--eval-every"),
             (self.save_every.is_some(), "--save-every"),
-        ] {
-            check(set, name);
-        }
-        v
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect()
     }
 }
 
@@ -577,7 +569,7 @@ mod tests {
         }
     }
 
-    fn pad_of(args: &TrainArgs) -> u32 {
+    fn pad_of(args: &TrainArgs) -> Option<u32> {
         match args.to_config().unwrap().augment.crop {
             Crop::PadCrop { pad, .. } => pad,
             other => panic!("expected pad-crop, got {other:?}"),
@@ -600,11 +592,11 @@ mod tests {
 
     #[test]
     fn pad_crop_shift_follows_the_resolution() {
-        assert_eq!(pad_of(&cifar(Some(32), None)), 4);
-        assert_eq!(pad_of(&cifar(Some(64), None)), 8);
-        // No --resolution: the model's own (224 for vvt_tiny).
-        assert_eq!(pad_of(&cifar(None, None)), 28);
-        assert_eq!(pad_of(&cifar(Some(64), Some(3))), 3);
+        // Left to the crop, which takes an eighth of the side it produces (4 at 32², 8 at 64², 28
+        // at vvt_tiny's own 224²: `augment::tests::default_pad_is_an_eighth_of_the_side`).
+        assert_eq!(pad_of(&cifar(Some(32), None)), None);
+        assert_eq!(pad_of(&cifar(None, None)), None);
+        assert_eq!(pad_of(&cifar(Some(64), Some(3))), Some(3));
         let mut resize = cifar(Some(64), Some(3));
         resize.crop = Some("resize".into());
         let err = resize.to_config().unwrap_err().to_string();

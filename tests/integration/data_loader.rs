@@ -247,7 +247,7 @@ fn resize_and_crops_reach_the_model_size() {
             ratio: [0.75, 1.333],
         },
         Crop::PadCrop {
-            pad: 4,
+            pad: Some(4),
             reflect: false,
         },
     ] {
