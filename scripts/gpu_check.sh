@@ -10,7 +10,8 @@
 #   ncu        GPU time of every kernel (cuBLAS's included) in 2 steady steps per NCU_MODELS entry
 #              `model:res:batch[:mode]`, by Nsight Compute, against the unprofiled step time: tells
 #              how much of a step the GPU is busy
-#   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value,VAR=value`, or `-` for none;
+#   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value+VAR=value`, `+` between the
+#              variables since values such as VICINITY_FUSED lists hold commas; `-` for none;
 #              e.g. VICINITY_REDUCE=unit, VICINITY_MATMUL=<kernel>, VICINITY_CONV_SPLIT=1) on each AB_MODELS
 #              entry `model:res:batch[:mode]`, bf16; a table of img/s last
 #   trainab    training speed of the real loop per TRAINAB_CONFIGS entry (flags and env), a few epochs each
@@ -114,21 +115,21 @@ for stage in $STAGES; do
       args=(--backend cuda bench --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode "${mode:-train}")
       timed "unprofiled $spec" 150 "$BIN" "${args[@]}" --warmup 3 --iters 10 --json "$SCRATCH/ncu-wall.jsonl" | tail -1
       for steps in 1 3; do
-        timed "ncu $spec ($steps+1 steps)" ${NCU_LIMIT:-200} "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+        timed "ncu $spec ($steps+1 steps)" ${NCU_LIMIT:-200} "$NCU" --clock-control none --metrics gpu__time_duration.sum,launch__grid_size,launch__block_size \
           --csv --print-units base --log-file "/tmp/ncu$steps.csv" "$BIN" "${args[@]}" --warmup 0 --iters $steps > /dev/null
       done
       python3 scripts/ncu_summary.py /tmp/ncu3.csv --skip-like /tmp/ncu1.csv --steps 2 --top 25 \
-        --wall "$SCRATCH/ncu-wall.jsonl" | tee "$OUT/ncu-$model-${mode:-train}.txt"
+        --wall "$SCRATCH/ncu-wall.jsonl" --sequence "$OUT/seq-$model-${mode:-train}.tsv" | tee "$OUT/ncu-$model-${mode:-train}.txt"
       rm -f "$SCRATCH/ncu-wall.jsonl"
     done ;;
   ab)
     for spec in ${AB_MODELS:-lsagt_cifar_tiny:32:128 vvt_tiny:224:64}; do
       IFS=: read -r model res batch mode <<< "$spec"
       for cfg in ${AB_CONFIGS:-VICINITY_REDUCE=unit -}; do
-        envs=(); [ "$cfg" != - ] && IFS=, read -ra envs <<< "$cfg"
+        envs=(); [ "$cfg" != - ] && IFS=+ read -ra envs <<< "$cfg"
         ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
           timed "ab $model $cfg" ${AB_LIMIT:-150} "$BIN" --backend cuda bench --model "$model" --resolution "$res" \
-            --batch "$batch" --dtype bf16 --mode "${mode:-train}" --warmup 2 --iters ${AB_ITERS:-6} \
+            --batch "$batch" --dtype bf16 --mode "${mode:-train}" --warmup ${AB_WARMUP:-5} --iters ${AB_ITERS:-6} \
             --json "$SCRATCH/ab-$model-$cfg.jsonl" | tail -2 )
       done
     done
@@ -185,13 +186,13 @@ for l in open(sys.argv[1]):
     fi ;;
   trainab)
     # Training speed of the real loop (data, optimizer with master weights and clipping, checkpoints):
-    # each TRAINAB_CONFIGS entry is comma-separated `--flag=value` and `VAR=value` items (`-`: none),
+    # each TRAINAB_CONFIGS entry is `+`-joined `--flag=value` and `VAR=value` items (`-`: none),
     # trained TRAINAB_EPOCHS epochs of TRAIN_MODEL on CIFAR-10 at 32² with the cifar-fast recipe.
     model=${TRAIN_MODEL:-vvt_tiny}
     for cfg in ${TRAINAB_CONFIGS:--}; do
       envs=(); flags=()
       if [ "$cfg" != - ]; then
-        IFS=, read -ra items <<< "$cfg"
+        IFS=+ read -ra items <<< "$cfg"
         for it in "${items[@]}"; do case $it in --*) flags+=("$it") ;; *) envs+=("$it") ;; esac; done
       fi
       dir="$SCRATCH/trainab-$model-$RANDOM"

@@ -16,6 +16,7 @@ pub mod init;
 pub mod io;
 pub mod kernels;
 pub mod models;
+pub mod nn;
 pub mod ops;
 pub mod plot;
 pub mod train;

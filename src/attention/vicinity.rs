@@ -9,14 +9,15 @@
 
 use std::f64::consts::FRAC_PI_2;
 
+use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::init::{ConvInit, conv2d, linear};
 use crate::kernels::vicinity::{EPS, VicinityCore, vicinity_core};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use crate::ops::{LinearRows, conv2d_nhwc};
 
 /// How token positions re-weight attention.

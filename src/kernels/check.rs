@@ -146,6 +146,18 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     ] {
         out.push(timed(&|| check_matmul::<B>(&lhs, &rhs, transposed, device))?);
     }
+    // (rows, channels): fewer channels than a row's 32 threads, several per thread, a partial last
+    // cube, enough rows for several chunks of the column sums, LSAGT's and VVT's widths.
+    for shape in [
+        [2, 5, 6],
+        [3, 7, 96],
+        [1, 9, 33],
+        [4, 300, 40],
+        [2, 3, 512],
+        [1, 17, 64],
+    ] {
+        out.push(timed(&|| check_layer_norm::<B>(shape, device))?);
+    }
     use crate::attention::vicinity::Locality;
     for (heads, d, q_grid, k_grid, locality, clamp) in [
         (1, 8, (4, 5), (4, 5), Locality::TwoD, true),
@@ -287,6 +299,59 @@ fn depthwise_run<B: AutodiffBackend>(
         y.into_data(),
         x.grad(&grads).expect("x gradient").into_data(),
         w.grad(&grads).expect("w gradient").into_data(),
+    ])
+}
+
+/// LayerNorm over the last dimension: output and the gradients of the input, scale and shift.
+pub fn check_layer_norm<B: AutodiffBackend>(
+    shape: [usize; 3],
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    let c = shape[2];
+    // Inputs off zero mean and unit scale, a scale and shift away from 1 and 0.
+    let shifted = |d: TensorData, by: f32| {
+        Tensor::<crate::backend::Cpu, 1>::from_data(d.clone().convert::<f32>(), &Default::default())
+            .reshape([d.num_elements()])
+            .add_scalar(by)
+            .into_data()
+    };
+    let x = random(shape);
+    let x = Tensor::<crate::backend::Cpu, 3>::from_data(x, &Default::default())
+        .mul_scalar(3.0)
+        .add_scalar(1.5)
+        .into_data();
+    let data = [x, shifted(random([c]), 1.0), random([c]), random(shape)];
+    Ok(KernelCheck::new(
+        "layer_norm",
+        format!("x {shape:?}"),
+        &["output", "grad x", "grad gamma", "grad beta"],
+        layer_norm_run::<B>(&data, true, device)?,
+        layer_norm_run::<Reference>(&data, false, &Default::default())?,
+    ))
+}
+
+fn layer_norm_run<B: AutodiffBackend>(
+    [x, gamma, beta, probe]: &[TensorData; 4],
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::layer_norm::{fused, layer_norm_reference};
+    let x = on::<B, 3>(x, device).require_grad();
+    let gamma = on::<B, 1>(gamma, device).require_grad();
+    let beta = on::<B, 1>(beta, device).require_grad();
+    let eps = 1e-6;
+    let y = if fast {
+        fused(x.clone(), gamma.clone(), beta.clone(), eps)
+            .map_err(|_| anyhow::anyhow!("the layer_norm kernel did not run on this backend"))?
+    } else {
+        layer_norm_reference(x.clone(), gamma.clone(), beta.clone(), eps)
+    };
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        x.grad(&grads).expect("x gradient").into_data(),
+        gamma.grad(&grads).expect("gamma gradient").into_data(),
+        beta.grad(&grads).expect("beta gradient").into_data(),
     ])
 }
 
@@ -498,6 +563,13 @@ mod tests {
                 assert!(c.case.contains("flash"), "a flash kernel must run: {}", c.case);
             }
         }
+    }
+
+    #[test]
+    fn layer_norm_spills_into_a_second_cube_axis() {
+        // More than 65,535 cubes of 8 rows: the launch spills into a second axis (WebGPU's limit).
+        let c = check_layer_norm::<G>([1, 65_535 * 8 + 40, 2], &Default::default()).expect("runs on wgpu");
+        assert!(c.worst() < 1e-4, "{:?}", c.errors);
     }
 
     #[test]

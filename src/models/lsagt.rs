@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use crate::ops::{
     LinearRows, conv_geometry, conv2d_columns, conv2d_many_columns, conv2d_nhwc, conv2d_nhwc_many,
 };

@@ -4,8 +4,8 @@
 //! official `patch_embed{i+1}` / `block{i+1}` / `norm{i+1}`), see [`rename_official`].
 
 use anyhow::{Result, bail};
+use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
+use crate::nn::{LayerNorm, LayerNormConfig};
 use crate::ops::{LinearRows, conv2d_nhwc, depthwise_conv2d_nhwc};
 
 fn default_true() -> bool {
