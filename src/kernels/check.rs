@@ -158,6 +158,11 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     ] {
         out.push(timed(&|| check_layer_norm::<B>(shape, device))?);
     }
+    // (rows, width): LSAGT's local (T = 18) and global (1,024 and 256 keys) widths, and widths
+    // that leave a row's last threads partly or wholly idle.
+    for shape in [[2, 3, 18], [2, 5, 1024], [4, 7, 33], [1, 9, 256], [3, 2, 5]] {
+        out.push(timed(&|| check_softmax::<B>(shape, device))?);
+    }
     use crate::attention::vicinity::Locality;
     for (heads, d, q_grid, k_grid, locality, clamp) in [
         (1, 8, (4, 5), (4, 5), Locality::TwoD, true),
@@ -352,6 +357,46 @@ fn layer_norm_run<B: AutodiffBackend>(
         x.grad(&grads).expect("x gradient").into_data(),
         gamma.grad(&grads).expect("gamma gradient").into_data(),
         beta.grad(&grads).expect("beta gradient").into_data(),
+    ])
+}
+
+/// Softmax of scaled scores over the last dimension: output and input gradient.
+pub fn check_softmax<B: AutodiffBackend>(
+    shape: [usize; 3],
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    // Scores spread wide enough that the maximum matters (exp of them would overflow in bf16).
+    let x = Tensor::<crate::backend::Cpu, 3>::from_data(random(shape), &Default::default())
+        .mul_scalar(8.0)
+        .into_data();
+    let data = [x, random(shape)];
+    Ok(KernelCheck::new(
+        "softmax",
+        format!("x {shape:?}"),
+        &["output", "grad x"],
+        softmax_run::<B>(&data, true, device)?,
+        softmax_run::<Reference>(&data, false, &Default::default())?,
+    ))
+}
+
+fn softmax_run<B: AutodiffBackend>(
+    [x, probe]: &[TensorData; 2],
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::softmax::{fused, softmax_scaled_reference};
+    let x = on::<B, 3>(x, device).require_grad();
+    let scale = 0.7;
+    let y = if fast {
+        fused(x.clone(), scale)
+            .map_err(|_| anyhow::anyhow!("the softmax kernel did not run on this backend"))?
+    } else {
+        softmax_scaled_reference(x.clone(), scale)
+    };
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    Ok(vec![
+        y.into_data(),
+        x.grad(&grads).expect("x gradient").into_data(),
     ])
 }
 

@@ -4,8 +4,8 @@
 //! time on. Forward only: Burn's autodiff has no flash backward, so training keeps the reference
 //! path (and so does every backend without the kernels).
 
+use super::softmax::softmax_scaled;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 /// `softmax(q·kᵀ/√d)·v` over `[batch, heads, tokens, d]` inputs (keys and values have the same
 /// token count; queries may have another).
@@ -52,12 +52,12 @@ pub fn fused<B: Backend>(
     Err((q, k, v))
 }
 
-/// Plain tensor ops: the scores, a softmax over the keys, the weighted values.
+/// Composed tensor ops: the scores, a softmax over the keys (the fused row kernel where the
+/// backend has it, [`super::softmax`]), the weighted values.
 pub fn attention_reference<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     check(&q, &k, &v);
     let d = q.dims()[3];
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
-    softmax(scores, 3).matmul(v)
+    softmax_scaled(q.matmul(k.swap_dims(2, 3)), (d as f64).powf(-0.5)).matmul(v)
 }
 
 /// Which kernel the last fused call ran (`vicinity check-kernels` reports it): the flash kernels

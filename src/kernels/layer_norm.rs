@@ -91,60 +91,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
-
-    /// Threads per row: a row's channels are spread over them (channel `lane + 32·i`).
-    const LANES: usize = 32;
-    /// Rows per cube.
-    const ROWS: usize = 8;
-
-    /// The sum of `value` over the [`LANES`] threads of row slot `slot`, through shared memory
-    /// (portable: no plane operations). Every thread of the cube must call it.
-    #[cube]
-    fn row_sum(sums: &mut SharedMemory<f32>, value: f32, lane: usize, slot: usize) -> f32 {
-        let base = slot * comptime!(LANES);
-        sums[base + lane] = value;
-        sync_cube();
-        fold(sums, base, lane, 16usize);
-        fold(sums, base, lane, 8usize);
-        fold(sums, base, lane, 4usize);
-        fold(sums, base, lane, 2usize);
-        fold(sums, base, lane, 1usize);
-        let total = sums[base];
-        sync_cube();
-        total
-    }
-
-    /// One step of [`row_sum`]'s tree: lane `l < stride` adds lane `l + stride`.
-    #[cube]
-    fn fold(sums: &mut SharedMemory<f32>, base: usize, lane: usize, #[comptime] stride: usize) {
-        if lane < stride {
-            sums[base + lane] += sums[base + lane + stride];
-        }
-        sync_cube();
-    }
-
-    /// This thread's channels of `row` (zeros past the row's end or past the last row), in f32.
-    #[cube]
-    fn load<E: Float>(
-        t: &Tensor<E>,
-        row: usize,
-        live: bool,
-        lane: usize,
-        #[comptime] c: usize,
-        #[comptime] per: usize,
-    ) -> Array<f32> {
-        let mut v = Array::<f32>::new(per);
-        #[unroll]
-        for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            let mut value = f32::new(0.0);
-            if live && ch < c {
-                value = f32::cast_from(t[row * c + ch]);
-            }
-            v[i] = value;
-        }
-        v
-    }
+    use crate::kernels::rows::{LANES, ROWS, load, row_launch, row_sum};
 
     /// The mean of a row whose values this thread holds in `v`.
     #[cube]
@@ -328,18 +275,6 @@ mod cube {
     #[derive(Clone, Debug)]
     pub struct LayerNorm {
         pub eps: f32,
-    }
-
-    /// Cubes of [`ROWS`] rows × [`LANES`] threads; more than 65,535 cubes spill into a second axis
-    /// (WebGPU's limit per axis), which `CUBE_POS` counts through.
-    fn row_launch(rows: usize) -> (CubeCount, CubeDim) {
-        let cubes = rows.div_ceil(ROWS) as u32;
-        let count = if cubes <= 65_535 {
-            CubeCount::Static(cubes, 1, 1)
-        } else {
-            CubeCount::Static(65_535, cubes.div_ceil(65_535), 1)
-        };
-        (count, CubeDim::new_2d(LANES as u32, ROWS as u32))
     }
 
     fn rows_and_channels<R: CubeRuntime>(x: &CubeTensor<R>) -> (usize, usize) {

@@ -6,8 +6,8 @@
 //! (token, query head) in the forward, one per (token, key/value head) in the backward, which
 //! writes the gradient of the whole `wkv` output (keys and values) in one pass.
 
+use super::softmax::softmax_scaled;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 /// The attention geometry: `heads` query heads of `head_dim`, `kv_heads` key/value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub fn fused<B: Backend>(
     Err((q, kv))
 }
 
-/// Plain tensor ops: query head `kh·g + i` uses key/value head `kh` (`g = heads / kv_heads`).
+/// Tensor ops (the softmax through [`super::softmax`]): query head `kh·g + i` uses key/value head `kh` (`g = heads / kv_heads`).
 pub fn local_attention_reference<B: Backend>(
     q: Tensor<B, 3>,
     kv: Tensor<B, 4>,
@@ -81,8 +81,9 @@ pub fn local_attention_reference<B: Backend>(
     let v = kv.slice_dim(3, kvh * dh..2 * kvh * dh);
     let k = k.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
     let v = v.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
-    let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((dh as f64).powf(-0.5));
-    softmax(scores, 2).matmul(v).reshape([b, n, d])
+    softmax_scaled(q.matmul(k.swap_dims(1, 2)), (dh as f64).powf(-0.5))
+        .matmul(v)
+        .reshape([b, n, d])
 }
 
 #[cfg(feature = "kernels")]

@@ -15,36 +15,40 @@ pub mod flash_attention;
 pub mod im2col;
 pub mod layer_norm;
 pub mod local_attention;
+pub mod softmax;
 pub mod vicinity;
 
 #[cfg(feature = "kernels")]
 pub(crate) mod cube;
+#[cfg(feature = "kernels")]
+pub(crate) mod rows;
 
 use std::sync::OnceLock;
 
 use burn::prelude::*;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
-pub const KERNELS: [&str; 6] = [
+pub const KERNELS: [&str; 7] = [
     "depthwise",
     "flash_attention",
     "im2col",
     "layer_norm",
     "local_attention",
+    "softmax",
     "vicinity",
 ];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
 /// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel
 /// is correct but slower in training, so it is opt-in there.
-const DEFAULT: [&str; 4] = ["depthwise", "im2col", "layer_norm", "vicinity"];
+const DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
 
 /// The kernels used in inference too, by default. Sessions 8–9 kept all but the vicinity core out
 /// of inference on A/B runs that, it turned out, never switched them on (the A/B script split
 /// `VICINITY_FUSED_INFER=a,b` at its commas); measured properly in session 10, the depth-wise
 /// and im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on
 /// the H100 (docs/GPU_RESULTS.md, session 10).
-const INFERENCE_DEFAULT: [&str; 4] = ["depthwise", "im2col", "layer_norm", "vicinity"];
+const INFERENCE_DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
 
 /// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
 /// list of [`KERNELS`]; `default` when it is unset.

@@ -1,0 +1,115 @@
+//! Building blocks of the row-wise kernels (LayerNorm, softmax): a row of `c` values is spread
+//! over [`LANES`] threads (value `lane + 32·i` in the thread's registers), [`ROWS`] rows per cube,
+//! and its sums and maxima are shared-memory trees (portable: no plane operations, which WebGPU
+//! may lack).
+
+use cubecl::prelude::*;
+
+/// Threads per row.
+pub const LANES: usize = 32;
+/// Rows per cube.
+pub const ROWS: usize = 8;
+
+/// The sum of `value` over the [`LANES`] threads of row slot `slot`. Every thread of the cube
+/// must call it (it synchronises the cube).
+#[cube]
+pub fn row_sum(sums: &mut SharedMemory<f32>, value: f32, lane: usize, slot: usize) -> f32 {
+    row_reduce(sums, value, lane, slot, false)
+}
+
+/// The maximum of `value` over the threads of row slot `slot` (as [`row_sum`]).
+#[cube]
+pub fn row_max(sums: &mut SharedMemory<f32>, value: f32, lane: usize, slot: usize) -> f32 {
+    row_reduce(sums, value, lane, slot, true)
+}
+
+#[cube]
+fn row_reduce(
+    sums: &mut SharedMemory<f32>,
+    value: f32,
+    lane: usize,
+    slot: usize,
+    #[comptime] max: bool,
+) -> f32 {
+    let base = slot * comptime!(LANES);
+    sums[base + lane] = value;
+    sync_cube();
+    fold(sums, base, lane, 16usize, max);
+    fold(sums, base, lane, 8usize, max);
+    fold(sums, base, lane, 4usize, max);
+    fold(sums, base, lane, 2usize, max);
+    fold(sums, base, lane, 1usize, max);
+    let total = sums[base];
+    sync_cube();
+    total
+}
+
+/// One step of the tree: lane `l < stride` takes in lane `l + stride`.
+#[cube]
+fn fold(
+    sums: &mut SharedMemory<f32>,
+    base: usize,
+    lane: usize,
+    #[comptime] stride: usize,
+    #[comptime] max: bool,
+) {
+    if lane < stride {
+        let other = sums[base + lane + stride];
+        if max {
+            sums[base + lane] = f32::max(sums[base + lane], other);
+        } else {
+            sums[base + lane] += other;
+        }
+    }
+    sync_cube();
+}
+
+/// This thread's values of `row` in f32, `fill` past the row's end or past the last row.
+#[cube]
+pub fn load_or<E: Float>(
+    t: &Tensor<E>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    fill: f32,
+    #[comptime] c: usize,
+    #[comptime] per: usize,
+) -> Array<f32> {
+    let mut v = Array::<f32>::new(per);
+    #[unroll]
+    for i in 0..per {
+        let ch = lane + i * comptime!(LANES);
+        let mut value = fill;
+        if live && ch < c {
+            value = f32::cast_from(t[row * c + ch]);
+        }
+        v[i] = value;
+    }
+    v
+}
+
+/// This thread's values of `row` in f32 (zeros past the row's end or past the last row).
+#[cube]
+pub fn load<E: Float>(
+    t: &Tensor<E>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    #[comptime] c: usize,
+    #[comptime] per: usize,
+) -> Array<f32> {
+    load_or::<E>(t, row, live, lane, f32::new(0.0), c, per)
+}
+
+/// Cubes of [`ROWS`] rows × [`LANES`] threads; more than 65,535 cubes spill into a second axis
+/// (WebGPU's limit per axis), which `CUBE_POS` counts through. Rows past the last must still take
+/// part in the cube's synchronisations.
+pub fn row_launch(rows: usize) -> (CubeCount, CubeDim) {
+    let cubes = rows.div_ceil(ROWS) as u32;
+    let count = if cubes <= 65_535 {
+        CubeCount::Static(cubes, 1, 1)
+    } else {
+        CubeCount::Static(65_535, cubes.div_ceil(65_535), 1)
+    };
+    (count, CubeDim::new_2d(LANES as u32, ROWS as u32))
+}
