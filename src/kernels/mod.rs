@@ -39,8 +39,9 @@ pub const KERNELS: [&str; 7] = [
 ];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
-/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. LSAGT's local attention kernel
-/// is correct but slower in training, so it is opt-in there.
+/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. The local attention and flash
+/// attention kernels are correct but slower than the composed paths with the fused softmax
+/// (session 10), so they are opt-in.
 const DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
 
 /// The kernels used in inference too, by default. Sessions 8–9 kept all but the vicinity core out
