@@ -895,8 +895,7 @@ impl<B: AutodiffBackend> Session<B> {
             Err(_) => (done_epochs, done_steps),
         };
         let current = self.state.schedule.total_steps;
-        let grows_enough = total_steps >= current + self.state.steps_per_epoch as u64 / 2;
-        if total_steps >= current && !grows_enough {
+        if !should_resize(done_steps, current, total_steps, self.state.steps_per_epoch as u64) {
             return;
         }
         self.progress.line(&format!(
@@ -1095,6 +1094,17 @@ impl<B: AutodiffBackend> Session<B> {
     }
 }
 
+/// Whether a run re-sized to `planned` total steps replaces the current schedule of `current`
+/// after `done` steps: never once the schedule has run its course (growing it then would add
+/// steps at a learning rate near zero: a 4-minute run on the H100 spent its last 20 s so, session
+/// 10), always when it must shrink, and when it grows by at least half an epoch.
+fn should_resize(done: u64, current: u64, planned: u64, steps_per_epoch: u64) -> bool {
+    if done >= current {
+        return false;
+    }
+    planned < current || planned >= current + steps_per_epoch / 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1103,5 +1113,19 @@ mod tests {
     fn seeds_differ_per_step() {
         assert_ne!(mix_seed(1, 0), mix_seed(1, 1));
         assert_ne!(mix_seed(1, 0), mix_seed(2, 0));
+    }
+
+    #[test]
+    fn a_finished_schedule_is_never_re_sized() {
+        // 195 steps an epoch, a 10-epoch schedule.
+        let (spe, current) = (195, 1950);
+        // Mid-run: grows by at least half an epoch, shrinks whenever it must.
+        assert!(should_resize(780, current, current + 195, spe));
+        assert!(!should_resize(780, current, current + 90, spe));
+        assert!(should_resize(780, current, current - 195, spe));
+        assert!(!should_resize(780, current, current, spe));
+        // The schedule has ended (its learning rate is at its final value): no more epochs.
+        assert!(!should_resize(1950, current, current + 187, spe));
+        assert!(!should_resize(1950, current, current + 1950, spe));
     }
 }
