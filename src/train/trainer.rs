@@ -895,7 +895,12 @@ impl<B: AutodiffBackend> Session<B> {
             Err(_) => (done_epochs, done_steps),
         };
         let current = self.state.schedule.total_steps;
-        if !should_resize(done_steps, current, total_steps, self.state.steps_per_epoch as u64) {
+        if !should_resize(
+            done_steps,
+            current,
+            total_steps,
+            self.state.steps_per_epoch as u64,
+        ) {
             return;
         }
         self.progress.line(&format!(
