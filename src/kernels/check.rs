@@ -76,6 +76,12 @@ fn random<const D: usize>(shape: [usize; D]) -> TensorData {
         .into_data()
 }
 
+/// Random normal values times `scale` plus `shift`.
+fn random_affine<const D: usize>(shape: [usize; D], scale: f64, shift: f64) -> TensorData {
+    Tensor::<crate::backend::Cpu, D>::random(shape, Distribution::Normal(shift, scale), &Default::default())
+        .into_data()
+}
+
 fn on<B: Backend, const D: usize>(data: &TensorData, device: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(data.clone(), device)
 }
@@ -314,18 +320,12 @@ pub fn check_layer_norm<B: AutodiffBackend>(
 ) -> anyhow::Result<KernelCheck> {
     let c = shape[2];
     // Inputs off zero mean and unit scale, a scale and shift away from 1 and 0.
-    let shifted = |d: TensorData, by: f32| {
-        Tensor::<crate::backend::Cpu, 1>::from_data(d.clone().convert::<f32>(), &Default::default())
-            .reshape([d.num_elements()])
-            .add_scalar(by)
-            .into_data()
-    };
-    let x = random(shape);
-    let x = Tensor::<crate::backend::Cpu, 3>::from_data(x, &Default::default())
-        .mul_scalar(3.0)
-        .add_scalar(1.5)
-        .into_data();
-    let data = [x, shifted(random([c]), 1.0), random([c]), random(shape)];
+    let data = [
+        random_affine(shape, 3.0, 1.5),
+        random_affine([c], 1.0, 1.0),
+        random([c]),
+        random(shape),
+    ];
     Ok(KernelCheck::new(
         "layer_norm",
         format!("x {shape:?}"),
@@ -366,10 +366,7 @@ pub fn check_softmax<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
     // Scores spread wide enough that the maximum matters (exp of them would overflow in bf16).
-    let x = Tensor::<crate::backend::Cpu, 3>::from_data(random(shape), &Default::default())
-        .mul_scalar(8.0)
-        .into_data();
-    let data = [x, random(shape)];
+    let data = [random_affine(shape, 8.0, 0.0), random(shape)];
     Ok(KernelCheck::new(
         "softmax",
         format!("x {shape:?}"),

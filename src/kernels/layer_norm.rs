@@ -91,7 +91,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
-    use crate::kernels::rows::{LANES, ROWS, load, row_launch, row_sum};
+    use crate::kernels::rows::{LANES, ROWS, load, row_launch, row_sum, store};
 
     /// The mean of a row whose values this thread holds in `v`.
     #[cube]
@@ -154,17 +154,17 @@ mod cube {
         let row = CUBE_POS * comptime!(ROWS) + slot;
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let v = load::<E>(x, row, live, lane, c, per);
+        let mut v = load::<E>(x, row, live, lane, c, per);
         let mean = row_mean(&mut sums, &v, lane, slot, c, per);
         let rstd = row_rstd(&mut sums, &v, mean, lane, slot, eps, c, per);
         #[unroll]
         for i in 0..per {
             let ch = lane + i * comptime!(LANES);
-            if live && ch < c {
-                let y = (v[i] - mean) * rstd * f32::cast_from(gamma[ch]) + f32::cast_from(beta[ch]);
-                out[row * c + ch] = E::cast_from(y);
+            if ch < c {
+                v[i] = (v[i] - mean) * rstd * f32::cast_from(gamma[ch]) + f32::cast_from(beta[ch]);
             }
         }
+        store::<E>(out, &v, row, live, lane, c, per);
     }
 
     /// The input gradient, `rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))` with `ĝ = g·gamma`, and each row's
@@ -206,12 +206,9 @@ mod cube {
         let b = row_sum(&mut sums, b, lane, slot) / f32::new(comptime!(c as f32));
         #[unroll]
         for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            if live && ch < c {
-                let xhat = (v[i] - mean) * rstd;
-                dx[row * c + ch] = E::cast_from(rstd * (gg[i] - a - xhat * b));
-            }
+            gg[i] = rstd * (gg[i] - a - (v[i] - mean) * rstd * b);
         }
+        store::<E>(dx, &gg, row, live, lane, c, per);
         if live && lane == 0 {
             row_stats[2 * row] = mean;
             row_stats[2 * row + 1] = rstd;

@@ -44,12 +44,12 @@ pub const KERNELS: [&str; 7] = [
 /// (session 10), so they are opt-in.
 const DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
 
-/// The kernels used in inference too, by default. Sessions 8–9 kept all but the vicinity core out
-/// of inference on A/B runs that, it turned out, never switched them on (the A/B script split
-/// `VICINITY_FUSED_INFER=a,b` at its commas); measured properly in session 10, the depth-wise
-/// and im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on
-/// the H100 (docs/GPU_RESULTS.md, session 10).
-const INFERENCE_DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
+/// The kernels used in inference too, by default: the same list. (Sessions 8–9 kept all but the
+/// vicinity core out of inference on A/B runs that never switched them on: the A/B script split
+/// `VICINITY_FUSED_INFER=a,b` at its commas. Measured properly in session 10, the depth-wise and
+/// im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on the
+/// H100, docs/GPU_RESULTS.md.)
+const INFERENCE_DEFAULT: [&str; 5] = DEFAULT;
 
 /// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
 /// list of [`KERNELS`]; `default` when it is unset.

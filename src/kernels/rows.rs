@@ -101,6 +101,26 @@ pub fn load<E: Float>(
     load_or::<E>(t, row, live, lane, f32::new(0.0), c, per)
 }
 
+/// Writes this thread's values of `row` (as [`load`] spreads them), cast to `E`.
+#[cube]
+pub fn store<E: Float>(
+    t: &mut Tensor<E>,
+    values: &Array<f32>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    #[comptime] c: usize,
+    #[comptime] per: usize,
+) {
+    #[unroll]
+    for i in 0..per {
+        let ch = lane + i * comptime!(LANES);
+        if live && ch < c {
+            t[row * c + ch] = E::cast_from(values[i]);
+        }
+    }
+}
+
 /// Cubes of [`ROWS`] rows × [`LANES`] threads; more than 65,535 cubes spill into a second axis
 /// (WebGPU's limit per axis), which `CUBE_POS` counts through. Rows past the last must still take
 /// part in the cube's synchronisations.

@@ -57,7 +57,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use crate::kernels::cube::{FusedOp, dense, empty};
-    use crate::kernels::rows::{LANES, ROWS, load, load_or, row_launch, row_max, row_sum};
+    use crate::kernels::rows::{LANES, ROWS, load, load_or, row_launch, row_max, row_sum, store};
 
     /// This thread's share of the softmax of its row: `exp(scale·x − max)` in `e` (zeros past the
     /// row's end), divided by the row's sum.
@@ -116,13 +116,7 @@ mod cube {
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
         let y = row_softmax::<E>(&mut sums, x, row, live, lane, slot, scale, c, per);
-        #[unroll]
-        for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            if live && ch < c {
-                out[row * c + ch] = E::cast_from(y[i]);
-            }
-        }
+        store::<E>(out, &y, row, live, lane, c, per);
     }
 
     /// `dx = scale·y·(g − Σ g·y)`, with the softmax `y` recomputed from `x`.
@@ -143,7 +137,7 @@ mod cube {
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
         let y = row_softmax::<E>(&mut sums, x, row, live, lane, slot, scale, c, per);
-        let g = load::<E>(grad, row, live, lane, c, per);
+        let mut g = load::<E>(grad, row, live, lane, c, per);
         let mut s = f32::new(0.0);
         #[unroll]
         for i in 0..per {
@@ -152,11 +146,9 @@ mod cube {
         let s = row_sum(&mut sums, s, lane, slot);
         #[unroll]
         for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            if live && ch < c {
-                dx[row * c + ch] = E::cast_from(scale * y[i] * (g[i] - s));
-            }
+            g[i] = scale * y[i] * (g[i] - s);
         }
+        store::<E>(dx, &g, row, live, lane, c, per);
     }
 
     #[derive(Clone, Debug)]
