@@ -10,6 +10,8 @@
 #   ncu        GPU time of every kernel (cuBLAS's included) in 2 steady steps per NCU_MODELS entry
 #              `model:res:batch[:mode]`, by Nsight Compute, against the unprofiled step time: tells
 #              how much of a step the GPU is busy
+#   hostprof   where the host's time goes in steady steps, per HOSTPROF_MODELS entry `model:res:batch[:mode]`
+#              (needs a build with `--features cuda,host-profile` and symbols; stacks come back gzipped)
 #   ab         A/B of environment switches: each AB_CONFIGS entry (`VAR=value+VAR=value`, `+` between the
 #              variables since values such as VICINITY_FUSED lists hold commas; `-` for none;
 #              e.g. VICINITY_REDUCE=unit, VICINITY_MATMUL=<kernel>, VICINITY_CONV_SPLIT=1) on each AB_MODELS
@@ -107,6 +109,16 @@ for stage in $STAGES; do
       python3 scripts/profile_summary.py /tmp/prof6.log 22 --skip-like /tmp/prof1.log \
         --shapes /tmp/shapes6.log /tmp/shapes1.log
       [ -n "${PROFILE_FULL:-}" ] && python3 scripts/profile_summary.py /tmp/prof6.log 30 --full --skip-like /tmp/prof1.log
+    done ;;
+  hostprof)
+    for spec in ${HOSTPROF_MODELS:-vvt_tiny:224:64 lsagt_cifar_tiny:32:128}; do
+      IFS=: read -r model res batch mode <<< "$spec"
+      tag="$model-${mode:-train}"
+      VICINITY_HOST_PROFILE="$SCRATCH/host-$tag.txt" timed "host profile $spec" 200 "$BIN" --backend cuda bench \
+        --model "$model" --resolution "$res" --batch "$batch" --dtype bf16 --mode "${mode:-train}" \
+        --warmup 5 --iters 20 | tail -1
+      python3 scripts/host_profile_summary.py "$SCRATCH/host-$tag.txt" --top 30 ${HOSTPROF_MATCH:-}
+      gzip -c "$SCRATCH/host-$tag.txt" > "$OUT/host-$tag.txt.gz"
     done ;;
   ncu)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -147,6 +147,8 @@ fn timed_loop<S>(
         state = step(state);
     }
     sync()?;
+    let profiler = host_profile::start();
+    let launched = launches();
     let start = Instant::now();
     for _ in 0..iters {
         state = step(state);
@@ -156,13 +158,88 @@ fn timed_loop<S>(
     let issued = start.elapsed().as_secs_f64();
     sync()?;
     let total = start.elapsed().as_secs_f64();
+    host_profile::finish(profiler)?;
+    let per_step = |n: u64| n as f64 / iters.max(1) as f64;
     eprintln!(
-        "host issued the {iters} timed steps in {:.1} ms per step ({:.0} % of the {:.1} ms until the GPU finished)",
+        "host issued the {iters} timed steps in {:.1} ms per step ({:.0} % of the {:.1} ms until the GPU finished){}",
         issued * 1e3 / iters.max(1) as f64,
         100.0 * issued / total.max(1e-9),
         total * 1e3 / iters.max(1) as f64,
+        launched
+            .zip(launches())
+            .map(|(a, b)| format!("; {:.0} CubeCL kernel launches per step", per_step(b - a)))
+            .unwrap_or_default(),
     );
     Ok((state, total))
+}
+
+/// Sampling of the host threads over the timed steps (feature `host-profile`).
+#[cfg(feature = "host-profile")]
+mod host_profile {
+    use std::io::Write;
+
+    use anyhow::{Context, Result};
+
+    pub struct Profiler(pprof::ProfilerGuard<'static>, String);
+
+    /// Starts sampling when `VICINITY_HOST_PROFILE` names an output file.
+    pub fn start() -> Option<Profiler> {
+        let path = std::env::var("VICINITY_HOST_PROFILE").ok()?;
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(1000)
+            .build()
+            .expect("the host profiler starts");
+        Some(Profiler(guard, path))
+    }
+
+    /// Writes the samples as collapsed stacks (`thread;outer;…;inner count`, flame-graph input).
+    pub fn finish(profiler: Option<Profiler>) -> Result<()> {
+        let Some(Profiler(guard, path)) = profiler else {
+            return Ok(());
+        };
+        let report = guard.report().build().context("host profile report")?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.clone())?);
+        let mut total = 0;
+        for (frames, count) in &report.data {
+            let mut line = frames.thread_name_or_id();
+            for symbol in frames.frames.iter().rev().flatten() {
+                line.push(';');
+                line.push_str(&symbol.name().replace(';', ","));
+            }
+            writeln!(out, "{line} {count}")?;
+            total += count;
+        }
+        out.flush()?;
+        eprintln!("host profile: {total} samples written to {path}");
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "host-profile"))]
+mod host_profile {
+    pub fn start() -> Option<()> {
+        if std::env::var_os("VICINITY_HOST_PROFILE").is_some() {
+            eprintln!("note: VICINITY_HOST_PROFILE needs a build with the `host-profile` feature");
+        }
+        None
+    }
+
+    pub fn finish(_: Option<()>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// CubeCL kernel launches so far (cuBLAS's products not included), where the build counts them
+/// (the CUDA build's patched cubecl-runtime).
+fn launches() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        Some(cubecl_runtime::client::launch_count())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }
 
 /// Times one step on its own (compilation included), synchronised.
