@@ -17,11 +17,12 @@ use crate::kernels::im2col::{im2col, out_size};
 /// [`Linear::forward`] with the images of a batch multiplied in groups of up to [`LINEAR_ROWS`]
 /// rows. Burn 0.21 multiplies a `B×N×C` input image by image with the weight broadcast, and its
 /// weight gradient builds `B×C×C'` before summing over the batch: 1 GiB for vvt_tiny's last MLP at
-/// batch 512 and 32² input, where `N = 1`, and a product with `K = 1` per image. One product over
-/// all `B·N` rows would leave CubeCL's matmul (no split-K without autotuning) with a few thread
-/// blocks on a very long `K` at 224², so only inputs of at most [`LINEAR_TOKENS`] tokens per image
-/// are regrouped (regrouping every input measured +11 % at 32² but −6 % at 224²).
-/// `VICINITY_LINEAR_ROWS=0` keeps Burn's shapes everywhere (for A/B runs).
+/// batch 512 and 32² input, where `N = 1`, and a product with `K = 1` per image. Only inputs of at
+/// most [`LINEAR_TOKENS`] tokens per image are regrouped: regrouping every input measured +11 % at
+/// 32² but −6 % at 224² (session 5, CubeCL's matmuls), and one 2-D product over all rows of every
+/// layer, with fewer launches, measured slower again with cuBLAS (vvt_tiny 224² b64 bf16 training
+/// ~1,590 against ~1,790 img/s, session 11). `VICINITY_LINEAR_ROWS=0` keeps Burn's shapes
+/// everywhere (for A/B runs).
 pub trait LinearRows<B: Backend> {
     fn forward_rows<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
 }

@@ -446,38 +446,41 @@ pub fn check_local_attention<B: AutodiffBackend>(
 ) -> anyhow::Result<KernelCheck> {
     let data = [
         random([b, n, h.heads * h.head_dim]),
-        random([t, b, n, 2 * h.kv_heads * h.head_dim]),
+        random([t, b, n, h.kv_heads * h.head_dim]),
+        random([t, b, n, h.kv_heads * h.head_dim]),
         random([b, n, h.heads * h.head_dim]),
     ];
     Ok(KernelCheck::new(
         "local_attention",
         format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
-        &["output", "grad q", "grad kv"],
+        &["output", "grad q", "grad k", "grad v"],
         local_attention_run::<B>(&data, h, true, device)?,
         local_attention_run::<Reference>(&data, h, false, &Default::default())?,
     ))
 }
 
 fn local_attention_run<B: AutodiffBackend>(
-    [q, kv, probe]: &[TensorData; 3],
+    [q, k, v, probe]: &[TensorData; 4],
     h: super::local_attention::LocalHeads,
     fast: bool,
     device: &B::Device,
 ) -> anyhow::Result<Vec<TensorData>> {
     use super::local_attention::{fused, local_attention_reference};
     let q = on::<B, 3>(q, device).require_grad();
-    let kv = on::<B, 4>(kv, device).require_grad();
+    let k = on::<B, 4>(k, device).require_grad();
+    let v = on::<B, 4>(v, device).require_grad();
     let y = if fast {
-        fused(q.clone(), kv.clone(), h)
+        fused(q.clone(), k.clone(), v.clone(), h)
             .map_err(|_| anyhow::anyhow!("the local attention kernel did not run on this backend"))?
     } else {
-        local_attention_reference(q.clone(), kv.clone(), h)
+        local_attention_reference(q.clone(), k.clone(), v.clone(), h)
     };
     let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
     Ok(vec![
         y.into_data(),
         q.grad(&grads).expect("q gradient").into_data(),
-        kv.grad(&grads).expect("kv gradient").into_data(),
+        k.grad(&grads).expect("k gradient").into_data(),
+        v.grad(&grads).expect("v gradient").into_data(),
     ])
 }
 
@@ -604,6 +607,34 @@ mod tests {
             if c.kernel == "flash_attention" {
                 assert!(c.case.contains("flash"), "a flash kernel must run: {}", c.case);
             }
+        }
+    }
+
+    /// Slices whose start is aligned and whose end is not are views (the vendored burn-cubecl's
+    /// patch): as the optimizer's per-parameter views of its flat buffers, they must read and
+    /// compute like copies, also reshaped and in products.
+    #[test]
+    fn slices_with_unaligned_ends_read_like_copies() {
+        let device = Default::default();
+        let host: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let buf = Tensor::<burn::backend::Wgpu, 1>::from_floats(host.as_slice(), &device);
+        for range in [0..999, 256..262, 0..7, 512..1000] {
+            let got = (buf.clone().slice(range.clone()) * 2.0 + 1.0)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let want: Vec<f32> = host[range.clone()].iter().map(|v| v * 2.0 + 1.0).collect();
+            assert_eq!(got, want, "slice {range:?}");
+        }
+        // A 6×5 weight viewed at offset 256, in a product.
+        let w = buf.clone().slice(256..286).reshape([6, 5]);
+        let x = Tensor::<burn::backend::Wgpu, 2>::ones([2, 6], &device);
+        let got = x.matmul(w).into_data().to_vec::<f32>().unwrap();
+        let want: Vec<f32> = (0..10)
+            .map(|j| (0..6).map(|i| host[256 + i * 5 + j % 5]).sum())
+            .collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{got:?} against {want:?}");
         }
     }
 
