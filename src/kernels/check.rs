@@ -169,6 +169,16 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     for shape in [[2, 3, 18], [2, 5, 1024], [4, 7, 33], [1, 9, 256], [3, 2, 5]] {
         out.push(timed(&|| check_softmax::<B>(shape, device))?);
     }
+    // The last case has more parts than WebGPU binds in one launch (several launches there).
+    let many: Vec<usize> = (1..=40).map(|i| i * 37 % 300 + 1).collect();
+    for lens in [
+        vec![5, 300, 1, 257],
+        vec![1024],
+        vec![3, 1, 700, 256, 9, 70_000],
+        many,
+    ] {
+        out.push(timed(&|| check_concat::<B::InnerBackend>(&lens, device))?);
+    }
     use crate::attention::vicinity::Locality;
     for (heads, d, q_grid, k_grid, locality, clamp) in [
         (1, 8, (4, 5), (4, 5), Locality::TwoD, true),
@@ -482,6 +492,35 @@ fn local_attention_run<B: AutodiffBackend>(
         k.grad(&grads).expect("k gradient").into_data(),
         v.grad(&grads).expect("v gradient").into_data(),
     ])
+}
+
+/// The optimizer's flat gather: parts of uneven lengths at offsets rounded up to 256 values, the
+/// gaps zero (compared as part of the buffer).
+pub fn check_concat<B: Backend>(lens: &[usize], device: &B::Device) -> anyhow::Result<KernelCheck> {
+    use super::concat::{concat_flat_reference, fused};
+    let mut offsets = Vec::with_capacity(lens.len());
+    let mut len = 0;
+    for &n in lens {
+        offsets.push(len);
+        len += n.max(1).next_multiple_of(256);
+    }
+    let data: Vec<TensorData> = lens.iter().map(|&n| random([n])).collect();
+    let parts = |d: &B::Device| data.iter().map(|t| on::<B, 1>(t, d)).collect::<Vec<_>>();
+    let got = fused(parts(device), &offsets, len)
+        .map_err(|_| anyhow::anyhow!("the concat kernel did not run on this backend"))?;
+    let cpu = Default::default();
+    let cpu_parts = data
+        .iter()
+        .map(|t| on::<crate::backend::Cpu, 1>(t, &cpu))
+        .collect();
+    let want = concat_flat_reference(cpu_parts, &offsets, len);
+    Ok(KernelCheck::new(
+        "concat",
+        format!("{} parts, {len} values", lens.len()),
+        &["buffer"],
+        vec![got.into_data()],
+        vec![want.into_data()],
+    ))
 }
 
 /// The vicinity attention core: output and the gradients of queries, keys and values.

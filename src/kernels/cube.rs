@@ -298,3 +298,100 @@ pub fn run<B: Backend, Op: FusedOp<N>, const N: usize>(
     for_each_backend!(attempt);
     Err(inputs)
 }
+
+/// A forward-only operation over any number of float inputs, one output (the optimizer's gather
+/// of every gradient into one flat buffer). No autodiff: it runs on the inner backends.
+pub trait ManyOp: Clone + Debug + Send + Sync + 'static {
+    /// The output's shape (its dtype is the first input's).
+    fn output_shape(&self, inputs: &[Shape]) -> Shape;
+
+    fn forward<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> CubeTensor<R>;
+}
+
+/// A backend a [`ManyOp`] runs on: CubeCL's, plain or fused.
+pub trait ManyBackend: Backend {
+    fn many<Op: ManyOp>(op: &Op, inputs: Vec<FloatTensor<Self>>) -> FloatTensor<Self>;
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ManyBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn many<Op: ManyOp>(op: &Op, inputs: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {
+        op.forward(inputs)
+    }
+}
+
+/// A [`ManyOp`] queued in a fusion stream.
+#[derive(Debug)]
+struct FusionMany<B, Op> {
+    desc: CustomOpIr,
+    op: Op,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + ManyBackend, Op: ManyOp> Operation<B::FusionRuntime> for FusionMany<B, Op> {
+    fn execute(&self, handles: &mut HandleContainer<B::Handle>) {
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<B>(t))
+            .collect();
+        let out = B::many(&self.op, inputs);
+        handles.register_float_tensor::<B>(&self.desc.outputs[0].id, out);
+    }
+}
+
+impl<B: FusionBackend + ManyBackend> ManyBackend for Fusion<B> {
+    fn many<Op: ManyOp>(op: &Op, inputs: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {
+        let client = inputs[0].client.clone();
+        let dtype = inputs[0].dtype;
+        let shapes: Vec<Shape> = inputs.iter().map(|t| t.shape.clone()).collect();
+        let streams = OperationStreams::with_inputs(&inputs);
+        let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
+        let out = TensorIr::uninit(client.create_empty_handle(), op.output_shape(&shapes), dtype);
+        let desc = CustomOpIr::new(std::any::type_name::<Op>(), &inputs, &[out]);
+        let call = FusionMany::<B, Op> {
+            desc: desc.clone(),
+            op: op.clone(),
+            _backend: PhantomData,
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), call)
+            .pop()
+            .expect("one output")
+    }
+}
+
+/// Runs `op` if `B` is a (non-autodiff) CubeCL backend this build knows; hands the inputs back
+/// otherwise.
+pub fn run_many<B: Backend, Op: ManyOp>(
+    op: &Op,
+    inputs: Vec<FloatTensor<B>>,
+) -> Result<FloatTensor<B>, Vec<FloatTensor<B>>> {
+    macro_rules! attempt {
+        ($k:ty) => {
+            if TypeId::of::<B>() == TypeId::of::<$k>() {
+                let inputs = inputs
+                    .into_iter()
+                    .map(same::<FloatTensor<B>, FloatTensor<$k>>)
+                    .collect();
+                return Ok(same(<$k as ManyBackend>::many(op, inputs)));
+            }
+        };
+    }
+    macro_rules! plain_and_fused {
+        ($k:ty) => {
+            attempt!($k);
+            attempt!(Fusion<$k>);
+        };
+    }
+    #[cfg(feature = "cuda")]
+    {
+        plain_and_fused!(CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>);
+        plain_and_fused!(CubeBackend<cubecl::cuda::CudaRuntime, burn::tensor::bf16, i32, u8>);
+    }
+    #[cfg(feature = "wgpu")]
+    plain_and_fused!(CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>);
+    Err(inputs)
+}

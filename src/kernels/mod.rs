@@ -9,6 +9,7 @@
 //! and compare values and gradients.
 
 pub mod check;
+pub mod concat;
 pub mod cublas;
 pub mod depthwise;
 pub mod flash_attention;
@@ -28,7 +29,8 @@ use std::sync::OnceLock;
 use burn::prelude::*;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 8] = [
+    "concat",
     "depthwise",
     "flash_attention",
     "im2col",
@@ -42,14 +44,21 @@ pub const KERNELS: [&str; 7] = [
 /// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. The local attention and flash
 /// attention kernels are correct but slower than the composed paths with the fused softmax
 /// (session 10), so they are opt-in.
-const DEFAULT: [&str; 5] = ["depthwise", "im2col", "layer_norm", "softmax", "vicinity"];
+const DEFAULT: [&str; 6] = [
+    "concat",
+    "depthwise",
+    "im2col",
+    "layer_norm",
+    "softmax",
+    "vicinity",
+];
 
 /// The kernels used in inference too, by default: the same list. (Sessions 8–9 kept all but the
 /// vicinity core out of inference on A/B runs that never switched them on: the A/B script split
 /// `VICINITY_FUSED_INFER=a,b` at its commas. Measured properly in session 10, the depth-wise and
 /// im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on the
 /// H100, docs/GPU_RESULTS.md.)
-const INFERENCE_DEFAULT: [&str; 5] = DEFAULT;
+const INFERENCE_DEFAULT: [&str; 6] = DEFAULT;
 
 /// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
 /// list of [`KERNELS`]; `default` when it is unset.

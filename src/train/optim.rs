@@ -18,7 +18,8 @@
 //! Parameters are updated in groups that share flat buffers ([`Grouping`]). By default there are
 //! two groups, with and without weight decay, so a step is a handful of kernels rather than a few
 //! per parameter tensor (vvt_tiny has 200-odd): at CIFAR size, where a step takes tens of
-//! milliseconds, issuing those kernels one tensor at a time kept the GPU waiting. One group per
+//! milliseconds, issuing those kernels one tensor at a time kept the GPU waiting. The gradients
+//! reach the flat buffers in one launch per group ([`crate::kernels::concat`]). One group per
 //! tensor (`VICINITY_ADAMW=tensor`) is the plain reference path, tested against the flat one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, TensorData};
 
 use super::params::{ParamInfo, PathStack, cast, collect_flat, param_info, to_f32};
+use crate::kernels::concat::concat_flat;
 
 /// Named host tensors (shape, f32 values), as written to and read from safetensors files.
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -118,6 +120,16 @@ impl<B: Backend> Group<B> {
             && slot.len == self.len
         {
             return values.remove(&slot.name);
+        }
+        if self.slots.iter().all(|s| values.contains_key(&s.name)) {
+            // Every slot present: one launch (crate::kernels::concat) instead of one per slot.
+            let parts = self
+                .slots
+                .iter()
+                .map(|s| values.remove(&s.name).expect("checked above"))
+                .collect();
+            let offsets: Vec<usize> = self.slots.iter().map(|s| s.offset).collect();
+            return Some(concat_flat(parts, &offsets, self.len));
         }
         let mut buf: Option<Tensor<B, 1>> = None;
         for slot in &self.slots {
