@@ -104,8 +104,9 @@ mod cube {
     use super::LocalHeads;
     use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
 
-    /// Thread (token, query head): scores over the T variants, softmax, weighted values. The
-    /// query and the output row stay in registers.
+    /// Thread (token, query head): scores over the T variants, softmax, weighted values. The loops
+    /// over the head dimension stay rolled: unrolled, the WebGPU test's software driver took many
+    /// minutes to compile the backward.
     #[cube(launch_unchecked)]
     fn forward_kernel<E: Float>(
         q: &Tensor<E>,
@@ -130,7 +131,6 @@ mod cube {
         let q_at = token * comptime!(heads * dh) + head * dh;
         let scale = f32::new(comptime!((dh as f32).powf(-0.5)));
         let mut qr = Array::<f32>::new(dh);
-        #[unroll]
         for e in 0..dh {
             qr[e] = f32::cast_from(q[q_at + e]) * scale;
         }
@@ -140,7 +140,6 @@ mod cube {
         for ti in 0..t {
             let at = (ti * tokens + token) * row + kh * dh;
             let mut s = f32::new(0.0);
-            #[unroll]
             for e in 0..dh {
                 s += qr[e] * f32::cast_from(k[at + e]);
             }
@@ -156,19 +155,16 @@ mod cube {
         }
         let inv = f32::new(1.0) / sum;
         let mut acc = Array::<f32>::new(dh);
-        #[unroll]
         for e in 0..dh {
             acc[e] = f32::new(0.0);
         }
         #[unroll]
         for ti in 0..t {
             let at = (ti * tokens + token) * row + kh * dh;
-            #[unroll]
             for e in 0..dh {
                 acc[e] += p[ti] * f32::cast_from(v[at + e]);
             }
         }
-        #[unroll]
         for e in 0..dh {
             out[q_at + e] = E::cast_from(acc[e] * inv);
         }
@@ -213,7 +209,6 @@ mod cube {
             for ti in 0..t {
                 let at = (ti * tokens + token) * row + kh * dh;
                 let mut s = f32::new(0.0);
-                #[unroll]
                 for e in 0..dh {
                     s += f32::cast_from(q[q_at + e]) * f32::cast_from(k[at + e]);
                 }
@@ -235,7 +230,6 @@ mod cube {
                 p[gi * t + ti] *= inv;
                 let at = (ti * tokens + token) * row + kh * dh;
                 let mut s = f32::new(0.0);
-                #[unroll]
                 for e in 0..dh {
                     s += f32::cast_from(grad[q_at + e]) * f32::cast_from(v[at + e]);
                 }
