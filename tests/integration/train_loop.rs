@@ -283,7 +283,8 @@ fn a_budget_sizes_the_schedule_and_the_run_ends_within_it() {
     let root = tmp("budget");
     let data = dataset(&root);
     let mut cfg = config(&root, data);
-    cfg.budget_s = Some(6.0);
+    // 10 s: under CI's load (57 tests on 2 cores) a 6 s budget once fitted a single epoch.
+    cfg.budget_s = Some(10.0);
     cfg.min_lr = 0.0;
     cfg.warmup = Warmup::Fraction(0.05);
     cfg.log_every = 4;
@@ -291,11 +292,11 @@ fn a_budget_sizes_the_schedule_and_the_run_ends_within_it() {
     let out = train::<AB>(cfg, &Default::default()).unwrap();
     let took = start.elapsed().as_secs_f64();
     assert_eq!(out.stop, Stop::Finished);
-    assert!(took <= 6.0 + 1.0, "a 6 s budget took {took:.2} s");
+    assert!(took <= 10.0 + 1.0, "a 10 s budget took {took:.2} s");
     let s = &out.state;
     assert!(
         s.epochs >= 2,
-        "several epochs of 4 steps fit in 6 s: {}",
+        "several epochs of 4 steps fit in 10 s: {}",
         s.epochs
     );
     // Re-sized after every epoch, the schedule ends inside its last planned epoch: after the end
