@@ -124,8 +124,7 @@ impl<B: Backend> LocalShiftAttention<B> {
             head_dim: d / self.heads,
         };
         // Query head `kvh_i·g + g_i` uses key/value head `kvh_i` (crate::kernels::local_attention).
-        let (k, v) = split_kv(self.wkv.forward_rows(variants));
-        let out = local_attention(self.wq.forward_rows(x), k, v, heads);
+        let out = local_attention(self.wq.forward_rows(x), self.wkv.forward_rows(variants), heads);
         self.proj_drop.forward(self.proj.forward_rows(out))
     }
 
@@ -209,9 +208,6 @@ impl<B: Backend> GlobalAttention<B> {
             .reshape([b * kvh, g * n, dh]);
         let (k, v) = split_kv(self.wkv.forward_rows(x));
         let per_head = |t: Tensor<B, 3>| {
-            if kvh == 1 {
-                return t;
-            }
             t.reshape([b, n, kvh, dh])
                 .swap_dims(1, 2)
                 .reshape([b * kvh, n, dh])

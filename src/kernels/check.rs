@@ -456,41 +456,38 @@ pub fn check_local_attention<B: AutodiffBackend>(
 ) -> anyhow::Result<KernelCheck> {
     let data = [
         random([b, n, h.heads * h.head_dim]),
-        random([t, b, n, h.kv_heads * h.head_dim]),
-        random([t, b, n, h.kv_heads * h.head_dim]),
+        random([t, b, n, 2 * h.kv_heads * h.head_dim]),
         random([b, n, h.heads * h.head_dim]),
     ];
     Ok(KernelCheck::new(
         "local_attention",
         format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
-        &["output", "grad q", "grad k", "grad v"],
+        &["output", "grad q", "grad kv"],
         local_attention_run::<B>(&data, h, true, device)?,
         local_attention_run::<Reference>(&data, h, false, &Default::default())?,
     ))
 }
 
 fn local_attention_run<B: AutodiffBackend>(
-    [q, k, v, probe]: &[TensorData; 4],
+    [q, kv, probe]: &[TensorData; 3],
     h: super::local_attention::LocalHeads,
     fast: bool,
     device: &B::Device,
 ) -> anyhow::Result<Vec<TensorData>> {
     use super::local_attention::{fused, local_attention_reference};
     let q = on::<B, 3>(q, device).require_grad();
-    let k = on::<B, 4>(k, device).require_grad();
-    let v = on::<B, 4>(v, device).require_grad();
+    let kv = on::<B, 4>(kv, device).require_grad();
     let y = if fast {
-        fused(q.clone(), k.clone(), v.clone(), h)
+        fused(q.clone(), kv.clone(), h)
             .map_err(|_| anyhow::anyhow!("the local attention kernel did not run on this backend"))?
     } else {
-        local_attention_reference(q.clone(), k.clone(), v.clone(), h)
+        local_attention_reference(q.clone(), kv.clone(), h)
     };
     let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
     Ok(vec![
         y.into_data(),
         q.grad(&grads).expect("q gradient").into_data(),
-        k.grad(&grads).expect("k gradient").into_data(),
-        v.grad(&grads).expect("v gradient").into_data(),
+        kv.grad(&grads).expect("kv gradient").into_data(),
     ])
 }
 

@@ -1,9 +1,10 @@
 //! LSAGT's local attention core: each token's query against the keys of its own T shifted
 //! variants, softmax over T, weighted sum of their values.
 //!
-//! Reference path: reshapes, `T`-long batched matmuls and a softmax. The fused path is one thread
-//! per (token, query head) in the forward, one per (token, key/value head) in the backward, which
-//! writes the gradients of keys and values in one pass.
+//! Reference path: reshapes, `T`-long batched matmuls and a softmax, with the keys and values split
+//! out of the `wkv` output. The fused path reads `wkv`'s output as it is: one thread per
+//! (token, query head) in the forward, one per (token, key/value head) in the backward, which
+//! writes the gradient of the whole `wkv` output (keys and values) in one pass.
 
 use super::softmax::softmax_scaled;
 use burn::prelude::*;
@@ -16,26 +17,21 @@ pub struct LocalHeads {
     pub head_dim: usize,
 }
 
-/// `q`: `B×N×D` queries (`D = heads·head_dim`); `k`, `v`: `T×B×N×kv_heads·head_dim`, the keys and
-/// values of every variant. Returns the attended `B×N×D`, heads concatenated.
-pub fn local_attention<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    heads: LocalHeads,
-) -> Tensor<B, 3> {
+/// `q`: `B×N×D` queries (`D = heads·head_dim`); `kv`: `T×B×N×2·kv_heads·head_dim`, the keys of
+/// every variant then their values. Returns the attended `B×N×D`, heads concatenated.
+pub fn local_attention<B: Backend>(q: Tensor<B, 3>, kv: Tensor<B, 4>, heads: LocalHeads) -> Tensor<B, 3> {
     if super::enabled("local_attention") {
-        match fused(q, k, v, heads) {
+        match fused(q, kv, heads) {
             Ok(y) => return y,
-            Err((q, k, v)) => return local_attention_reference(q, k, v, heads),
+            Err((q, kv)) => return local_attention_reference(q, kv, heads),
         }
     }
-    local_attention_reference(q, k, v, heads)
+    local_attention_reference(q, kv, heads)
 }
 
-fn check<B: Backend>(q: &Tensor<B, 3>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, h: LocalHeads) {
+fn check<B: Backend>(q: &Tensor<B, 3>, kv: &Tensor<B, 4>, h: LocalHeads) {
     let [b, n, d] = q.dims();
-    let [_, kb, kn, kd] = k.dims();
+    let [_, kb, kn, kd] = kv.dims();
     assert!(
         d == h.heads * h.head_dim && h.heads.is_multiple_of(h.kv_heads),
         "local attention: {d} query channels for {} heads of {}",
@@ -43,49 +39,46 @@ fn check<B: Backend>(q: &Tensor<B, 3>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, h: Lo
         h.head_dim
     );
     assert!(
-        (kb, kn, kd) == (b, n, h.kv_heads * h.head_dim) && k.dims() == v.dims(),
-        "local attention: keys {:?} and values {:?} do not match queries {:?}",
-        k.dims(),
-        v.dims(),
+        (kb, kn, kd) == (b, n, 2 * h.kv_heads * h.head_dim),
+        "local attention: keys/values {:?} do not match queries {:?}",
+        kv.dims(),
         q.dims()
     );
 }
 
 /// The fused kernel, or the inputs back when this backend has none.
-#[allow(clippy::type_complexity)]
 pub fn fused<B: Backend>(
     q: Tensor<B, 3>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    kv: Tensor<B, 4>,
     heads: LocalHeads,
-) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 4>, Tensor<B, 4>)> {
-    check(&q, &k, &v, heads);
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 4>)> {
+    check(&q, &kv, heads);
     #[cfg(feature = "kernels")]
     {
         use super::{primitive, tensor};
-        let inputs = [primitive(q), primitive(k), primitive(v)];
-        match super::cube::run::<B, _, 3>(&cube::LocalAttention(heads), inputs) {
+        match super::cube::run::<B, _, 2>(&cube::LocalAttention(heads), [primitive(q), primitive(kv)]) {
             Ok(y) => Ok(tensor(y)),
-            Err([q, k, v]) => Err((tensor(q), tensor(k), tensor(v))),
+            Err([q, kv]) => Err((tensor(q), tensor(kv))),
         }
     }
     #[cfg(not(feature = "kernels"))]
-    Err((q, k, v))
+    Err((q, kv))
 }
 
 /// Tensor ops (the softmax through [`super::softmax`]): query head `kh·g + i` uses key/value head `kh` (`g = heads / kv_heads`).
 pub fn local_attention_reference<B: Backend>(
     q: Tensor<B, 3>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    kv: Tensor<B, 4>,
     h: LocalHeads,
 ) -> Tensor<B, 3> {
-    check(&q, &k, &v, h);
+    check(&q, &kv, h);
     let [b, n, d] = q.dims();
-    let t = k.dims()[0];
+    let t = kv.dims()[0];
     let (kvh, dh) = (h.kv_heads, h.head_dim);
     let g = h.heads / kvh;
     let q = q.reshape([b * n * kvh, g, dh]);
+    let k = kv.clone().slice_dim(3, 0..kvh * dh);
+    let v = kv.slice_dim(3, kvh * dh..2 * kvh * dh);
     let k = k.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
     let v = v.reshape([t, b * n * kvh, dh]).swap_dims(0, 1);
     softmax_scaled(q.matmul(k.swap_dims(1, 2)), (dh as f64).powf(-0.5))
@@ -104,14 +97,11 @@ mod cube {
     use super::LocalHeads;
     use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
 
-    /// Thread (token, query head): scores over the T variants, softmax, weighted values. The loops
-    /// over the head dimension stay rolled: unrolled, the WebGPU test's software driver took many
-    /// minutes to compile the backward.
+    /// Thread (token, query head): scores over the T variants, softmax, weighted values.
     #[cube(launch_unchecked)]
     fn forward_kernel<E: Float>(
         q: &Tensor<E>,
-        k: &Tensor<E>,
-        v: &Tensor<E>,
+        kv: &Tensor<E>,
         out: &mut Tensor<E>,
         tokens: usize,
         #[comptime] t: usize,
@@ -126,23 +116,20 @@ mod cube {
         }
         let head = pos % heads;
         let token = pos / heads;
-        let kh = head / comptime!(heads / kv_heads);
-        let row = comptime!(kv_heads * dh);
-        let q_at = token * comptime!(heads * dh) + head * dh;
+        let kh = head / (heads / kv_heads);
+        let row = 2 * kv_heads * dh;
+        let q_at = token * heads * dh + head * dh;
         let scale = f32::new(comptime!((dh as f32).powf(-0.5)));
-        let mut qr = Array::<f32>::new(dh);
-        for e in 0..dh {
-            qr[e] = f32::cast_from(q[q_at + e]) * scale;
-        }
         let mut p = Array::<f32>::new(t);
         let mut max = f32::new(-1.0e30);
         #[unroll]
         for ti in 0..t {
-            let at = (ti * tokens + token) * row + kh * dh;
+            let k_at = (ti * tokens + token) * row + kh * dh;
             let mut s = f32::new(0.0);
             for e in 0..dh {
-                s += qr[e] * f32::cast_from(k[at + e]);
+                s += f32::cast_from(q[q_at + e]) * f32::cast_from(kv[k_at + e]);
             }
+            s *= scale;
             p[ti] = s;
             max = select(s > max, s, max);
         }
@@ -154,33 +141,26 @@ mod cube {
             sum += w;
         }
         let inv = f32::new(1.0) / sum;
-        let mut acc = Array::<f32>::new(dh);
         for e in 0..dh {
-            acc[e] = f32::new(0.0);
-        }
-        #[unroll]
-        for ti in 0..t {
-            let at = (ti * tokens + token) * row + kh * dh;
-            for e in 0..dh {
-                acc[e] += p[ti] * f32::cast_from(v[at + e]);
+            let mut acc = f32::new(0.0);
+            #[unroll]
+            for ti in 0..t {
+                let v_at = (ti * tokens + token) * row + (kv_heads + kh) * dh;
+                acc += p[ti] * f32::cast_from(kv[v_at + e]);
             }
-        }
-        for e in 0..dh {
-            out[q_at + e] = E::cast_from(acc[e] * inv);
+            out[q_at + e] = E::cast_from(acc * inv);
         }
     }
 
     /// Thread (token, key/value head): recomputes the softmax of its `g` query heads, writes their
-    /// query gradients, then the gradients of its keys and values in every variant.
+    /// query gradients, then the gradient of its keys and values in every variant.
     #[cube(launch_unchecked)]
     fn backward_kernel<E: Float>(
         q: &Tensor<E>,
-        k: &Tensor<E>,
-        v: &Tensor<E>,
+        kv: &Tensor<E>,
         grad: &Tensor<E>,
         dq: &mut Tensor<E>,
-        dk: &mut Tensor<E>,
-        dv: &mut Tensor<E>,
+        dkv: &mut Tensor<E>,
         tokens: usize,
         #[comptime] t: usize,
         #[comptime] heads: usize,
@@ -195,8 +175,8 @@ mod cube {
         let kh = pos % kv_heads;
         let token = pos / kv_heads;
         let g = comptime!(heads / kv_heads);
-        let row = comptime!(kv_heads * dh);
-        let q0 = token * comptime!(heads * dh) + kh * g * dh;
+        let row = 2 * kv_heads * dh;
+        let q0 = token * heads * dh + kh * g * dh;
         let scale = f32::new(comptime!((dh as f32).powf(-0.5)));
         // Softmax weights P and score gradients dS = P·(dP − Σ P·dP), per (query head, variant).
         let mut p = Array::<f32>::new(comptime!(g * t));
@@ -207,10 +187,10 @@ mod cube {
             let mut max = f32::new(-1.0e30);
             #[unroll]
             for ti in 0..t {
-                let at = (ti * tokens + token) * row + kh * dh;
+                let k_at = (ti * tokens + token) * row + kh * dh;
                 let mut s = f32::new(0.0);
                 for e in 0..dh {
-                    s += f32::cast_from(q[q_at + e]) * f32::cast_from(k[at + e]);
+                    s += f32::cast_from(q[q_at + e]) * f32::cast_from(kv[k_at + e]);
                 }
                 s *= scale;
                 p[gi * t + ti] = s;
@@ -228,10 +208,10 @@ mod cube {
             #[unroll]
             for ti in 0..t {
                 p[gi * t + ti] *= inv;
-                let at = (ti * tokens + token) * row + kh * dh;
+                let v_at = (ti * tokens + token) * row + (kv_heads + kh) * dh;
                 let mut s = f32::new(0.0);
                 for e in 0..dh {
-                    s += f32::cast_from(grad[q_at + e]) * f32::cast_from(v[at + e]);
+                    s += f32::cast_from(grad[q_at + e]) * f32::cast_from(kv[v_at + e]);
                 }
                 ds[gi * t + ti] = s;
                 dot += p[gi * t + ti] * s;
@@ -244,8 +224,8 @@ mod cube {
                 let mut acc = f32::new(0.0);
                 #[unroll]
                 for ti in 0..t {
-                    let at = (ti * tokens + token) * row + kh * dh;
-                    acc += ds[gi * t + ti] * f32::cast_from(k[at + e]);
+                    let k_at = (ti * tokens + token) * row + kh * dh;
+                    acc += ds[gi * t + ti] * f32::cast_from(kv[k_at + e]);
                 }
                 dq[q_at + e] = E::cast_from(acc);
             }
@@ -253,17 +233,18 @@ mod cube {
         // dK_t = Σ_heads dS_t · q, dV_t = Σ_heads P_t · grad.
         #[unroll]
         for ti in 0..t {
-            let at = (ti * tokens + token) * row + kh * dh;
+            let k_at = (ti * tokens + token) * row + kh * dh;
+            let v_at = k_at + kv_heads * dh;
             for e in 0..dh {
-                let mut gk = f32::new(0.0);
-                let mut gv = f32::new(0.0);
+                let mut dk = f32::new(0.0);
+                let mut dv = f32::new(0.0);
                 #[unroll]
                 for gi in 0..g {
-                    gk += ds[gi * t + ti] * f32::cast_from(q[q0 + gi * dh + e]);
-                    gv += p[gi * t + ti] * f32::cast_from(grad[q0 + gi * dh + e]);
+                    dk += ds[gi * t + ti] * f32::cast_from(q[q0 + gi * dh + e]);
+                    dv += p[gi * t + ti] * f32::cast_from(grad[q0 + gi * dh + e]);
                 }
-                dk[at + e] = E::cast_from(gk);
-                dv[at + e] = E::cast_from(gv);
+                dkv[k_at + e] = E::cast_from(dk);
+                dkv[v_at + e] = E::cast_from(dv);
             }
         }
     }
@@ -271,20 +252,20 @@ mod cube {
     #[derive(Clone, Debug)]
     pub struct LocalAttention(pub LocalHeads);
 
-    /// `(tokens, variants)` of queries `B×N×D` and keys `T×B×N×…`.
-    fn sizes<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>) -> (usize, usize) {
-        (q.meta.shape()[0] * q.meta.shape()[1], k.meta.shape()[0])
+    /// `(tokens, variants)` of queries `B×N×D` and keys/values `T×B×N×…`.
+    fn sizes<R: CubeRuntime>(q: &CubeTensor<R>, kv: &CubeTensor<R>) -> (usize, usize) {
+        (q.meta.shape()[0] * q.meta.shape()[1], kv.meta.shape()[0])
     }
 
-    impl FusedOp<3> for LocalAttention {
-        fn output_shape(&self, [q, _, _]: &[Shape; 3]) -> Shape {
+    impl FusedOp<2> for LocalAttention {
+        fn output_shape(&self, [q, _]: &[Shape; 2]) -> Shape {
             q.clone()
         }
 
-        fn forward<R: CubeRuntime>(&self, [q, k, v]: [CubeTensor<R>; 3]) -> CubeTensor<R> {
+        fn forward<R: CubeRuntime>(&self, [q, kv]: [CubeTensor<R>; 2]) -> CubeTensor<R> {
             let q = into_contiguous(q);
-            let (k, v) = (dense(k, q.dtype), dense(v, q.dtype));
-            let (h, (tokens, t)) = (self.0, sizes(&q, &k));
+            let kv = dense(kv, q.dtype);
+            let (h, (tokens, t)) = (self.0, sizes(&q, &kv));
             let out = empty(&q, q.meta.shape().clone(), q.dtype);
             let (count, dim) = launch_dims(&q.client, tokens * h.heads);
             let dtype = q.dtype;
@@ -294,8 +275,7 @@ mod cube {
                     count,
                     dim,
                     q.clone().into_tensor_arg(),
-                    k.into_tensor_arg(),
-                    v.into_tensor_arg(),
+                    kv.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     tokens,
                     t,
@@ -310,18 +290,17 @@ mod cube {
 
         fn backward<R: CubeRuntime>(
             &self,
-            [q, k, v]: [CubeTensor<R>; 3],
+            [q, kv]: [CubeTensor<R>; 2],
             grad: CubeTensor<R>,
-            [want_q, want_k, want_v]: [bool; 3],
-        ) -> [Option<CubeTensor<R>>; 3] {
-            let (k_dtype, v_dtype) = (k.dtype, v.dtype);
+            [want_q, want_kv]: [bool; 2],
+        ) -> [Option<CubeTensor<R>>; 2] {
+            let kv_dtype = kv.dtype;
             let q = into_contiguous(q);
             let dtype = q.dtype;
-            let (k, v, grad) = (dense(k, dtype), dense(v, dtype), dense(grad, dtype));
-            let (h, (tokens, t)) = (self.0, sizes(&q, &k));
+            let (kv, grad) = (dense(kv, dtype), dense(grad, dtype));
+            let (h, (tokens, t)) = (self.0, sizes(&q, &kv));
             let dq = empty(&q, q.meta.shape().clone(), dtype);
-            let dk = empty(&q, k.meta.shape().clone(), dtype);
-            let dv = empty(&q, v.meta.shape().clone(), dtype);
+            let dkv = empty(&q, kv.meta.shape().clone(), dtype);
             let (count, dim) = launch_dims(&q.client, tokens * h.kv_heads);
             unsafe {
                 backward_kernel::launch_unchecked(
@@ -329,12 +308,10 @@ mod cube {
                     count,
                     dim,
                     q.clone().into_tensor_arg(),
-                    k.into_tensor_arg(),
-                    v.into_tensor_arg(),
+                    kv.into_tensor_arg(),
                     grad.into_tensor_arg(),
                     dq.clone().into_tensor_arg(),
-                    dk.clone().into_tensor_arg(),
-                    dv.clone().into_tensor_arg(),
+                    dkv.clone().into_tensor_arg(),
                     tokens,
                     t,
                     h.heads,
@@ -343,11 +320,7 @@ mod cube {
                     dtype.into(),
                 )
             };
-            [
-                want_q.then_some(dq),
-                want_k.then(|| cast(dk, k_dtype)),
-                want_v.then(|| cast(dv, v_dtype)),
-            ]
+            [want_q.then_some(dq), want_kv.then(|| cast(dkv, kv_dtype))]
         }
     }
 }
