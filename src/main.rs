@@ -199,10 +199,18 @@ fn check_kernels(backend: BackendKind, tolerance: f32) -> Result<()> {
     #[cfg(feature = "cuda")]
     if backend == BackendKind::Cuda {
         use vicinity::kernels::check;
-        let checks =
-            check::check_all::<burn::backend::Autodiff<vicinity::backend::Gpu>>(&Default::default())?;
+        type G = burn::backend::Autodiff<vicinity::backend::Gpu>;
+        let mut checks = check::check_all::<G>(&Default::default())?;
+        checks.extend(check::check_bf16::<G>(&Default::default())?);
         print!("{}", check::table(&checks));
-        let failed = checks.iter().filter(|c| c.worst() > tolerance).count();
+        let limit = |c: &check::KernelCheck| {
+            if c.case.ends_with("bf16") {
+                check::BF16_TOLERANCE
+            } else {
+                tolerance
+            }
+        };
+        let failed = checks.iter().filter(|c| c.worst() > limit(c)).count();
         anyhow::ensure!(
             failed == 0,
             "{failed} of {} checks above the tolerance {tolerance:e}",

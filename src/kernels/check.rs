@@ -86,6 +86,72 @@ fn on<B: Backend, const D: usize>(data: &TensorData, device: &B::Device) -> Tens
     Tensor::from_data(data.clone(), device)
 }
 
+/// `t` in bf16 when `bf16` is set (the fused kernels' widest vectors run only there).
+fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, bf16: bool) -> Tensor<B, D> {
+    if bf16 {
+        t.cast(burn::tensor::DType::BF16)
+    } else {
+        t
+    }
+}
+
+/// The relative error a bf16 check may show: its inputs alone are rounded to ~3 significant
+/// digits before the kernel sees them (the reference runs in f32 on the exact inputs).
+pub const BF16_TOLERANCE: f32 = 2e-2;
+
+/// The kernels whose vector width depends on the dtype, in bf16 at the models' shapes, against the f32
+/// reference: 8 values per load on CUDA, where f32 takes 4 (only backends with bf16; not WebGPU).
+/// Each case's name says `bf16`; compare with [`BF16_TOLERANCE`].
+pub fn check_bf16<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<KernelCheck>> {
+    let mut out = Vec::new();
+    for shape in [[2, 7, 192], [3, 300, 64], [2, 3, 40]] {
+        let c = shape[2];
+        let data = [
+            random_affine(shape, 3.0, 1.5),
+            random_affine([c], 1.0, 1.0),
+            random([c]),
+            random(shape),
+        ];
+        out.push(KernelCheck::new(
+            "layer_norm",
+            format!("x {shape:?} bf16"),
+            &["output", "grad x", "grad gamma", "grad beta"],
+            layer_norm_run::<B>(&data, true, true, device)?,
+            layer_norm_run::<Reference>(&data, false, false, &Default::default())?,
+        ));
+    }
+    out.push(check_layer_norm_shifted::<B>([3, 2, 16, 192], true, device)?);
+    for shape in [[2, 5, 1024], [3, 4, 256], [2, 3, 18]] {
+        let data = [random_affine(shape, 8.0, 0.0), random(shape)];
+        out.push(KernelCheck::new(
+            "softmax",
+            format!("x {shape:?} bf16"),
+            &["output", "grad x"],
+            softmax_run::<B>(&data, true, true, device)?,
+            softmax_run::<Reference>(&data, false, false, &Default::default())?,
+        ));
+    }
+    let h = super::local_attention::LocalHeads {
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 48,
+    };
+    let (b, n, t) = (2, 7, 18);
+    let data = [
+        random([b, n, h.heads * h.head_dim]),
+        random([t, b, n, 2 * h.kv_heads * h.head_dim]),
+        random([b, n, h.heads * h.head_dim]),
+    ];
+    out.push(KernelCheck::new(
+        "local_attention",
+        format!("T {t}, heads 4/1 of 48 bf16"),
+        &["output", "grad q", "grad kv"],
+        local_attention_run::<B>(&data, h, true, true, device)?,
+        local_attention_run::<Reference>(&data, h, false, false, &Default::default())?,
+    ));
+    Ok(out)
+}
+
 /// Every fused kernel on a few shapes. Fails if the backend has no fused kernels (so that a check
 /// can never pass by comparing the reference with itself).
 pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<KernelCheck>> {
@@ -163,6 +229,10 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         [1, 17, 64],
     ] {
         out.push(timed(&|| check_layer_norm::<B>(shape, device))?);
+    }
+    // [T, B, N, C]: LSAGT's variant tokens (one shift row per variant and token).
+    for shape in [[3, 2, 5, 8], [2, 3, 4, 96], [4, 2, 9, 33]] {
+        out.push(timed(&|| check_layer_norm_shifted::<B>(shape, false, device))?);
     }
     // (rows, width): LSAGT's local (T = 18) and global (1,024 and 256 keys) widths, and widths
     // that leave a row's last threads partly or wholly idle.
@@ -340,20 +410,80 @@ pub fn check_layer_norm<B: AutodiffBackend>(
         "layer_norm",
         format!("x {shape:?}"),
         &["output", "grad x", "grad gamma", "grad beta"],
-        layer_norm_run::<B>(&data, true, device)?,
-        layer_norm_run::<Reference>(&data, false, &Default::default())?,
+        layer_norm_run::<B>(&data, true, false, device)?,
+        layer_norm_run::<Reference>(&data, false, false, &Default::default())?,
     ))
+}
+
+/// LayerNorm of `x + shift`, the shift broadcast over the batch: output and the gradients of
+/// `x`, the shift, `gamma` and `beta`.
+pub fn check_layer_norm_shifted<B: AutodiffBackend>(
+    shape: [usize; 4],
+    bf16: bool,
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    let [t, _, n, c] = shape;
+    let data = [
+        random_affine(shape, 3.0, 1.5),
+        random([t, n, c]),
+        random_affine([c], 1.0, 1.0),
+        random([c]),
+        random(shape),
+    ];
+    let suffix = if bf16 { " bf16" } else { "" };
+    Ok(KernelCheck::new(
+        "layer_norm",
+        format!("x {shape:?} + shift{suffix}"),
+        &["output", "grad x", "grad shift", "grad gamma", "grad beta"],
+        layer_norm_shifted_run::<B>(&data, true, bf16, device)?,
+        layer_norm_shifted_run::<Reference>(&data, false, false, &Default::default())?,
+    ))
+}
+
+fn layer_norm_shifted_run<B: AutodiffBackend>(
+    [x, shift, gamma, beta, probe]: &[TensorData; 5],
+    fast: bool,
+    bf16: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    use super::layer_norm::{layer_norm_shifted, layer_norm_shifted_reference};
+    let x = in_dtype(on::<B, 4>(x, device), bf16).require_grad();
+    let shift = in_dtype(on::<B, 3>(shift, device), bf16).require_grad();
+    let gamma = in_dtype(on::<B, 1>(gamma, device), bf16).require_grad();
+    let beta = in_dtype(on::<B, 1>(beta, device), bf16).require_grad();
+    let eps = 1e-6;
+    let args = (x.clone(), shift.clone(), gamma.clone(), beta.clone(), eps);
+    let y = if fast {
+        anyhow::ensure!(
+            super::available::<B>(),
+            "the layer_norm kernel did not run on this backend"
+        );
+        layer_norm_shifted(args.0, args.1, args.2, args.3, args.4)
+    } else {
+        layer_norm_shifted_reference(args.0, args.1, args.2, args.3, args.4)
+    };
+    let grads = (y.clone() * in_dtype(on::<B, 4>(probe, device), bf16))
+        .sum()
+        .backward();
+    Ok(vec![
+        y.into_data(),
+        x.grad(&grads).expect("x gradient").into_data(),
+        shift.grad(&grads).expect("shift gradient").into_data(),
+        gamma.grad(&grads).expect("gamma gradient").into_data(),
+        beta.grad(&grads).expect("beta gradient").into_data(),
+    ])
 }
 
 fn layer_norm_run<B: AutodiffBackend>(
     [x, gamma, beta, probe]: &[TensorData; 4],
     fast: bool,
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<Vec<TensorData>> {
     use super::layer_norm::{fused, layer_norm_reference};
-    let x = on::<B, 3>(x, device).require_grad();
-    let gamma = on::<B, 1>(gamma, device).require_grad();
-    let beta = on::<B, 1>(beta, device).require_grad();
+    let x = in_dtype(on::<B, 3>(x, device), bf16).require_grad();
+    let gamma = in_dtype(on::<B, 1>(gamma, device), bf16).require_grad();
+    let beta = in_dtype(on::<B, 1>(beta, device), bf16).require_grad();
     let eps = 1e-6;
     let y = if fast {
         fused(x.clone(), gamma.clone(), beta.clone(), eps)
@@ -361,7 +491,9 @@ fn layer_norm_run<B: AutodiffBackend>(
     } else {
         layer_norm_reference(x.clone(), gamma.clone(), beta.clone(), eps)
     };
-    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    let grads = (y.clone() * in_dtype(on::<B, 3>(probe, device), bf16))
+        .sum()
+        .backward();
     Ok(vec![
         y.into_data(),
         x.grad(&grads).expect("x gradient").into_data(),
@@ -381,18 +513,19 @@ pub fn check_softmax<B: AutodiffBackend>(
         "softmax",
         format!("x {shape:?}"),
         &["output", "grad x"],
-        softmax_run::<B>(&data, true, device)?,
-        softmax_run::<Reference>(&data, false, &Default::default())?,
+        softmax_run::<B>(&data, true, false, device)?,
+        softmax_run::<Reference>(&data, false, false, &Default::default())?,
     ))
 }
 
 fn softmax_run<B: AutodiffBackend>(
     [x, probe]: &[TensorData; 2],
     fast: bool,
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<Vec<TensorData>> {
     use super::softmax::{fused, softmax_scaled_reference};
-    let x = on::<B, 3>(x, device).require_grad();
+    let x = in_dtype(on::<B, 3>(x, device), bf16).require_grad();
     let scale = 0.7;
     let y = if fast {
         fused(x.clone(), scale)
@@ -400,7 +533,9 @@ fn softmax_run<B: AutodiffBackend>(
     } else {
         softmax_scaled_reference(x.clone(), scale)
     };
-    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    let grads = (y.clone() * in_dtype(on::<B, 3>(probe, device), bf16))
+        .sum()
+        .backward();
     Ok(vec![
         y.into_data(),
         x.grad(&grads).expect("x gradient").into_data(),
@@ -463,8 +598,8 @@ pub fn check_local_attention<B: AutodiffBackend>(
         "local_attention",
         format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
         &["output", "grad q", "grad kv"],
-        local_attention_run::<B>(&data, h, true, device)?,
-        local_attention_run::<Reference>(&data, h, false, &Default::default())?,
+        local_attention_run::<B>(&data, h, true, false, device)?,
+        local_attention_run::<Reference>(&data, h, false, false, &Default::default())?,
     ))
 }
 
@@ -472,18 +607,21 @@ fn local_attention_run<B: AutodiffBackend>(
     [q, kv, probe]: &[TensorData; 3],
     h: super::local_attention::LocalHeads,
     fast: bool,
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<Vec<TensorData>> {
     use super::local_attention::{fused, local_attention_reference};
-    let q = on::<B, 3>(q, device).require_grad();
-    let kv = on::<B, 4>(kv, device).require_grad();
+    let q = in_dtype(on::<B, 3>(q, device), bf16).require_grad();
+    let kv = in_dtype(on::<B, 4>(kv, device), bf16).require_grad();
     let y = if fast {
         fused(q.clone(), kv.clone(), h)
             .map_err(|_| anyhow::anyhow!("the local attention kernel did not run on this backend"))?
     } else {
         local_attention_reference(q.clone(), kv.clone(), h)
     };
-    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    let grads = (y.clone() * in_dtype(on::<B, 3>(probe, device), bf16))
+        .sum()
+        .backward();
     Ok(vec![
         y.into_data(),
         q.grad(&grads).expect("q gradient").into_data(),

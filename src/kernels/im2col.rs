@@ -82,14 +82,15 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::out_size;
-    use crate::kernels::cube::{FusedOp, dense, empty, launch_dims};
+    use crate::kernels::cube::{FusedOp, dense, empty, launch_dims, vector_width};
 
     /// One thread per patch entry `(b, oy, ox, i, j, c)`: `x[b, oy·s + i − p, ox·s + j − p, c]`, 0 in
-    /// the padding (read at a clamped, always valid index).
+    /// the padding (read at a clamped, always valid index). Channels come `N` at a time (`c`
+    /// counts vectors of `N`).
     #[cube(launch_unchecked)]
-    fn gather_kernel<E: Float>(
-        x: &Tensor<E>,
-        cols: &mut Tensor<E>,
+    fn gather_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        cols: &mut Tensor<Vector<E, N>>,
         #[comptime] h: usize,
         #[comptime] w: usize,
         #[comptime] ho: usize,
@@ -116,15 +117,19 @@ mod cube {
         let inside = yy >= p && yy < h + p && xx >= p && xx < w + p;
         let yi = select(yy < h + p, select(yy >= p, yy, p), p) - p;
         let xi = select(xx < w + p, select(xx >= p, xx, p), p) - p;
-        let v = x[((b * h + yi) * w + xi) * c + ch];
-        cols[at] = select(inside, v, E::cast_from(f32::new(0.0)));
+        let mut v = x[((b * h + yi) * w + xi) * c + ch];
+        if !inside {
+            v = Vector::<E, N>::new(E::from_int(0));
+        }
+        cols[at] = v;
     }
 
-    /// One thread per input value `(b, y, x, c)`: the sum of the patch entries that copied it.
+    /// One thread per input value `(b, y, x, c)`: the sum of the patch entries that copied it
+    /// (`N` channels at a time, as [`gather_kernel`]).
     #[cube(launch_unchecked)]
-    fn scatter_kernel<E: Float>(
-        grad: &Tensor<E>,
-        dx: &mut Tensor<E>,
+    fn scatter_kernel<E: Float, N: Size>(
+        grad: &Tensor<Vector<E, N>>,
+        dx: &mut Tensor<Vector<E, N>>,
         #[comptime] h: usize,
         #[comptime] w: usize,
         #[comptime] ho: usize,
@@ -143,7 +148,7 @@ mod cube {
         let x = (at / c) % w;
         let y = (at / comptime!(c * w)) % h;
         let b = at / comptime!(c * w * h);
-        let mut sum = f32::new(0.0);
+        let mut sum = Vector::<f32, N>::new(f32::new(0.0));
         #[unroll]
         for i in 0..k {
             // Patch row oy takes input row y through tap i when oy·s + i = y + p.
@@ -159,13 +164,14 @@ mod cube {
                 let ok = row_ok && tx >= j && dxx % s == 0 && ox < wo;
                 let oyc = select(oy < ho, oy, 0);
                 let oxc = select(ox < wo, ox, 0);
-                let g = f32::cast_from(
-                    grad[((b * ho + oyc) * wo + oxc) * comptime!(k * k * c) + (i * k + j) * c + ch],
-                );
-                sum += select(ok, g, f32::new(0.0));
+                if ok {
+                    sum += Vector::<f32, N>::cast_from(
+                        grad[((b * ho + oyc) * wo + oxc) * comptime!(k * k * c) + (i * k + j) * c + ch],
+                    );
+                }
             }
         }
-        dx[at] = E::cast_from(sum);
+        dx[at] = Vector::<E, N>::cast_from(sum);
     }
 
     #[derive(Clone, Debug)]
@@ -197,20 +203,22 @@ mod cube {
             let (ho, wo) = self.out(h, w);
             let k = self.k;
             let cols = empty(&x, [b, ho * wo, k * k * c], x.dtype);
-            let (count, dim) = launch_dims(&x.client, b * ho * wo * k * k * c);
             let dtype = x.dtype;
+            let n = vector_width(&x.client, dtype, &[c]);
+            let (count, dim) = launch_dims(&x.client, b * ho * wo * k * k * c / n);
             unsafe {
                 gather_kernel::launch_unchecked(
                     &x.client,
                     count,
                     dim,
+                    n,
                     x.clone().into_tensor_arg(),
                     cols.clone().into_tensor_arg(),
                     h,
                     w,
                     ho,
                     wo,
-                    c,
+                    c / n,
                     k,
                     self.stride,
                     self.pad,
@@ -234,20 +242,22 @@ mod cube {
             let (ho, wo) = self.out(h, w);
             let grad = dense(grad, x.dtype);
             let dx = empty(&x, [b, h, w, c], x.dtype);
-            let (count, dim) = launch_dims(&x.client, b * h * w * c);
             let dtype = x.dtype;
+            let n = vector_width(&x.client, dtype, &[c]);
+            let (count, dim) = launch_dims(&x.client, b * h * w * c / n);
             unsafe {
                 scatter_kernel::launch_unchecked(
                     &x.client,
                     count,
                     dim,
+                    n,
                     grad.into_tensor_arg(),
                     dx.clone().into_tensor_arg(),
                     h,
                     w,
                     ho,
                     wo,
-                    c,
+                    c / n,
                     self.k,
                     self.stride,
                     self.pad,

@@ -43,6 +43,57 @@ pub fn layer_norm_reference<B: Backend, const D: usize>(
     )))
 }
 
+/// `layer_norm(x + shift)` for `x`: `T×B×N×C` and `shift`: `T×N×C`, the same for every `B`
+/// (LSAGT's variant tokens plus their position embedding and projection bias). The fused path
+/// adds the shift inside the kernel, sparing a pass over the largest tensor of the model.
+pub fn layer_norm_shifted<B: Backend>(
+    x: Tensor<B, 4>,
+    shift: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 4> {
+    let [t, b, n, c] = x.dims();
+    assert!(
+        shift.dims() == [t, n, c],
+        "layer_norm_shifted: x {:?} takes a shift of [{t}, {n}, {c}], not {:?}",
+        x.dims(),
+        shift.dims()
+    );
+    if super::use_fused::<B>("layer_norm", &x.device()) {
+        #[cfg(feature = "kernels")]
+        {
+            use super::{primitive, tensor};
+            let op = cube::ShiftedLayerNorm {
+                eps: eps as f32,
+                batch: b,
+                tokens: n,
+            };
+            let inputs = [
+                primitive(x.clone().reshape([t * b * n, c])),
+                primitive(shift.clone().reshape([t * n, c])),
+                primitive(gamma.clone()),
+                primitive(beta.clone()),
+            ];
+            if let Ok(y) = super::cube::run::<B, _, 4>(&op, inputs) {
+                return tensor::<B, 2>(y).reshape([t, b, n, c]);
+            }
+        }
+    }
+    layer_norm_shifted_reference(x, shift, gamma, beta, eps)
+}
+
+/// The shift added as its own pass, then [`layer_norm`].
+pub fn layer_norm_shifted_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    shift: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 4> {
+    layer_norm(x + shift.unsqueeze_dim(1), gamma, beta, eps)
+}
+
 fn check<B: Backend, const D: usize>(x: &Tensor<B, D>, gamma: &Tensor<B, 1>, beta: &Tensor<B, 1>) {
     let c = x.dims()[D - 1];
     assert!(
@@ -90,14 +141,17 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
-    use crate::kernels::rows::{LANES, ROWS, load, row_launch, row_sum, store};
+    use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims, vector_width};
+    use crate::kernels::rows::{
+        LANES, ROWS, load_vectors_or, row_launch, row_sum, store_vectors, vector_sum,
+    };
+    use burn::tensor::ops::FloatTensorOps;
 
-    /// The mean of a row whose values this thread holds in `v`.
+    /// The mean of a row of `c` values whose vectors this thread holds in `v` (zeros past the end).
     #[cube]
-    fn row_mean(
+    fn row_mean<N: Size>(
         sums: &mut SharedMemory<f32>,
-        v: &Array<f32>,
+        v: &Array<Vector<f32, N>>,
         lane: usize,
         slot: usize,
         #[comptime] c: usize,
@@ -106,7 +160,7 @@ mod cube {
         let mut s = f32::new(0.0);
         #[unroll]
         for i in 0..per {
-            s += v[i];
+            s += vector_sum::<N>(v[i]);
         }
         row_sum(sums, s, lane, slot) / f32::new(comptime!(c as f32))
     }
@@ -115,38 +169,73 @@ mod cube {
     /// cancellation as in `E[x²] − mean²`).
     #[cube]
     #[allow(clippy::too_many_arguments)]
-    fn row_rstd(
+    fn row_rstd<N: Size>(
         sums: &mut SharedMemory<f32>,
-        v: &Array<f32>,
+        v: &Array<Vector<f32, N>>,
         mean: f32,
         lane: usize,
         slot: usize,
         eps: f32,
         #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
     ) -> f32 {
         let mut q = f32::new(0.0);
         #[unroll]
         for i in 0..per {
-            if lane + i * comptime!(LANES) < c {
-                let d = v[i] - mean;
-                q += d * d;
+            if lane + i * comptime!(LANES) < cv {
+                let d = v[i] - Vector::new(mean);
+                q += vector_sum::<N>(d * d);
             }
         }
         let var = row_sum(sums, q, lane, slot) / f32::new(comptime!(c as f32));
         f32::new(1.0) / f32::sqrt(var + eps)
     }
 
+    /// Row `row` of `x`, plus its shift's row when `shifted` ([`ShiftedLayerNorm`]: row
+    /// `(t, b, n)` of a `T×B×N` batch takes shift row `(t, n)`).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn load_row<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        shift: &Tensor<Vector<E, N>>,
+        row: usize,
+        live: bool,
+        lane: usize,
+        batch_tokens: usize,
+        tokens: usize,
+        #[comptime] cv: usize,
+        #[comptime] per: usize,
+        #[comptime] shifted: bool,
+    ) -> Array<Vector<f32, N>> {
+        let mut v = load_vectors_or::<E, N>(x, row, live, lane, f32::new(0.0), cv, per);
+        if comptime!(shifted) {
+            let srow = (row / batch_tokens) * tokens + row % tokens;
+            let s = load_vectors_or::<E, N>(shift, srow, live, lane, f32::new(0.0), cv, per);
+            #[unroll]
+            for i in 0..per {
+                v[i] = v[i] + s[i];
+            }
+        }
+        v
+    }
+
+    /// A row per [`LANES`] threads, `N` values per load; `cv = c / N` vectors per row.
     #[cube(launch_unchecked)]
-    fn forward_kernel<E: Float>(
-        x: &Tensor<E>,
-        gamma: &Tensor<E>,
-        beta: &Tensor<E>,
-        out: &mut Tensor<E>,
+    fn forward_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        shift: &Tensor<Vector<E, N>>,
+        gamma: &Tensor<Vector<E, N>>,
+        beta: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
         rows: usize,
         eps: f32,
+        batch_tokens: usize,
+        tokens: usize,
         #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
+        #[comptime] shifted: bool,
         #[define(E)] _dtype: StorageType,
     ) {
         let lane = UNIT_POS_X as usize;
@@ -154,32 +243,39 @@ mod cube {
         let row = CUBE_POS * comptime!(ROWS) + slot;
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let mut v = load::<E>(x, row, live, lane, c, per);
-        let mean = row_mean(&mut sums, &v, lane, slot, c, per);
-        let rstd = row_rstd(&mut sums, &v, mean, lane, slot, eps, c, per);
+        let mut v = load_row::<E, N>(x, shift, row, live, lane, batch_tokens, tokens, cv, per, shifted);
+        let mean = row_mean::<N>(&mut sums, &v, lane, slot, c, per);
+        let rstd = row_rstd::<N>(&mut sums, &v, mean, lane, slot, eps, c, cv, per);
         #[unroll]
         for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            if ch < c {
-                v[i] = (v[i] - mean) * rstd * f32::cast_from(gamma[ch]) + f32::cast_from(beta[ch]);
+            let at = lane + i * comptime!(LANES);
+            if at < cv {
+                v[i] =
+                    (v[i] - Vector::new(mean)) * Vector::new(rstd) * Vector::<f32, N>::cast_from(gamma[at])
+                        + Vector::<f32, N>::cast_from(beta[at]);
             }
         }
-        store::<E>(out, &v, row, live, lane, c, per);
+        store_vectors::<E, N>(out, &v, row, live, lane, cv, per);
     }
 
     /// The input gradient, `rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))` with `ĝ = g·gamma`, and each row's
     /// mean and 1/std (`stats[2·row]`, `stats[2·row + 1]`) for [`column_kernel`].
     #[cube(launch_unchecked)]
-    fn backward_rows_kernel<E: Float>(
-        x: &Tensor<E>,
-        gamma: &Tensor<E>,
-        grad: &Tensor<E>,
-        dx: &mut Tensor<E>,
+    fn backward_rows_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        shift: &Tensor<Vector<E, N>>,
+        gamma: &Tensor<Vector<E, N>>,
+        grad: &Tensor<Vector<E, N>>,
+        dx: &mut Tensor<Vector<E, N>>,
         row_stats: &mut Tensor<f32>,
         rows: usize,
         eps: f32,
+        batch_tokens: usize,
+        tokens: usize,
         #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
+        #[comptime] shifted: bool,
         #[define(E)] _dtype: StorageType,
     ) {
         let lane = UNIT_POS_X as usize;
@@ -187,28 +283,29 @@ mod cube {
         let row = CUBE_POS * comptime!(ROWS) + slot;
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let v = load::<E>(x, row, live, lane, c, per);
-        let mut gg = load::<E>(grad, row, live, lane, c, per);
-        let mean = row_mean(&mut sums, &v, lane, slot, c, per);
-        let rstd = row_rstd(&mut sums, &v, mean, lane, slot, eps, c, per);
+        let v = load_row::<E, N>(x, shift, row, live, lane, batch_tokens, tokens, cv, per, shifted);
+        let mut gg = load_vectors_or::<E, N>(grad, row, live, lane, f32::new(0.0), cv, per);
+        let mean = row_mean::<N>(&mut sums, &v, lane, slot, c, per);
+        let rstd = row_rstd::<N>(&mut sums, &v, mean, lane, slot, eps, c, cv, per);
+        let (mean_v, rstd_v) = (Vector::<f32, N>::new(mean), Vector::<f32, N>::new(rstd));
         let mut a = f32::new(0.0);
         let mut b = f32::new(0.0);
         #[unroll]
         for i in 0..per {
-            let ch = lane + i * comptime!(LANES);
-            if ch < c {
-                gg[i] *= f32::cast_from(gamma[ch]);
-                a += gg[i];
-                b += gg[i] * (v[i] - mean) * rstd;
+            let at = lane + i * comptime!(LANES);
+            if at < cv {
+                gg[i] = gg[i] * Vector::<f32, N>::cast_from(gamma[at]);
+                a += vector_sum::<N>(gg[i]);
+                b += vector_sum::<N>(gg[i] * (v[i] - mean_v) * rstd_v);
             }
         }
-        let a = row_sum(&mut sums, a, lane, slot) / f32::new(comptime!(c as f32));
-        let b = row_sum(&mut sums, b, lane, slot) / f32::new(comptime!(c as f32));
+        let a = Vector::<f32, N>::new(row_sum(&mut sums, a, lane, slot) / f32::new(comptime!(c as f32)));
+        let b = Vector::<f32, N>::new(row_sum(&mut sums, b, lane, slot) / f32::new(comptime!(c as f32)));
         #[unroll]
         for i in 0..per {
-            gg[i] = rstd * (gg[i] - a - (v[i] - mean) * rstd * b);
+            gg[i] = rstd_v * (gg[i] - a - (v[i] - mean_v) * rstd_v * b);
         }
-        store::<E>(dx, &gg, row, live, lane, c, per);
+        store_vectors::<E, N>(dx, &gg, row, live, lane, cv, per);
         if live && lane == 0 {
             row_stats[2 * row] = mean;
             row_stats[2 * row + 1] = rstd;
@@ -218,14 +315,19 @@ mod cube {
     /// Partial scale and shift gradients: thread (chunk, channel) sums `g·x̂` and `g` over the rows
     /// `chunk·chunk_rows ..` into `partial[chunk, 0 | 1, channel]`.
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
     fn column_kernel<E: Float>(
         x: &Tensor<E>,
+        shift: &Tensor<E>,
         grad: &Tensor<E>,
         row_stats: &Tensor<f32>,
         partial: &mut Tensor<f32>,
         rows: usize,
+        batch_tokens: usize,
+        tokens: usize,
         #[comptime] c: usize,
         #[comptime] chunk_rows: usize,
+        #[comptime] shifted: bool,
         #[define(E)] _dtype: StorageType,
     ) {
         let pos = ABSOLUTE_POS;
@@ -240,7 +342,11 @@ mod cube {
         let mut g = f32::new(0.0);
         for r in start..end {
             let gv = f32::cast_from(grad[r * c + ch]);
-            let xhat = (f32::cast_from(x[r * c + ch]) - row_stats[2 * r]) * row_stats[2 * r + 1];
+            let mut xv = f32::cast_from(x[r * c + ch]);
+            if comptime!(shifted) {
+                xv += f32::cast_from(shift[((r / batch_tokens) * tokens + r % tokens) * c + ch]);
+            }
+            let xhat = (xv - row_stats[2 * r]) * row_stats[2 * r + 1];
             gx += gv * xhat;
             g += gv;
         }
@@ -248,25 +354,35 @@ mod cube {
         partial[(chunk * 2 + 1) * c + ch] = g;
     }
 
-    /// `out[ch] = Σ_chunk partial[chunk, which, ch]`.
+    /// `dgamma[ch] = Σ_chunk partial[chunk, 0, ch]`, `dbeta[ch] = Σ_chunk partial[chunk, 1, ch]`:
+    /// a cube of [`LANES`] threads per channel. (A thread per channel walking all chunks took
+    /// ~44 µs a call, 33 calls per LSAGT training step.)
     #[cube(launch_unchecked)]
     fn sum_chunks_kernel<E: Float>(
         partial: &Tensor<f32>,
-        out: &mut Tensor<E>,
+        dgamma: &mut Tensor<E>,
+        dbeta: &mut Tensor<E>,
         #[comptime] chunks: usize,
         #[comptime] c: usize,
-        #[comptime] which: usize,
         #[define(E)] _dtype: StorageType,
     ) {
-        let ch = ABSOLUTE_POS;
-        if ch >= c {
-            terminate!();
+        let ch = CUBE_POS;
+        let lane = UNIT_POS_X as usize;
+        let mut sums = SharedMemory::<f32>::new(comptime!(LANES));
+        let mut gx = f32::new(0.0);
+        let mut g = f32::new(0.0);
+        let mut q = lane;
+        while q < chunks {
+            gx += partial[(q * 2) * c + ch];
+            g += partial[(q * 2 + 1) * c + ch];
+            q += comptime!(LANES);
         }
-        let mut acc = f32::new(0.0);
-        for q in 0..chunks {
-            acc += partial[(q * 2 + which) * c + ch];
+        let gx = row_sum(&mut sums, gx, lane, 0);
+        let g = row_sum(&mut sums, g, lane, 0);
+        if lane == 0 {
+            dgamma[ch] = E::cast_from(gx);
+            dbeta[ch] = E::cast_from(g);
         }
-        out[ch] = E::cast_from(acc);
     }
 
     #[derive(Clone, Debug)]
@@ -274,9 +390,163 @@ mod cube {
         pub eps: f32,
     }
 
+    /// [`LayerNorm`] of `x + shift`, with row `(t, b, n)` of `x` (`T·B·N` rows) taking row
+    /// `(t, n)` of `shift` (`T·N` rows).
+    #[derive(Clone, Debug)]
+    pub struct ShiftedLayerNorm {
+        pub eps: f32,
+        pub batch: usize,
+        pub tokens: usize,
+    }
+
+    /// The shift and how rows map onto it: `(shift, batch·tokens, tokens)`.
+    type Shift<R> = Option<(CubeTensor<R>, usize, usize)>;
+
     fn rows_and_channels<R: CubeRuntime>(x: &CubeTensor<R>) -> (usize, usize) {
         let s = x.meta.shape();
         (s[0], s[1])
+    }
+
+    fn forward<R: CubeRuntime>(
+        eps: f32,
+        x: CubeTensor<R>,
+        shift: Shift<R>,
+        gamma: CubeTensor<R>,
+        beta: CubeTensor<R>,
+    ) -> CubeTensor<R> {
+        let x = into_contiguous(x);
+        let dtype = x.dtype;
+        let (gamma, beta) = (dense(gamma, dtype), dense(beta, dtype));
+        let (rows, c) = rows_and_channels(&x);
+        let out = empty(&x, [rows, c], dtype);
+        let (count, dim) = row_launch(rows);
+        let n = vector_width(&x.client, dtype, &[c]);
+        let shifted = shift.is_some();
+        // Unshifted, `x` stands in for the shift, which the kernel then never reads.
+        let (shift, batch_tokens, tokens) = match shift {
+            Some((s, bt, t)) => (dense(s, dtype), bt, t),
+            None => (x.clone(), 1, 1),
+        };
+        unsafe {
+            forward_kernel::launch_unchecked(
+                &x.client,
+                count,
+                dim,
+                n,
+                x.clone().into_tensor_arg(),
+                shift.into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                beta.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                rows,
+                eps,
+                batch_tokens,
+                tokens,
+                c,
+                c / n,
+                (c / n).div_ceil(LANES),
+                shifted,
+                dtype.into(),
+            )
+        };
+        out
+    }
+
+    /// The gradients of `x` (also that of the shift, before its sum over the batch), `gamma` and
+    /// `beta`, as wanted.
+    #[allow(clippy::type_complexity)]
+    fn backward<R: CubeRuntime>(
+        eps: f32,
+        [x, gamma, beta]: [CubeTensor<R>; 3],
+        shift: Shift<R>,
+        grad: CubeTensor<R>,
+        [want_x, want_gamma, want_beta]: [bool; 3],
+    ) -> [Option<CubeTensor<R>>; 3] {
+        let (gamma_dtype, beta_dtype) = (gamma.dtype, beta.dtype);
+        let x = into_contiguous(x);
+        let dtype = x.dtype;
+        let gamma = dense(gamma, dtype);
+        let grad = dense(grad, dtype);
+        let (rows, c) = rows_and_channels(&x);
+        let client = x.client.clone();
+        let dx = empty(&x, [rows, c], dtype);
+        let row_stats = empty(&x, [rows, 2], DType::F32);
+        let (count, dim) = row_launch(rows);
+        let n = vector_width(&client, dtype, &[c]);
+        let shifted = shift.is_some();
+        let (shift, batch_tokens, tokens) = match shift {
+            Some((s, bt, t)) => (dense(s, dtype), bt, t),
+            None => (x.clone(), 1, 1),
+        };
+        unsafe {
+            backward_rows_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                n,
+                x.clone().into_tensor_arg(),
+                shift.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                grad.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                row_stats.clone().into_tensor_arg(),
+                rows,
+                eps,
+                batch_tokens,
+                tokens,
+                c,
+                c / n,
+                (c / n).div_ceil(LANES),
+                shifted,
+                dtype.into(),
+            )
+        };
+        let (mut dgamma, mut dbeta) = (None, None);
+        if want_gamma || want_beta {
+            // Enough (chunk, channel) threads to fill the GPU, each summing whole rows.
+            let chunks = (131_072 / c).clamp(1, rows.max(1));
+            let chunk_rows = rows.div_ceil(chunks).max(1);
+            let chunks = rows.div_ceil(chunk_rows).max(1);
+            let partial = empty(&x, [chunks, 2, c], DType::F32);
+            let (count, dim) = launch_dims(&client, chunks * c);
+            unsafe {
+                column_kernel::launch_unchecked(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    shift.into_tensor_arg(),
+                    grad.into_tensor_arg(),
+                    row_stats.into_tensor_arg(),
+                    partial.clone().into_tensor_arg(),
+                    rows,
+                    batch_tokens,
+                    tokens,
+                    c,
+                    chunk_rows,
+                    shifted,
+                    dtype.into(),
+                )
+            };
+            // Both sums in one launch (one fewer per LayerNorm and step).
+            let (gsum, bsum) = (empty(&partial, [c], dtype), empty(&partial, [c], dtype));
+            unsafe {
+                sum_chunks_kernel::launch_unchecked(
+                    &client,
+                    CubeCount::Static(c as u32, 1, 1),
+                    CubeDim::new_1d(LANES as u32),
+                    partial.into_tensor_arg(),
+                    gsum.clone().into_tensor_arg(),
+                    bsum.clone().into_tensor_arg(),
+                    chunks,
+                    c,
+                    dtype.into(),
+                )
+            };
+            dgamma = want_gamma.then(|| cast(gsum, gamma_dtype));
+            dbeta = want_beta.then(|| cast(bsum, beta_dtype));
+        }
+        [want_x.then_some(dx), dgamma, dbeta]
     }
 
     impl FusedOp<3> for LayerNorm {
@@ -285,109 +555,57 @@ mod cube {
         }
 
         fn forward<R: CubeRuntime>(&self, [x, gamma, beta]: [CubeTensor<R>; 3]) -> CubeTensor<R> {
-            let x = into_contiguous(x);
-            let (gamma, beta) = (dense(gamma, x.dtype), dense(beta, x.dtype));
-            let (rows, c) = rows_and_channels(&x);
-            let out = empty(&x, [rows, c], x.dtype);
-            let (count, dim) = row_launch(rows);
-            let dtype = x.dtype;
-            unsafe {
-                forward_kernel::launch_unchecked(
-                    &x.client,
-                    count,
-                    dim,
-                    x.clone().into_tensor_arg(),
-                    gamma.into_tensor_arg(),
-                    beta.into_tensor_arg(),
-                    out.clone().into_tensor_arg(),
-                    rows,
-                    self.eps,
-                    c,
-                    c.div_ceil(LANES),
-                    dtype.into(),
-                )
-            };
-            out
+            forward(self.eps, x, None, gamma, beta)
         }
 
         fn backward<R: CubeRuntime>(
             &self,
-            [x, gamma, beta]: [CubeTensor<R>; 3],
+            inputs: [CubeTensor<R>; 3],
             grad: CubeTensor<R>,
-            [want_x, want_gamma, want_beta]: [bool; 3],
+            wanted: [bool; 3],
         ) -> [Option<CubeTensor<R>>; 3] {
-            let (gamma_dtype, beta_dtype) = (gamma.dtype, beta.dtype);
-            let x = into_contiguous(x);
-            let dtype = x.dtype;
-            let gamma = dense(gamma, dtype);
-            let grad = dense(grad, dtype);
+            backward(self.eps, inputs, None, grad, wanted)
+        }
+    }
+
+    impl FusedOp<4> for ShiftedLayerNorm {
+        fn output_shape(&self, [x, _, _, _]: &[Shape; 4]) -> Shape {
+            x.clone()
+        }
+
+        fn forward<R: CubeRuntime>(&self, [x, shift, gamma, beta]: [CubeTensor<R>; 4]) -> CubeTensor<R> {
+            let shift = Some((shift, self.batch * self.tokens, self.tokens));
+            forward(self.eps, x, shift, gamma, beta)
+        }
+
+        fn backward<R: CubeRuntime>(
+            &self,
+            [x, shift, gamma, beta]: [CubeTensor<R>; 4],
+            grad: CubeTensor<R>,
+            [want_x, want_shift, want_gamma, want_beta]: [bool; 4],
+        ) -> [Option<CubeTensor<R>>; 4] {
+            let (shift_dtype, shift_shape) = (shift.dtype, shift.meta.shape().clone());
             let (rows, c) = rows_and_channels(&x);
-            let client = x.client.clone();
-            let dx = empty(&x, [rows, c], dtype);
-            let row_stats = empty(&x, [rows, 2], DType::F32);
-            let (count, dim) = row_launch(rows);
-            unsafe {
-                backward_rows_kernel::launch_unchecked(
-                    &client,
-                    count,
-                    dim,
-                    x.clone().into_tensor_arg(),
-                    gamma.into_tensor_arg(),
-                    grad.clone().into_tensor_arg(),
-                    dx.clone().into_tensor_arg(),
-                    row_stats.clone().into_tensor_arg(),
-                    rows,
-                    self.eps,
-                    c,
-                    c.div_ceil(LANES),
-                    dtype.into(),
-                )
+            let wanted = [want_x || want_shift, want_gamma, want_beta];
+            let s = Some((shift, self.batch * self.tokens, self.tokens));
+            let [dx, dgamma, dbeta] = backward(self.eps, [x, gamma, beta], s, grad, wanted);
+            // The shift's gradient: the input gradient summed over the batch.
+            let dshift = match (&dx, want_shift) {
+                (Some(dx), true) => {
+                    let t = rows / (self.batch * self.tokens);
+                    let per_batch = TensorOps::<R>::float_reshape(
+                        dx.clone(),
+                        Shape::new([t, self.batch, self.tokens * c]),
+                    );
+                    let summed = TensorOps::<R>::float_sum_dim(per_batch, 1);
+                    Some(cast(
+                        TensorOps::<R>::float_reshape(summed, shift_shape),
+                        shift_dtype,
+                    ))
+                }
+                _ => None,
             };
-            let (mut dgamma, mut dbeta) = (None, None);
-            if want_gamma || want_beta {
-                // Enough (chunk, channel) threads to fill the GPU, each summing whole rows.
-                let chunks = (131_072 / c).clamp(1, rows.max(1));
-                let chunk_rows = rows.div_ceil(chunks).max(1);
-                let chunks = rows.div_ceil(chunk_rows).max(1);
-                let partial = empty(&x, [chunks, 2, c], DType::F32);
-                let (count, dim) = launch_dims(&client, chunks * c);
-                unsafe {
-                    column_kernel::launch_unchecked(
-                        &client,
-                        count,
-                        dim,
-                        x.into_tensor_arg(),
-                        grad.into_tensor_arg(),
-                        row_stats.into_tensor_arg(),
-                        partial.clone().into_tensor_arg(),
-                        rows,
-                        c,
-                        chunk_rows,
-                        dtype.into(),
-                    )
-                };
-                let sum = |which: usize, out_dtype: DType| {
-                    let out = empty(&partial, [c], dtype);
-                    let (count, dim) = launch_dims(&client, c);
-                    unsafe {
-                        sum_chunks_kernel::launch_unchecked(
-                            &client,
-                            count,
-                            dim,
-                            partial.clone().into_tensor_arg(),
-                            out.clone().into_tensor_arg(),
-                            chunks,
-                            c,
-                            which,
-                            dtype.into(),
-                        )
-                    };
-                    cast(out, out_dtype)
-                };
-                dgamma = want_gamma.then(|| sum(0, gamma_dtype));
-                dbeta = want_beta.then(|| sum(1, beta_dtype));
-            }
-            [want_x.then_some(dx), dgamma, dbeta]
+            [dx.filter(|_| want_x), dshift, dgamma, dbeta]
         }
     }
 }

@@ -4,7 +4,10 @@
 //! Reference path: reshapes, `T`-long batched matmuls and a softmax, with the keys and values split
 //! out of the `wkv` output. The fused path reads `wkv`'s output as it is: one thread per
 //! (token, query head) in the forward, one per (token, key/value head) in the backward, which
-//! writes the gradient of the whole `wkv` output (keys and values) in one pass.
+//! writes the gradient of the whole `wkv` output (keys and values) in one pass. Every load and
+//! store moves a vector of 16 bytes (8 bf16 values on CUDA): with one value per load the kernel
+//! was slower than the reference (session 10), with vectors it is faster (session 12, +9 % LSAGT
+//! training and +8 % inference on the H100).
 
 use super::softmax::softmax_scaled;
 use burn::prelude::*;
@@ -15,6 +18,13 @@ pub struct LocalHeads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl LocalHeads {
+    /// The scores' scale, `1/√head_dim`.
+    pub fn scale(&self) -> f32 {
+        (self.head_dim as f32).powf(-0.5)
+    }
 }
 
 /// `q`: `B×N×D` queries (`D = heads·head_dim`); `kv`: `T×B×N×2·kv_heads·head_dim`, the keys of
@@ -95,19 +105,38 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::LocalHeads;
-    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims};
+    use crate::kernels::cube::{FusedOp, cast, dense, empty, launch_dims, vector_width};
+    use crate::kernels::rows::vector_sum;
 
-    /// Thread (token, query head): scores over the T variants, softmax, weighted values.
+    /// `Σ a·b` over `len` vectors from `a_at` and `b_at`.
+    #[cube]
+    fn dot<E: Float, N: Size>(
+        a: &Tensor<Vector<E, N>>,
+        a_at: usize,
+        b: &Tensor<Vector<E, N>>,
+        b_at: usize,
+        #[comptime] len: usize,
+    ) -> f32 {
+        let mut s = Vector::<f32, N>::new(f32::new(0.0));
+        for e in 0..len {
+            s += Vector::<f32, N>::cast_from(a[a_at + e]) * Vector::<f32, N>::cast_from(b[b_at + e]);
+        }
+        vector_sum::<N>(s)
+    }
+
+    /// Thread (token, query head): scores over the T variants, softmax, weighted values. Every
+    /// index counts vectors of `N` values; a head is `hv` of them.
     #[cube(launch_unchecked)]
-    fn forward_kernel<E: Float>(
-        q: &Tensor<E>,
-        kv: &Tensor<E>,
-        out: &mut Tensor<E>,
+    fn forward_kernel<E: Float, N: Size>(
+        q: &Tensor<Vector<E, N>>,
+        kv: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
         tokens: usize,
+        scale: f32,
         #[comptime] t: usize,
         #[comptime] heads: usize,
         #[comptime] kv_heads: usize,
-        #[comptime] dh: usize,
+        #[comptime] hv: usize,
         #[define(E)] _dtype: StorageType,
     ) {
         let pos = ABSOLUTE_POS;
@@ -116,20 +145,14 @@ mod cube {
         }
         let head = pos % heads;
         let token = pos / heads;
-        let kh = head / (heads / kv_heads);
-        let row = 2 * kv_heads * dh;
-        let q_at = token * heads * dh + head * dh;
-        let scale = f32::new(comptime!((dh as f32).powf(-0.5)));
+        let kh = head / comptime!(heads / kv_heads);
+        let row = comptime!(2 * kv_heads * hv);
+        let q_at = pos * hv;
         let mut p = Array::<f32>::new(t);
         let mut max = f32::new(-1.0e30);
         #[unroll]
         for ti in 0..t {
-            let k_at = (ti * tokens + token) * row + kh * dh;
-            let mut s = f32::new(0.0);
-            for e in 0..dh {
-                s += f32::cast_from(q[q_at + e]) * f32::cast_from(kv[k_at + e]);
-            }
-            s *= scale;
+            let s = dot::<E, N>(q, q_at, kv, (ti * tokens + token) * row + kh * hv, hv) * scale;
             p[ti] = s;
             max = select(s > max, s, max);
         }
@@ -140,111 +163,118 @@ mod cube {
             p[ti] = w;
             sum += w;
         }
-        let inv = f32::new(1.0) / sum;
-        for e in 0..dh {
-            let mut acc = f32::new(0.0);
+        let inv = Vector::<f32, N>::new(f32::new(1.0) / sum);
+        let v0 = token * row + (kv_heads + kh) * hv;
+        for e in 0..hv {
+            let mut acc = Vector::<f32, N>::new(f32::new(0.0));
             #[unroll]
             for ti in 0..t {
-                let v_at = (ti * tokens + token) * row + (kv_heads + kh) * dh;
-                acc += p[ti] * f32::cast_from(kv[v_at + e]);
+                let at = ti * tokens * row + v0 + e;
+                acc += Vector::<f32, N>::cast_from(kv[at]) * Vector::new(p[ti]);
             }
-            out[q_at + e] = E::cast_from(acc * inv);
+            out[q_at + e] = Vector::<E, N>::cast_from(acc * inv);
         }
     }
 
-    /// Thread (token, key/value head): recomputes the softmax of its `g` query heads, writes their
-    /// query gradients, then the gradient of its keys and values in every variant.
+    /// Thread (token, query head), `tokens_per_cube` tokens per cube: recomputes its head's
+    /// softmax and score gradients `dS = P·(dP − Σ P·dP)`, writes its query gradient, and shares
+    /// `P` and `dS` through shared memory; then the `g` threads of a (token, key/value head) split
+    /// the variants between them and write those variants' key and value gradients, summed over
+    /// the `g` query heads. (One thread per (token, key/value head) doing all of it left the GPU
+    /// with a quarter of the threads: ~4 ms of a 53 ms lsagt_cifar_tiny b128 training step.)
     #[cube(launch_unchecked)]
-    fn backward_kernel<E: Float>(
-        q: &Tensor<E>,
-        kv: &Tensor<E>,
-        grad: &Tensor<E>,
-        dq: &mut Tensor<E>,
-        dkv: &mut Tensor<E>,
+    fn backward_kernel<E: Float, N: Size>(
+        q: &Tensor<Vector<E, N>>,
+        kv: &Tensor<Vector<E, N>>,
+        grad: &Tensor<Vector<E, N>>,
+        dq: &mut Tensor<Vector<E, N>>,
+        dkv: &mut Tensor<Vector<E, N>>,
         tokens: usize,
+        scale: f32,
         #[comptime] t: usize,
         #[comptime] heads: usize,
         #[comptime] kv_heads: usize,
-        #[comptime] dh: usize,
+        #[comptime] hv: usize,
+        #[comptime] tokens_per_cube: usize,
         #[define(E)] _dtype: StorageType,
     ) {
-        let pos = ABSOLUTE_POS;
-        if pos >= tokens * kv_heads {
-            terminate!();
-        }
-        let kh = pos % kv_heads;
-        let token = pos / kv_heads;
+        let local = UNIT_POS as usize;
+        let pos = CUBE_POS * comptime!(tokens_per_cube * heads) + local;
+        let live = pos < tokens * heads;
         let g = comptime!(heads / kv_heads);
-        let row = 2 * kv_heads * dh;
-        let q0 = token * heads * dh + kh * g * dh;
-        let scale = f32::new(comptime!((dh as f32).powf(-0.5)));
-        // Softmax weights P and score gradients dS = P·(dP − Σ P·dP), per (query head, variant).
-        let mut p = Array::<f32>::new(comptime!(g * t));
-        let mut ds = Array::<f32>::new(comptime!(g * t));
-        #[unroll]
-        for gi in 0..g {
-            let q_at = q0 + gi * dh;
+        let head = pos % heads;
+        let token = pos / heads;
+        let kh = head / g;
+        let gi = head % g;
+        let row = comptime!(2 * kv_heads * hv);
+        let k0 = token * row + kh * hv;
+        let v0 = k0 + comptime!(kv_heads * hv);
+        let stride = tokens * row;
+        let mut shared_p = SharedMemory::<f32>::new(comptime!(tokens_per_cube * heads * t));
+        let mut shared_ds = SharedMemory::<f32>::new(comptime!(tokens_per_cube * heads * t));
+        if live {
+            let q_at = pos * hv;
+            let mut p = Array::<f32>::new(t);
             let mut max = f32::new(-1.0e30);
             #[unroll]
             for ti in 0..t {
-                let k_at = (ti * tokens + token) * row + kh * dh;
-                let mut s = f32::new(0.0);
-                for e in 0..dh {
-                    s += f32::cast_from(q[q_at + e]) * f32::cast_from(kv[k_at + e]);
-                }
-                s *= scale;
-                p[gi * t + ti] = s;
+                let s = dot::<E, N>(q, q_at, kv, ti * stride + k0, hv) * scale;
+                p[ti] = s;
                 max = select(s > max, s, max);
             }
             let mut sum = f32::new(0.0);
             #[unroll]
             for ti in 0..t {
-                let w = f32::exp(p[gi * t + ti] - max);
-                p[gi * t + ti] = w;
+                let w = f32::exp(p[ti] - max);
+                p[ti] = w;
                 sum += w;
             }
             let inv = f32::new(1.0) / sum;
-            let mut dot = f32::new(0.0);
+            let mut ds = Array::<f32>::new(t);
+            let mut total = f32::new(0.0);
             #[unroll]
             for ti in 0..t {
-                p[gi * t + ti] *= inv;
-                let v_at = (ti * tokens + token) * row + (kv_heads + kh) * dh;
-                let mut s = f32::new(0.0);
-                for e in 0..dh {
-                    s += f32::cast_from(grad[q_at + e]) * f32::cast_from(kv[v_at + e]);
-                }
-                ds[gi * t + ti] = s;
-                dot += p[gi * t + ti] * s;
+                p[ti] *= inv;
+                let s = dot::<E, N>(grad, q_at, kv, ti * stride + v0, hv);
+                ds[ti] = s;
+                total += p[ti] * s;
             }
             #[unroll]
             for ti in 0..t {
-                ds[gi * t + ti] = p[gi * t + ti] * (ds[gi * t + ti] - dot) * scale;
+                ds[ti] = p[ti] * (ds[ti] - total) * scale;
+                shared_p[local * t + ti] = p[ti];
+                shared_ds[local * t + ti] = ds[ti];
             }
-            for e in 0..dh {
-                let mut acc = f32::new(0.0);
+            for e in 0..hv {
+                let mut acc = Vector::<f32, N>::new(f32::new(0.0));
                 #[unroll]
                 for ti in 0..t {
-                    let k_at = (ti * tokens + token) * row + kh * dh;
-                    acc += ds[gi * t + ti] * f32::cast_from(kv[k_at + e]);
+                    acc += Vector::<f32, N>::cast_from(kv[ti * stride + k0 + e]) * Vector::new(ds[ti]);
                 }
-                dq[q_at + e] = E::cast_from(acc);
+                dq[q_at + e] = Vector::<E, N>::cast_from(acc);
             }
         }
-        // dK_t = Σ_heads dS_t · q, dV_t = Σ_heads P_t · grad.
-        #[unroll]
-        for ti in 0..t {
-            let k_at = (ti * tokens + token) * row + kh * dh;
-            let v_at = k_at + kv_heads * dh;
-            for e in 0..dh {
-                let mut dk = f32::new(0.0);
-                let mut dv = f32::new(0.0);
-                #[unroll]
-                for gi in 0..g {
-                    dk += ds[gi * t + ti] * f32::cast_from(q[q0 + gi * dh + e]);
-                    dv += p[gi * t + ti] * f32::cast_from(grad[q0 + gi * dh + e]);
+        sync_cube();
+        if live {
+            // dK_t = Σ_heads dS_t · q, dV_t = Σ_heads P_t · grad, for t = gi, gi + g, ...
+            let first = local - gi;
+            let q0 = (pos - gi) * hv;
+            let mut ti = gi;
+            while ti < t {
+                for e in 0..hv {
+                    let mut dk = Vector::<f32, N>::new(f32::new(0.0));
+                    let mut dv = Vector::<f32, N>::new(f32::new(0.0));
+                    #[unroll]
+                    for hi in 0..g {
+                        let at = q0 + hi * hv + e;
+                        let slot = (first + hi) * t + ti;
+                        dk += Vector::<f32, N>::cast_from(q[at]) * Vector::new(shared_ds[slot]);
+                        dv += Vector::<f32, N>::cast_from(grad[at]) * Vector::new(shared_p[slot]);
+                    }
+                    dkv[ti * stride + k0 + e] = Vector::<E, N>::cast_from(dk);
+                    dkv[ti * stride + v0 + e] = Vector::<E, N>::cast_from(dv);
                 }
-                dkv[k_at + e] = E::cast_from(dk);
-                dkv[v_at + e] = E::cast_from(dv);
+                ti += g;
             }
         }
     }
@@ -269,19 +299,22 @@ mod cube {
             let out = empty(&q, q.meta.shape().clone(), q.dtype);
             let (count, dim) = launch_dims(&q.client, tokens * h.heads);
             let dtype = q.dtype;
+            let n = vector_width(&q.client, dtype, &[h.head_dim]);
             unsafe {
                 forward_kernel::launch_unchecked(
                     &q.client,
                     count,
                     dim,
+                    n,
                     q.clone().into_tensor_arg(),
                     kv.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     tokens,
+                    h.scale(),
                     t,
                     h.heads,
                     h.kv_heads,
-                    h.head_dim,
+                    h.head_dim / n,
                     dtype.into(),
                 )
             };
@@ -301,22 +334,35 @@ mod cube {
             let (h, (tokens, t)) = (self.0, sizes(&q, &kv));
             let dq = empty(&q, q.meta.shape().clone(), dtype);
             let dkv = empty(&q, kv.meta.shape().clone(), dtype);
-            let (count, dim) = launch_dims(&q.client, tokens * h.kv_heads);
+            // Whole tokens per cube (a token's query heads share their variants through shared
+            // memory), ~128 threads.
+            let tokens_per_cube = (128 / h.heads).max(1);
+            let cubes = tokens.div_ceil(tokens_per_cube) as u32;
+            let count = if cubes <= 65_535 {
+                CubeCount::Static(cubes, 1, 1)
+            } else {
+                CubeCount::Static(65_535, cubes.div_ceil(65_535), 1)
+            };
+            let dim = CubeDim::new_1d((tokens_per_cube * h.heads) as u32);
+            let n = vector_width(&q.client, dtype, &[h.head_dim]);
             unsafe {
                 backward_kernel::launch_unchecked(
                     &q.client,
                     count,
                     dim,
+                    n,
                     q.clone().into_tensor_arg(),
                     kv.into_tensor_arg(),
                     grad.into_tensor_arg(),
                     dq.clone().into_tensor_arg(),
                     dkv.clone().into_tensor_arg(),
                     tokens,
+                    h.scale(),
                     t,
                     h.heads,
                     h.kv_heads,
-                    h.head_dim,
+                    h.head_dim / n,
+                    tokens_per_cube,
                     dtype.into(),
                 )
             };

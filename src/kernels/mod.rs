@@ -41,14 +41,15 @@ pub const KERNELS: [&str; 8] = [
 ];
 
 /// The kernels used by default: those measured faster than their reference path on the GPU
-/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. The local attention and flash
-/// attention kernels are correct but slower than the composed paths with the fused softmax
-/// (session 10), so they are opt-in.
-const DEFAULT: [&str; 6] = [
+/// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. The flash attention kernels
+/// are correct but slower than the composed path with the fused softmax (session 10), so they
+/// are opt-in. (The local attention kernel was too, until its loads were vectorised in session 12.)
+const DEFAULT: [&str; 7] = [
     "concat",
     "depthwise",
     "im2col",
     "layer_norm",
+    "local_attention",
     "softmax",
     "vicinity",
 ];
@@ -58,7 +59,7 @@ const DEFAULT: [&str; 6] = [
 /// `VICINITY_FUSED_INFER=a,b` at its commas. Measured properly in session 10, the depth-wise and
 /// im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on the
 /// H100, docs/GPU_RESULTS.md.)
-const INFERENCE_DEFAULT: [&str; 6] = DEFAULT;
+const INFERENCE_DEFAULT: [&str; 7] = DEFAULT;
 
 /// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
 /// list of [`KERNELS`]; `default` when it is unset.
@@ -141,7 +142,7 @@ mod tests {
             "vicinity", &device
         ));
         assert!(super::use_fused::<Cpu>("depthwise", &device));
-        assert!(!super::use_fused::<Cpu>("local_attention", &device));
+        assert!(!super::use_fused::<Cpu>("flash_attention", &device));
         assert!(super::use_fused::<burn::backend::Autodiff<Cpu>>(
             "layer_norm",
             &device

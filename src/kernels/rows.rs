@@ -1,5 +1,6 @@
-//! Building blocks of the row-wise kernels (LayerNorm, softmax): a row of `c` values is spread
-//! over [`LANES`] threads (value `lane + 32·i` in the thread's registers), [`ROWS`] rows per cube,
+//! Building blocks of the row-wise kernels (LayerNorm, softmax): a row of `c` values, loaded as
+//! `c / N` vectors of `N` values (16 bytes where the device reads that much at once), is spread
+//! over [`LANES`] threads (vector `lane + 32·i` in the thread's registers), [`ROWS`] rows per cube,
 //! and its sums and maxima are shared-memory trees (portable: no plane operations, which WebGPU
 //! may lack).
 
@@ -64,63 +65,6 @@ fn fold(
     sync_cube();
 }
 
-/// This thread's values of `row` in f32, `fill` past the row's end or past the last row.
-#[cube]
-pub fn load_or<E: Float>(
-    t: &Tensor<E>,
-    row: usize,
-    live: bool,
-    lane: usize,
-    fill: f32,
-    #[comptime] c: usize,
-    #[comptime] per: usize,
-) -> Array<f32> {
-    let mut v = Array::<f32>::new(per);
-    #[unroll]
-    for i in 0..per {
-        let ch = lane + i * comptime!(LANES);
-        let mut value = fill;
-        if live && ch < c {
-            value = f32::cast_from(t[row * c + ch]);
-        }
-        v[i] = value;
-    }
-    v
-}
-
-/// This thread's values of `row` in f32 (zeros past the row's end or past the last row).
-#[cube]
-pub fn load<E: Float>(
-    t: &Tensor<E>,
-    row: usize,
-    live: bool,
-    lane: usize,
-    #[comptime] c: usize,
-    #[comptime] per: usize,
-) -> Array<f32> {
-    load_or::<E>(t, row, live, lane, f32::new(0.0), c, per)
-}
-
-/// Writes this thread's values of `row` (as [`load`] spreads them), cast to `E`.
-#[cube]
-pub fn store<E: Float>(
-    t: &mut Tensor<E>,
-    values: &Array<f32>,
-    row: usize,
-    live: bool,
-    lane: usize,
-    #[comptime] c: usize,
-    #[comptime] per: usize,
-) {
-    #[unroll]
-    for i in 0..per {
-        let ch = lane + i * comptime!(LANES);
-        if live && ch < c {
-            t[row * c + ch] = E::cast_from(values[i]);
-        }
-    }
-}
-
 /// Cubes of [`ROWS`] rows × [`LANES`] threads; more than 65,535 cubes spill into a second axis
 /// (WebGPU's limit per axis), which `CUBE_POS` counts through. Rows past the last must still take
 /// part in the cube's synchronisations.
@@ -132,4 +76,81 @@ pub fn row_launch(rows: usize) -> (CubeCount, CubeDim) {
         CubeCount::Static(65_535, cubes.div_ceil(65_535), 1)
     };
     (count, CubeDim::new_2d(LANES as u32, ROWS as u32))
+}
+
+/// This thread's vectors of `row` (`cv` vectors of `N` values each) in f32, `fill` past the row's
+/// end or past the last row.
+#[cube]
+pub fn load_vectors_or<E: Float, N: Size>(
+    t: &Tensor<Vector<E, N>>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    fill: f32,
+    #[comptime] cv: usize,
+    #[comptime] per: usize,
+) -> Array<Vector<f32, N>> {
+    let mut v = Array::<Vector<f32, N>>::new(per);
+    #[unroll]
+    for i in 0..per {
+        let at = lane + i * comptime!(LANES);
+        let mut value = Vector::<f32, N>::new(fill);
+        if live && at < cv {
+            value = Vector::<f32, N>::cast_from(t[row * cv + at]);
+        }
+        v[i] = value;
+    }
+    v
+}
+
+/// Writes this thread's vectors of `row` (as [`load_vectors_or`] spreads them), cast to `E`.
+#[cube]
+pub fn store_vectors<E: Float, N: Size>(
+    t: &mut Tensor<Vector<E, N>>,
+    values: &Array<Vector<f32, N>>,
+    row: usize,
+    live: bool,
+    lane: usize,
+    #[comptime] cv: usize,
+    #[comptime] per: usize,
+) {
+    #[unroll]
+    for i in 0..per {
+        let at = lane + i * comptime!(LANES);
+        if live && at < cv {
+            t[row * cv + at] = Vector::<E, N>::cast_from(values[i]);
+        }
+    }
+}
+
+/// The sum of a vector's values.
+#[cube]
+pub fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let n = v.size().comptime();
+    let mut s = f32::new(0.0);
+    if comptime!(n > 1) {
+        #[unroll]
+        for j in 0..n {
+            s += v[j];
+        }
+    } else {
+        s = f32::cast_from(v);
+    }
+    s
+}
+
+/// The largest of a vector's values.
+#[cube]
+pub fn vector_max<N: Size>(v: Vector<f32, N>) -> f32 {
+    let n = v.size().comptime();
+    let mut m = f32::new(-3.0e38);
+    if comptime!(n > 1) {
+        #[unroll]
+        for j in 0..n {
+            m = f32::max(m, v[j]);
+        }
+    } else {
+        m = f32::cast_from(v);
+    }
+    m
 }

@@ -56,57 +56,59 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use crate::kernels::cube::{FusedOp, dense, empty};
-    use crate::kernels::rows::{LANES, ROWS, load, load_or, row_launch, row_max, row_sum, store};
+    use crate::kernels::cube::{FusedOp, dense, empty, vector_width};
+    use crate::kernels::rows::{
+        LANES, ROWS, load_vectors_or, row_launch, row_max, row_sum, store_vectors, vector_max, vector_sum,
+    };
 
-    /// This thread's share of the softmax of its row: `exp(scale·x − max)` in `e` (zeros past the
-    /// row's end), divided by the row's sum.
+    /// This thread's share of the softmax of its row (`cv` vectors): `exp(scale·x − max)` (zeros
+    /// past the row's end), divided by the row's sum.
     #[cube]
-    fn row_softmax<E: Float>(
+    fn row_softmax<E: Float, N: Size>(
         sums: &mut SharedMemory<f32>,
-        x: &Tensor<E>,
+        x: &Tensor<Vector<E, N>>,
         row: usize,
         live: bool,
         lane: usize,
         slot: usize,
         scale: f32,
-        #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
-    ) -> Array<f32> {
+    ) -> Array<Vector<f32, N>> {
         // Past the row's end: the lowest value, so that it neither wins the maximum nor adds.
-        let mut e = load_or::<E>(x, row, live, lane, f32::new(-3.0e38), c, per);
+        let mut e = load_vectors_or::<E, N>(x, row, live, lane, f32::new(-3.0e38), cv, per);
         let mut m = f32::new(-3.0e38);
         #[unroll]
         for i in 0..per {
-            e[i] *= scale;
-            m = f32::max(m, e[i]);
+            e[i] = e[i] * Vector::new(scale);
+            m = f32::max(m, vector_max::<N>(e[i]));
         }
         let m = row_max(sums, m, lane, slot);
         let mut s = f32::new(0.0);
         #[unroll]
         for i in 0..per {
-            let mut v = f32::new(0.0);
-            if lane + i * comptime!(LANES) < c {
-                v = f32::exp(e[i] - m);
+            let mut v = Vector::<f32, N>::new(f32::new(0.0));
+            if lane + i * comptime!(LANES) < cv {
+                v = Vector::exp(e[i] - Vector::new(m));
             }
             e[i] = v;
-            s += v;
+            s += vector_sum::<N>(v);
         }
-        let inv = f32::new(1.0) / row_sum(sums, s, lane, slot);
+        let inv = Vector::new(f32::new(1.0) / row_sum(sums, s, lane, slot));
         #[unroll]
         for i in 0..per {
-            e[i] *= inv;
+            e[i] = e[i] * inv;
         }
         e
     }
 
     #[cube(launch_unchecked)]
-    fn forward_kernel<E: Float>(
-        x: &Tensor<E>,
-        out: &mut Tensor<E>,
+    fn forward_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
         rows: usize,
         scale: f32,
-        #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
         #[define(E)] _dtype: StorageType,
     ) {
@@ -115,19 +117,19 @@ mod cube {
         let row = CUBE_POS * comptime!(ROWS) + slot;
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let y = row_softmax::<E>(&mut sums, x, row, live, lane, slot, scale, c, per);
-        store::<E>(out, &y, row, live, lane, c, per);
+        let y = row_softmax::<E, N>(&mut sums, x, row, live, lane, slot, scale, cv, per);
+        store_vectors::<E, N>(out, &y, row, live, lane, cv, per);
     }
 
     /// `dx = scale·y·(g − Σ g·y)`, with the softmax `y` recomputed from `x`.
     #[cube(launch_unchecked)]
-    fn backward_kernel<E: Float>(
-        x: &Tensor<E>,
-        grad: &Tensor<E>,
-        dx: &mut Tensor<E>,
+    fn backward_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        grad: &Tensor<Vector<E, N>>,
+        dx: &mut Tensor<Vector<E, N>>,
         rows: usize,
         scale: f32,
-        #[comptime] c: usize,
+        #[comptime] cv: usize,
         #[comptime] per: usize,
         #[define(E)] _dtype: StorageType,
     ) {
@@ -136,19 +138,20 @@ mod cube {
         let row = CUBE_POS * comptime!(ROWS) + slot;
         let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let y = row_softmax::<E>(&mut sums, x, row, live, lane, slot, scale, c, per);
-        let mut g = load::<E>(grad, row, live, lane, c, per);
+        let y = row_softmax::<E, N>(&mut sums, x, row, live, lane, slot, scale, cv, per);
+        let mut g = load_vectors_or::<E, N>(grad, row, live, lane, f32::new(0.0), cv, per);
         let mut s = f32::new(0.0);
         #[unroll]
         for i in 0..per {
-            s += g[i] * y[i];
+            s += vector_sum::<N>(g[i] * y[i]);
         }
-        let s = row_sum(&mut sums, s, lane, slot);
+        let s = Vector::new(row_sum(&mut sums, s, lane, slot));
+        let scale = Vector::new(scale);
         #[unroll]
         for i in 0..per {
             g[i] = scale * y[i] * (g[i] - s);
         }
-        store::<E>(dx, &g, row, live, lane, c, per);
+        store_vectors::<E, N>(dx, &g, row, live, lane, cv, per);
     }
 
     #[derive(Clone, Debug)]
@@ -172,17 +175,19 @@ mod cube {
             let out = empty(&x, [rows, c], x.dtype);
             let (count, dim) = row_launch(rows);
             let dtype = x.dtype;
+            let n = vector_width(&x.client, dtype, &[c]);
             unsafe {
                 forward_kernel::launch_unchecked(
                     &x.client,
                     count,
                     dim,
+                    n,
                     x.clone().into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     rows,
                     self.scale,
-                    c,
-                    c.div_ceil(LANES),
+                    c / n,
+                    (c / n).div_ceil(LANES),
                     dtype.into(),
                 )
             };
@@ -204,18 +209,20 @@ mod cube {
             let (rows, c) = rows_and_width(&x);
             let dx = empty(&x, [rows, c], dtype);
             let (count, dim) = row_launch(rows);
+            let n = vector_width(&x.client, dtype, &[c]);
             unsafe {
                 backward_kernel::launch_unchecked(
                     &x.client,
                     count,
                     dim,
+                    n,
                     x.clone().into_tensor_arg(),
                     grad.into_tensor_arg(),
                     dx.clone().into_tensor_arg(),
                     rows,
                     self.scale,
-                    c,
-                    c.div_ceil(LANES),
+                    c / n,
+                    (c / n).div_ceil(LANES),
                     dtype.into(),
                 )
             };
