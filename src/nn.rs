@@ -5,7 +5,7 @@
 use burn::module::{Initializer, Param};
 use burn::prelude::*;
 
-use crate::kernels::layer_norm::layer_norm;
+use crate::kernels::layer_norm::{layer_norm, layer_norm_shifted};
 
 /// Burn's `LayerNormConfig`, less the option to drop the shift (the models always have one).
 #[derive(Config, Debug)]
@@ -37,6 +37,12 @@ pub struct LayerNorm<B: Backend> {
 impl<B: Backend> LayerNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         layer_norm(x, self.gamma.val(), self.beta.val(), self.epsilon)
+    }
+
+    /// `forward(x + shift)` for `x`: `T×B×N×C` and a `shift`: `T×N×C` shared by the batch
+    /// (fused into the kernel where it runs: [`layer_norm_shifted`]).
+    pub fn forward_shifted(&self, x: Tensor<B, 4>, shift: Tensor<B, 3>) -> Tensor<B, 4> {
+        layer_norm_shifted(x, shift, self.gamma.val(), self.beta.val(), self.epsilon)
     }
 }
 

@@ -163,10 +163,29 @@ pub fn conv2d_nhwc_many<B: Backend>(
 /// `T` dense convolutions applied to their patches `cols` (`T×B×P×(k·k·Cin)`, ordered like
 /// [`im2col_nhwc`]) → `T×B×P×Cout`.
 pub fn conv2d_many_columns<B: Backend>(convs: &[Conv2d<B>], cols: Tensor<B, 4>) -> Tensor<B, 4> {
-    let weights: Vec<Tensor<B, 2>> = convs.iter().map(kernel_matrix).collect();
-    let weights: Tensor<B, 3> = Tensor::stack(weights, 0);
-    let [t, kkc, cout] = weights.dims();
-    let mut y = cols.matmul(weights.reshape([t, 1, kkc, cout]));
+    match conv2d_many_columns_unbiased(convs, cols) {
+        (y, Some(bias)) => {
+            let [t, cout] = bias.dims();
+            y + bias.reshape([t, 1, 1, cout])
+        }
+        (y, None) => y,
+    }
+}
+
+/// [`conv2d_many_columns`] without the biases, and the biases (`T×Cout`, if the convolutions have
+/// them), for a caller that adds them in a later kernel.
+pub fn conv2d_many_columns_unbiased<B: Backend>(
+    convs: &[Conv2d<B>],
+    cols: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Option<Tensor<B, 2>>) {
+    let t = convs.len();
+    let [cout, cin, k, k2] = convs[0].weight.dims();
+    // Stacked as stored, then one permutation to im2col's row order (`kernel_matrix` of each).
+    let weights: Tensor<B, 5> = stack_params(convs.iter().map(|c| c.weight.val()).collect());
+    let weights = weights
+        .permute([0, 3, 4, 2, 1])
+        .reshape([t, 1, k * k2 * cin, cout]);
+    let y = cols.matmul(weights);
     let biases: Vec<Tensor<B, 1>> = convs
         .iter()
         .filter_map(|c| c.bias.as_ref().map(|b| b.val()))
@@ -175,10 +194,35 @@ pub fn conv2d_many_columns<B: Backend>(convs: &[Conv2d<B>], cols: Tensor<B, 4>) 
         biases.is_empty() || biases.len() == t,
         "conv2d_nhwc_many: either every convolution has a bias or none has"
     );
-    if !biases.is_empty() {
-        y = y + Tensor::stack::<2>(biases, 0).reshape([t, 1, 1, cout]);
+    (y, (!biases.is_empty()).then(|| stack_params(biases)))
+}
+
+/// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`). In inference on the
+/// backends with fused kernels this is one `concat` launch ([`crate::kernels::concat`]) where
+/// Burn's `stack` takes one per tensor: LSAGT stacks its 18 variant projections' weights and
+/// biases every step, and inference there waits on the host's launches (session 12). With
+/// autodiff it is Burn's `stack`, which is differentiable.
+pub fn stack_params<B: Backend, const D: usize, const D2: usize>(ts: Vec<Tensor<B, D>>) -> Tensor<B, D2> {
+    assert!(
+        D2 == D + 1 && !ts.is_empty(),
+        "stack_params: {} tensors of rank {D} into rank {D2}",
+        ts.len()
+    );
+    let dims = ts[0].dims();
+    assert!(
+        ts.iter().all(|t| t.dims() == dims),
+        "stack_params: tensors of different shapes"
+    );
+    if !B::ad_enabled(&ts[0].device()) {
+        let n = dims.iter().product::<usize>();
+        let offsets: Vec<usize> = (0..ts.len()).map(|i| i * n).collect();
+        let mut out = [0; D2];
+        out[0] = ts.len();
+        out[1..].copy_from_slice(&dims);
+        let flat = ts.into_iter().map(|t| t.reshape([n])).collect();
+        return crate::kernels::concat::concat_flat(flat, &offsets, n * offsets.len()).reshape(out);
     }
-    y
+    Tensor::stack(ts, 0)
 }
 
 /// One dense convolution applied to its patches `cols` (`B×P×(k·k·Cin)`) → `B×P×Cout`.

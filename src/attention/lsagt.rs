@@ -124,7 +124,25 @@ impl<B: Backend> LocalShiftAttention<B> {
             head_dim: d / self.heads,
         };
         // Query head `kvh_i·g + g_i` uses key/value head `kvh_i` (crate::kernels::local_attention).
-        let out = local_attention(self.wq.forward_rows(x), self.wkv.forward_rows(variants), heads);
+        // `wkv`'s bias stays out of the `T×B×N` keys and values: the keys' part adds the same
+        // `q·b_k` to every variant's score, which the softmax over the variants cancels, and the
+        // values' part comes out of the weighted sum whole, added here to the `B×N` output.
+        let kv = variants.matmul(self.wkv.weight.val().unsqueeze());
+        let out = local_attention(self.wq.forward_rows(x), kv, heads);
+        let out = match &self.wkv.bias {
+            Some(bias) => {
+                let (kvh, dh) = (self.kv_heads, heads.head_dim);
+                let g = self.heads / kvh;
+                let value_bias = bias
+                    .val()
+                    .slice(kvh * dh..2 * kvh * dh)
+                    .reshape([kvh, 1, dh])
+                    .expand([kvh, g, dh])
+                    .reshape([1, 1, d]);
+                out + value_bias
+            }
+            None => out,
+        };
         self.proj_drop.forward(self.proj.forward_rows(out))
     }
 

@@ -30,7 +30,7 @@ use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
 use crate::nn::{LayerNorm, LayerNormConfig};
 use crate::ops::{
-    LinearRows, conv_geometry, conv2d_columns, conv2d_many_columns, conv2d_nhwc, conv2d_nhwc_many,
+    LinearRows, conv_geometry, conv2d_columns, conv2d_many_columns_unbiased, conv2d_nhwc, conv2d_nhwc_many,
 };
 
 /// LayerNorm epsilon used everywhere in LSAGT.
@@ -681,6 +681,24 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
     /// rather than T rolls or paddings, each with its own im2col: a few kernels instead of
     /// hundreds of small copies per step.
     pub fn forward(&self, img: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 3>, (usize, usize)) {
+        match self.forward_unbiased(img) {
+            (v, Some(bias), x0, grid) => {
+                let [t, d] = bias.dims();
+                (v + bias.reshape([t, 1, 1, d]), x0, grid)
+            }
+            (v, None, x0, grid) => (v, x0, grid),
+        }
+    }
+
+    /// [`ShiftedPatchEmbed::forward`] with the variant tokens left without their projection's
+    /// bias, which comes apart (`T×D`, if the projections have one): the first stage adds it
+    /// inside its LayerNorm ([`Stage::forward_variants`]) rather than in a pass of its own over
+    /// the largest tensor of the model. Variant 0's own tokens have their bias.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_unbiased(
+        &self,
+        img: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Option<Tensor<B, 2>>, Tensor<B, 3>, (usize, usize)) {
         let [b, c, h, w] = img.dims();
         let t = self.projections.len();
         assert_eq!(t, self.scheme.num_variants(), "one projection per variant");
@@ -706,7 +724,8 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
             &self.projections[0],
             cols.clone().slice_dim(0, 0..1).squeeze_dim(0),
         );
-        (conv2d_many_columns(&self.projections, cols), x0, (gh, gw))
+        let (variants, bias) = conv2d_many_columns_unbiased(&self.projections, cols);
+        (variants, bias, x0, (gh, gw))
     }
 
     /// [`ShiftedPatchEmbed::forward`]'s variant tokens computed as T rolled (or padded) images and
@@ -793,23 +812,35 @@ impl<B: Backend> Stage<B> {
         );
     }
 
-    /// First stage: `T×B×N×D` variant tokens and variant 0's own (`B×N×D`, the same values as
-    /// `variants[0]`) → `B×N×D`.
+    /// First stage: `T×B×N×D` variant tokens, less a per-variant `bias` (`T×D`) if one is given
+    /// ([`ShiftedPatchEmbed::forward_unbiased`]), and variant 0's own (`B×N×D`, the same values
+    /// as `variants[0]` with its bias) → `B×N×D`. The bias and the position embeddings are added
+    /// inside the first LayerNorm ([`LayerNorm::forward_shifted`]).
     pub fn forward_variants(
         &self,
         variants: Tensor<B, 4>,
+        bias: Option<Tensor<B, 2>>,
         x0: Tensor<B, 3>,
         grid: (usize, usize),
     ) -> Tensor<B, 3> {
         self.check_grid(grid);
-        let (variants, x) = match &self.variant_pos_emb {
-            Some(pos) => (
-                variants + pos.val().unsqueeze_dim::<4>(1),
-                x0 + pos.val().slice_dim(0, 0..1),
-            ),
-            None => (variants, x0),
+        let [t, _, n, d] = variants.dims();
+        let pos = self.variant_pos_emb.as_ref().map(|p| p.val());
+        let bias = bias.map(|b| b.reshape([t, 1, d]));
+        let shift = match (pos.clone(), bias) {
+            (Some(pos), Some(bias)) => Some(pos + bias),
+            (Some(pos), None) => Some(pos),
+            (None, Some(bias)) => Some(bias.expand([t, n, d])),
+            (None, None) => None,
         };
-        let normed = self.norm1.forward(variants);
+        let x = match pos {
+            Some(pos) => x0 + pos.slice_dim(0, 0..1),
+            None => x0,
+        };
+        let normed = match shift {
+            Some(shift) => self.norm1.forward_shifted(variants, shift),
+            None => self.norm1.forward(variants),
+        };
         self.run(x, Some(normed))
     }
 
@@ -857,14 +888,14 @@ pub struct Lsagt<B: Backend> {
 impl<B: Backend> Lsagt<B> {
     /// Logits and each stage's tokens (after its transformer, before its reduction).
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
-        let (variants, x0, mut grid) = self.patch_embed.forward(x);
+        let (variants, bias, x0, mut grid) = self.patch_embed.forward_unbiased(x);
         let mut outputs = Vec::with_capacity(self.stages.len());
         let mut tokens: Option<Tensor<B, 3>> = None;
-        let mut variants = Some((variants, x0));
+        let mut variants = Some((variants, bias, x0));
         for stage in &self.stages {
             let y = match (tokens.take(), variants.take()) {
                 (Some(x), _) => stage.forward(x, grid),
-                (None, Some((v, x0))) => stage.forward_variants(v, x0, grid),
+                (None, Some((v, bias, x0))) => stage.forward_variants(v, bias, x0, grid),
                 (None, None) => unreachable!(),
             };
             outputs.push(y.clone());
