@@ -182,10 +182,10 @@ pub fn conv2d_many_columns_unbiased<B: Backend>(
     let [cout, cin, k, k2] = convs[0].weight.dims();
     // Stacked as stored, then one permutation to im2col's row order (`kernel_matrix` of each).
     let weights: Tensor<B, 5> = stack_params(convs.iter().map(|c| c.weight.val()).collect());
-    let weights = weights
-        .permute([0, 3, 4, 2, 1])
-        .reshape([t, 1, k * k2 * cin, cout]);
-    let y = cols.matmul(weights);
+    let weights = weights.permute([0, 3, 4, 2, 1]).reshape([t, k * k2 * cin, cout]);
+    // Patch rows may come padded with zeros to an aligned width (kernels::patches).
+    let rows = cols.dims()[3];
+    let y = cols.matmul(zero_pad_dim(weights, 1, rows).unsqueeze_dim(1));
     let biases: Vec<Tensor<B, 1>> = convs
         .iter()
         .filter_map(|c| c.bias.as_ref().map(|b| b.val()))
@@ -195,6 +195,18 @@ pub fn conv2d_many_columns_unbiased<B: Backend>(
         "conv2d_nhwc_many: either every convolution has a bias or none has"
     );
     (y, (!biases.is_empty()).then(|| stack_params(biases)))
+}
+
+/// `m` with zeros appended along `dim` up to `len` entries (a weight matrix for patch rows that
+/// come padded to an aligned width).
+pub fn zero_pad_dim<B: Backend, const D: usize>(m: Tensor<B, D>, dim: usize, len: usize) -> Tensor<B, D> {
+    let mut dims = m.dims();
+    if dims[dim] >= len {
+        return m;
+    }
+    dims[dim] = len - dims[dim];
+    let zeros = Tensor::zeros(dims, (&m.device(), m.dtype()));
+    Tensor::cat(vec![m, zeros], dim)
 }
 
 /// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`). In inference on the
@@ -226,8 +238,9 @@ pub fn stack_params<B: Backend, const D: usize, const D2: usize>(ts: Vec<Tensor<
 }
 
 /// One dense convolution applied to its patches `cols` (`B×P×(k·k·Cin)`) → `B×P×Cout`.
+/// `cols` may have zero columns past `k·k·Cin` (rows padded to an aligned width).
 pub fn conv2d_columns<B: Backend>(conv: &Conv2d<B>, cols: Tensor<B, 3>) -> Tensor<B, 3> {
-    let weight = kernel_matrix(conv);
+    let weight = zero_pad_dim(kernel_matrix(conv), 0, cols.dims()[2]);
     let cout = weight.dims()[1];
     let y = cols.matmul(weight.unsqueeze_dim::<3>(0));
     match &conv.bias {

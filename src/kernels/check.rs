@@ -239,6 +239,13 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     for shape in [[2, 3, 18], [2, 5, 1024], [4, 7, 33], [1, 9, 256], [3, 2, 5]] {
         out.push(timed(&|| check_softmax::<B>(shape, device))?);
     }
+    // (batch, pixels, channels, variants, tokens, taps, width): LSAGT's 3×3 RGB patches padded
+    // from 27 to 32 values, and an unpadded case.
+    for (b, p, c, t, n, taps, width) in [(2, 30, 3, 4, 6, 9, 32), (3, 7, 2, 2, 5, 4, 8)] {
+        out.push(timed(&|| {
+            check_patches::<B::InnerBackend>([b, p, c], [t, n, taps], width, device)
+        })?);
+    }
     // The last case has more parts than WebGPU binds in one launch (several launches there).
     let many: Vec<usize> = (1..=40).map(|i| i * 37 % 300 + 1).collect();
     for lens in [
@@ -627,6 +634,36 @@ fn local_attention_run<B: AutodiffBackend>(
         q.grad(&grads).expect("q gradient").into_data(),
         kv.grad(&grads).expect("kv gradient").into_data(),
     ])
+}
+
+/// LSAGT's shifted patches: the output (the fused path has no gradient: the image takes none).
+pub fn check_patches<B: Backend>(
+    [b, p, c]: [usize; 3],
+    [t, n, taps]: [usize; 3],
+    width: usize,
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    use super::patches::{fused, shifted_patches_reference};
+    let pixels = random([b, p, c]);
+    // Every pixel number and the padding's (`p`), in a scrambled order.
+    let index: Vec<i64> = (0..t * n * taps)
+        .map(|i| ((i * 7 + 3) % (p + 1)) as i64)
+        .collect();
+    let fast = fused(on::<B, 3>(&pixels, device), &index, [t, n, taps], width)
+        .map_err(|_| anyhow::anyhow!("the patches kernel did not run on this backend"))?;
+    let reference = shifted_patches_reference(
+        on::<crate::backend::Cpu, 3>(&pixels, &Default::default()),
+        &index,
+        [t, n, taps],
+        width,
+    );
+    Ok(KernelCheck::new(
+        "patches",
+        format!("{t}x{b}x{n} of {taps}x{c} in {width}"),
+        &["output"],
+        vec![fast.into_data()],
+        vec![reference.into_data()],
+    ))
 }
 
 /// The optimizer's flat gather: parts of uneven lengths at offsets rounded up to 256 values, the

@@ -16,6 +16,7 @@ pub mod flash_attention;
 pub mod im2col;
 pub mod layer_norm;
 pub mod local_attention;
+pub mod patches;
 pub mod softmax;
 pub mod vicinity;
 
@@ -29,13 +30,14 @@ use std::sync::OnceLock;
 use burn::prelude::*;
 
 /// The fused kernels, by the names `VICINITY_FUSED` takes.
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 9] = [
     "concat",
     "depthwise",
     "flash_attention",
     "im2col",
     "layer_norm",
     "local_attention",
+    "patches",
     "softmax",
     "vicinity",
 ];
@@ -44,12 +46,13 @@ pub const KERNELS: [&str; 8] = [
 /// (docs/GPU_RESULTS.md); see [`INFERENCE_DEFAULT`] for inference. The flash attention kernels
 /// are correct but slower than the composed path with the fused softmax (session 10), so they
 /// are opt-in. (The local attention kernel was too, until its loads were vectorised in session 12.)
-const DEFAULT: [&str; 7] = [
+const DEFAULT: [&str; 8] = [
     "concat",
     "depthwise",
     "im2col",
     "layer_norm",
     "local_attention",
+    "patches",
     "softmax",
     "vicinity",
 ];
@@ -59,7 +62,7 @@ const DEFAULT: [&str; 7] = [
 /// `VICINITY_FUSED_INFER=a,b` at its commas. Measured properly in session 10, the depth-wise and
 /// im2col kernels alone took vvt_tiny 224² b64 bf16 inference from ~2,800 to ~5,760 img/s on the
 /// H100, docs/GPU_RESULTS.md.)
-const INFERENCE_DEFAULT: [&str; 7] = DEFAULT;
+const INFERENCE_DEFAULT: [&str; 8] = DEFAULT;
 
 /// The kernel names an environment variable lists: `0`/`off`/`none`, `all`, or a comma-separated
 /// list of [`KERNELS`]; `default` when it is unset.

@@ -28,6 +28,7 @@ use super::{ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
+use crate::kernels::patches::{shifted_patches, shifted_patches_reference};
 use crate::nn::{LayerNorm, LayerNormConfig};
 use crate::ops::{
     LinearRows, conv_geometry, conv2d_columns, conv2d_many_columns_unbiased, conv2d_nhwc, conv2d_nhwc_many,
@@ -710,16 +711,18 @@ impl<B: Backend> ShiftedPatchEmbed<B> {
             "the variant projections share one geometry"
         );
         let (index, (gh, gw)) = self.scheme.patch_index((h, w), (k, s, p));
-        let device = img.device();
-        // Channels-last pixels with one zero pixel appended (the padding's source).
-        let pixels = img.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
-        let pixels = Tensor::cat(vec![pixels, Tensor::zeros([b, 1, c], &device)], 1);
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index.to_vec(), [index.len()]), &device);
         let n = gh * gw;
-        let cols = pixels
-            .select(1, index)
-            .reshape([b, t, n, k * k * c])
-            .swap_dims(0, 1);
+        // Patch rows padded with zeros to 16 bytes of bf16: 27-wide rows (3×3×3) kept the
+        // projection's product on a slow unaligned kernel (session 12).
+        let width = (k * k * c).next_multiple_of(8);
+        let wants_grad = img.is_require_grad();
+        let pixels = img.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let geometry = [t, n, k * k];
+        let cols = if wants_grad {
+            shifted_patches_reference(pixels, &index, geometry, width)
+        } else {
+            shifted_patches(pixels, &index, geometry, width)
+        };
         let x0 = conv2d_columns(
             &self.projections[0],
             cols.clone().slice_dim(0, 0..1).squeeze_dim(0),
