@@ -95,6 +95,12 @@ fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, bf16: bool) -> Tensor<B
     }
 }
 
+/// What a check's case name ends with when it ran in bf16 (`vicinity check-kernels` gives those
+/// [`BF16_TOLERANCE`]).
+fn bf16_suffix(bf16: bool) -> &'static str {
+    if bf16 { " bf16" } else { "" }
+}
+
 /// The relative error a bf16 check may show: its inputs alone are rounded to ~3 significant
 /// digits before the kernel sees them (the reference runs in f32 on the exact inputs).
 pub const BF16_TOLERANCE: f32 = 2e-2;
@@ -105,50 +111,18 @@ pub const BF16_TOLERANCE: f32 = 2e-2;
 pub fn check_bf16<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
     for shape in [[2, 7, 192], [3, 300, 64], [2, 3, 40]] {
-        let c = shape[2];
-        let data = [
-            random_affine(shape, 3.0, 1.5),
-            random_affine([c], 1.0, 1.0),
-            random([c]),
-            random(shape),
-        ];
-        out.push(KernelCheck::new(
-            "layer_norm",
-            format!("x {shape:?} bf16"),
-            &["output", "grad x", "grad gamma", "grad beta"],
-            layer_norm_run::<B>(&data, true, true, device)?,
-            layer_norm_run::<Reference>(&data, false, false, &Default::default())?,
-        ));
+        out.push(check_layer_norm::<B>(shape, true, device)?);
     }
     out.push(check_layer_norm_shifted::<B>([3, 2, 16, 192], true, device)?);
     for shape in [[2, 5, 1024], [3, 4, 256], [2, 3, 18]] {
-        let data = [random_affine(shape, 8.0, 0.0), random(shape)];
-        out.push(KernelCheck::new(
-            "softmax",
-            format!("x {shape:?} bf16"),
-            &["output", "grad x"],
-            softmax_run::<B>(&data, true, true, device)?,
-            softmax_run::<Reference>(&data, false, false, &Default::default())?,
-        ));
+        out.push(check_softmax::<B>(shape, true, device)?);
     }
     let h = super::local_attention::LocalHeads {
         heads: 4,
         kv_heads: 1,
         head_dim: 48,
     };
-    let (b, n, t) = (2, 7, 18);
-    let data = [
-        random([b, n, h.heads * h.head_dim]),
-        random([t, b, n, 2 * h.kv_heads * h.head_dim]),
-        random([b, n, h.heads * h.head_dim]),
-    ];
-    out.push(KernelCheck::new(
-        "local_attention",
-        format!("T {t}, heads 4/1 of 48 bf16"),
-        &["output", "grad q", "grad kv"],
-        local_attention_run::<B>(&data, h, true, true, device)?,
-        local_attention_run::<Reference>(&data, h, false, false, &Default::default())?,
-    ));
+    out.push(check_local_attention::<B>([2, 7], 18, h, true, device)?);
     Ok(out)
 }
 
@@ -201,7 +175,9 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
             kv_heads,
             head_dim,
         };
-        out.push(timed(&|| check_local_attention::<B>([2, 7], t, h, device))?);
+        out.push(timed(&|| {
+            check_local_attention::<B>([2, 7], t, h, false, device)
+        })?);
     }
     for (batch, heads, queries, keys, d) in [(2, 1, 256, 64, 48), (3, 2, 50, 37, 16), (1, 1, 4096, 1024, 48)]
     {
@@ -228,7 +204,7 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         [2, 3, 512],
         [1, 17, 64],
     ] {
-        out.push(timed(&|| check_layer_norm::<B>(shape, device))?);
+        out.push(timed(&|| check_layer_norm::<B>(shape, false, device))?);
     }
     // [T, B, N, C]: LSAGT's variant tokens (one shift row per variant and token).
     for shape in [[3, 2, 5, 8], [2, 3, 4, 96], [4, 2, 9, 33]] {
@@ -237,7 +213,7 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     // (rows, width): LSAGT's local (T = 18) and global (1,024 and 256 keys) widths, and widths
     // that leave a row's last threads partly or wholly idle.
     for shape in [[2, 3, 18], [2, 5, 1024], [4, 7, 33], [1, 9, 256], [3, 2, 5]] {
-        out.push(timed(&|| check_softmax::<B>(shape, device))?);
+        out.push(timed(&|| check_softmax::<B>(shape, false, device))?);
     }
     // (batch, pixels, channels, variants, tokens, taps, width): LSAGT's 3×3 RGB patches padded
     // from 27 to 32 values, and an unpadded case.
@@ -403,6 +379,7 @@ fn depthwise_run<B: AutodiffBackend>(
 /// LayerNorm over the last dimension: output and the gradients of the input, scale and shift.
 pub fn check_layer_norm<B: AutodiffBackend>(
     shape: [usize; 3],
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
     let c = shape[2];
@@ -415,9 +392,9 @@ pub fn check_layer_norm<B: AutodiffBackend>(
     ];
     Ok(KernelCheck::new(
         "layer_norm",
-        format!("x {shape:?}"),
+        format!("x {shape:?}{}", bf16_suffix(bf16)),
         &["output", "grad x", "grad gamma", "grad beta"],
-        layer_norm_run::<B>(&data, true, false, device)?,
+        layer_norm_run::<B>(&data, true, bf16, device)?,
         layer_norm_run::<Reference>(&data, false, false, &Default::default())?,
     ))
 }
@@ -437,10 +414,9 @@ pub fn check_layer_norm_shifted<B: AutodiffBackend>(
         random([c]),
         random(shape),
     ];
-    let suffix = if bf16 { " bf16" } else { "" };
     Ok(KernelCheck::new(
         "layer_norm",
-        format!("x {shape:?} + shift{suffix}"),
+        format!("x {shape:?} + shift{}", bf16_suffix(bf16)),
         &["output", "grad x", "grad shift", "grad gamma", "grad beta"],
         layer_norm_shifted_run::<B>(&data, true, bf16, device)?,
         layer_norm_shifted_run::<Reference>(&data, false, false, &Default::default())?,
@@ -512,15 +488,16 @@ fn layer_norm_run<B: AutodiffBackend>(
 /// Softmax of scaled scores over the last dimension: output and input gradient.
 pub fn check_softmax<B: AutodiffBackend>(
     shape: [usize; 3],
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
     // Scores spread wide enough that the maximum matters (exp of them would overflow in bf16).
     let data = [random_affine(shape, 8.0, 0.0), random(shape)];
     Ok(KernelCheck::new(
         "softmax",
-        format!("x {shape:?}"),
+        format!("x {shape:?}{}", bf16_suffix(bf16)),
         &["output", "grad x"],
-        softmax_run::<B>(&data, true, false, device)?,
+        softmax_run::<B>(&data, true, bf16, device)?,
         softmax_run::<Reference>(&data, false, false, &Default::default())?,
     ))
 }
@@ -594,6 +571,7 @@ pub fn check_local_attention<B: AutodiffBackend>(
     [b, n]: [usize; 2],
     t: usize,
     h: super::local_attention::LocalHeads,
+    bf16: bool,
     device: &B::Device,
 ) -> anyhow::Result<KernelCheck> {
     let data = [
@@ -603,9 +581,15 @@ pub fn check_local_attention<B: AutodiffBackend>(
     ];
     Ok(KernelCheck::new(
         "local_attention",
-        format!("T {t}, heads {}/{} of {}", h.heads, h.kv_heads, h.head_dim),
+        format!(
+            "T {t}, heads {}/{} of {}{}",
+            h.heads,
+            h.kv_heads,
+            h.head_dim,
+            bf16_suffix(bf16)
+        ),
         &["output", "grad q", "grad kv"],
-        local_attention_run::<B>(&data, h, true, false, device)?,
+        local_attention_run::<B>(&data, h, true, bf16, device)?,
         local_attention_run::<Reference>(&data, h, false, false, &Default::default())?,
     ))
 }
@@ -852,7 +836,8 @@ mod tests {
     #[test]
     fn layer_norm_spills_into_a_second_cube_axis() {
         // More than 65,535 cubes of 8 rows: the launch spills into a second axis (WebGPU's limit).
-        let c = check_layer_norm::<G>([1, 65_535 * 8 + 40, 2], &Default::default()).expect("runs on wgpu");
+        let c =
+            check_layer_norm::<G>([1, 65_535 * 8 + 40, 2], false, &Default::default()).expect("runs on wgpu");
         assert!(c.worst() < 1e-4, "{:?}", c.errors);
     }
 
