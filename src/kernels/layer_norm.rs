@@ -404,6 +404,15 @@ mod cube {
     /// The shift and how rows map onto it: `(shift, batch·tokens, tokens)`.
     type Shift<R> = Option<(CubeTensor<R>, usize, usize)>;
 
+    /// The kernels' shift arguments: whether there is one, the shift in `x`'s dtype (or `x`
+    /// itself, which an unshifted kernel never reads), `batch·tokens` and `tokens`.
+    fn shift_args<R: CubeRuntime>(shift: Shift<R>, x: &CubeTensor<R>) -> (bool, CubeTensor<R>, usize, usize) {
+        match shift {
+            Some((s, batch_tokens, tokens)) => (true, dense(s, x.dtype), batch_tokens, tokens),
+            None => (false, x.clone(), 1, 1),
+        }
+    }
+
     fn rows_and_channels<R: CubeRuntime>(x: &CubeTensor<R>) -> (usize, usize) {
         let s = x.meta.shape();
         (s[0], s[1])
@@ -423,12 +432,7 @@ mod cube {
         let out = empty(&x, [rows, c], dtype);
         let (count, dim) = row_launch(rows);
         let n = vector_width(&x.client, dtype, &[c]);
-        let shifted = shift.is_some();
-        // Unshifted, `x` stands in for the shift, which the kernel then never reads.
-        let (shift, batch_tokens, tokens) = match shift {
-            Some((s, bt, t)) => (dense(s, dtype), bt, t),
-            None => (x.clone(), 1, 1),
-        };
+        let (shifted, shift, batch_tokens, tokens) = shift_args(shift, &x);
         unsafe {
             forward_kernel::launch_unchecked(
                 &x.client,
@@ -475,11 +479,7 @@ mod cube {
         let row_stats = empty(&x, [rows, 2], DType::F32);
         let (count, dim) = row_launch(rows);
         let n = vector_width(&client, dtype, &[c]);
-        let shifted = shift.is_some();
-        let (shift, batch_tokens, tokens) = match shift {
-            Some((s, bt, t)) => (dense(s, dtype), bt, t),
-            None => (x.clone(), 1, 1),
-        };
+        let (shifted, shift, batch_tokens, tokens) = shift_args(shift, &x);
         unsafe {
             backward_rows_kernel::launch_unchecked(
                 &client,
