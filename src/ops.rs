@@ -199,7 +199,7 @@ pub fn conv2d_many_columns_unbiased<B: Backend>(
 
 /// `m` with zeros appended along `dim` up to `len` entries (a weight matrix for patch rows that
 /// come padded to an aligned width).
-pub fn zero_pad_dim<B: Backend, const D: usize>(m: Tensor<B, D>, dim: usize, len: usize) -> Tensor<B, D> {
+fn zero_pad_dim<B: Backend, const D: usize>(m: Tensor<B, D>, dim: usize, len: usize) -> Tensor<B, D> {
     let mut dims = m.dims();
     if dims[dim] >= len {
         return m;
