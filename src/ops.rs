@@ -209,32 +209,15 @@ fn zero_pad_dim<B: Backend, const D: usize>(m: Tensor<B, D>, dim: usize, len: us
     Tensor::cat(vec![m, zeros], dim)
 }
 
-/// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`). In inference on the
-/// backends with fused kernels this is one `concat` launch ([`crate::kernels::concat`]) where
-/// Burn's `stack` takes one per tensor: LSAGT stacks its 18 variant projections' weights and
-/// biases every step, and inference there waits on the host's launches (session 12). With
-/// autodiff it is Burn's `stack`, which is differentiable.
+/// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`): LSAGT stacks its variant
+/// projections' weights and biases every step. Where the backend has the `concat` kernel this is
+/// one launch each way ([`crate::kernels::concat::stack`]); Burn's `stack` otherwise.
 pub fn stack_params<B: Backend, const D: usize, const D2: usize>(ts: Vec<Tensor<B, D>>) -> Tensor<B, D2> {
-    assert!(
-        D2 == D + 1 && !ts.is_empty(),
-        "stack_params: {} tensors of rank {D} into rank {D2}",
-        ts.len()
-    );
-    let dims = ts[0].dims();
-    assert!(
-        ts.iter().all(|t| t.dims() == dims),
-        "stack_params: tensors of different shapes"
-    );
-    if !B::ad_enabled(&ts[0].device()) {
-        let n = dims.iter().product::<usize>();
-        let offsets: Vec<usize> = (0..ts.len()).map(|i| i * n).collect();
-        let mut out = [0; D2];
-        out[0] = ts.len();
-        out[1..].copy_from_slice(&dims);
-        let flat = ts.into_iter().map(|t| t.reshape([n])).collect();
-        return crate::kernels::concat::concat_flat(flat, &offsets, n * offsets.len()).reshape(out);
+    assert!(!ts.is_empty(), "stack_params: nothing to stack");
+    if !crate::kernels::use_fused::<B>("concat", &ts[0].device()) {
+        return Tensor::stack(ts, 0);
     }
-    Tensor::stack(ts, 0)
+    crate::kernels::concat::stack(ts).unwrap_or_else(|ts| Tensor::stack(ts, 0))
 }
 
 /// One dense convolution applied to its patches `cols` (`B×P×(k·k·Cin)`) → `B×P×Cout`.

@@ -232,6 +232,11 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     ] {
         out.push(timed(&|| check_concat::<B::InnerBackend>(&lens, device))?);
     }
+    // LSAGT's variant counts; rows whose gradients need a pitched buffer for aligned views, and
+    // (f32 on CUDA) rows that are aligned already.
+    for (count, shape) in [(18, [6, 27]), (10, [4, 5]), (18, [1, 128])] {
+        out.push(timed(&|| check_stack::<B>(count, shape, device))?);
+    }
     use crate::attention::vicinity::Locality;
     for (heads, d, q_grid, k_grid, locality, clamp) in [
         (1, 8, (4, 5), (4, 5), Locality::TwoD, true),
@@ -648,6 +653,48 @@ pub fn check_patches<B: Backend>(
         vec![fast.into_data()],
         vec![reference.into_data()],
     ))
+}
+
+/// The differentiable stack of `count` same-shaped tensors: output and every input's gradient
+/// (stacked for the comparison).
+pub fn check_stack<B: AutodiffBackend>(
+    count: usize,
+    shape: [usize; 2],
+    device: &B::Device,
+) -> anyhow::Result<KernelCheck> {
+    let inputs: Vec<TensorData> = (0..count).map(|_| random(shape)).collect();
+    let probe = random([count, shape[0], shape[1]]);
+    Ok(KernelCheck::new(
+        "stack",
+        format!("{count} x {shape:?}"),
+        &["output", "grads"],
+        stack_run::<B>(&inputs, &probe, true, device)?,
+        stack_run::<Reference>(&inputs, &probe, false, &Default::default())?,
+    ))
+}
+
+fn stack_run<B: AutodiffBackend>(
+    inputs: &[TensorData],
+    probe: &TensorData,
+    fast: bool,
+    device: &B::Device,
+) -> anyhow::Result<Vec<TensorData>> {
+    let xs: Vec<Tensor<B, 2>> = inputs
+        .iter()
+        .map(|d| on::<B, 2>(d, device).require_grad())
+        .collect();
+    let y: Tensor<B, 3> = if fast {
+        super::concat::stack(xs.clone())
+            .map_err(|_| anyhow::anyhow!("the stack kernel did not run on this backend"))?
+    } else {
+        Tensor::stack(xs.clone(), 0)
+    };
+    let grads = (y.clone() * on::<B, 3>(probe, device)).sum().backward();
+    let dxs: Vec<_> = xs
+        .iter()
+        .map(|x| x.grad(&grads).expect("input gradient"))
+        .collect();
+    Ok(vec![y.into_data(), Tensor::stack::<3>(dxs, 0).into_data()])
 }
 
 /// The optimizer's flat gather: parts of uneven lengths at offsets rounded up to 256 values, the

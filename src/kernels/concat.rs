@@ -1,5 +1,6 @@
 //! The optimizer's gather of many 1-D tensors (the gradients of one parameter group) into one flat
-//! buffer, each at its offset, zeros between them.
+//! buffer, each at its offset, zeros between them; and [`stack`], the same gather as a
+//! differentiable stack of same-shaped tensors.
 //!
 //! Reference path: a zero buffer and one `slice_assign` per tensor, a launch per parameter (~190 in
 //! a vvt_tiny training step, where each launch costs the host's device threads; docs/BENCH.md,
@@ -64,6 +65,46 @@ pub fn fused<B: Backend>(
     }
 }
 
+/// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`) in one launch, and their
+/// gradients in at most one: Burn's `stack` takes a launch per tensor forward and a copy per
+/// tensor backward, and LSAGT stacks its variant projections' weights and biases every step
+/// (~100 launches of a b128 training step, session 12). Burn's autodiff takes a fixed count of
+/// inputs, so this runs for the counts LSAGT has (10 and 18 variants); other counts, and
+/// backends without the kernel, get the tensors back.
+pub fn stack<B: Backend, const D: usize, const D2: usize>(
+    ts: Vec<Tensor<B, D>>,
+) -> Result<Tensor<B, D2>, Vec<Tensor<B, D>>> {
+    assert!(
+        D2 == D + 1 && !ts.is_empty() && ts.iter().all(|t| t.dims() == ts[0].dims()),
+        "stack: {} tensors of rank {D} into rank {D2}, all of one shape",
+        ts.len()
+    );
+    #[cfg(feature = "kernels")]
+    {
+        /// `ts` as an array of `N` primitives, stacked by the fused op.
+        fn run<B: Backend, const D: usize, const D2: usize, const N: usize>(
+            ts: Vec<Tensor<B, D>>,
+        ) -> Result<Tensor<B, D2>, Vec<Tensor<B, D>>> {
+            use super::{primitive, tensor};
+            let inputs: Vec<_> = ts.into_iter().map(primitive).collect();
+            let Ok(inputs) = <[_; N]>::try_from(inputs) else {
+                unreachable!("the caller matched the count")
+            };
+            match super::cube::run::<B, _, N>(&cube::Stack, inputs) {
+                Ok(y) => Ok(tensor(y)),
+                Err(inputs) => Err(inputs.into_iter().map(tensor).collect()),
+            }
+        }
+        match ts.len() {
+            10 => run::<B, D, D2, 10>(ts),
+            18 => run::<B, D, D2, 18>(ts),
+            _ => Err(ts),
+        }
+    }
+    #[cfg(not(feature = "kernels"))]
+    Err(ts)
+}
+
 /// A zero buffer and one `slice_assign` per part.
 pub fn concat_flat_reference<B: Backend>(
     parts: Vec<Tensor<B, 1>>,
@@ -87,7 +128,9 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use crate::kernels::cube::{ManyOp, dense, empty};
+    use crate::kernels::cube::{FusedOp, ManyOp, TensorOps, dense, empty, launch_dims};
+    use burn::tensor::Slice;
+    use burn::tensor::ops::FloatTensorOps;
 
     /// Cube row `y` copies part `y` to its offset, then zeros up to the next offset.
     #[cube(launch_unchecked)]
@@ -118,6 +161,93 @@ mod cube {
                     p += stride;
                 }
             }
+        }
+    }
+
+    /// The stack's gradient, `N×n`, into rows of `pitch ≥ n` values (so that each row starts
+    /// where the device can bind a view of it). One thread per value.
+    #[cube(launch_unchecked)]
+    fn split_kernel<E: Float>(
+        grad: &Tensor<E>,
+        out: &mut Tensor<E>,
+        #[comptime] n: usize,
+        #[comptime] pitch: usize,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let at = ABSOLUTE_POS;
+        if at >= grad.len() {
+            terminate!();
+        }
+        out[(at / n) * pitch + at % n] = grad[at];
+    }
+
+    /// [`super::stack`]: forward is [`Concat`] of the flattened inputs; backward hands each input
+    /// a view of one buffer of the gradient's rows.
+    #[derive(Clone, Debug)]
+    pub struct Stack;
+
+    impl<const N: usize> FusedOp<N> for Stack {
+        fn output_shape(&self, inputs: &[Shape; N]) -> Shape {
+            let mut dims = vec![N];
+            dims.extend(inputs[0].iter().copied());
+            Shape::from(dims)
+        }
+
+        fn forward<R: CubeRuntime>(&self, inputs: [CubeTensor<R>; N]) -> CubeTensor<R> {
+            let shape = self.output_shape(&inputs.each_ref().map(|t| t.meta.shape().clone()));
+            let n = inputs[0].meta.shape().num_elements();
+            let flat: Vec<_> = inputs
+                .into_iter()
+                .map(|t| TensorOps::<R>::float_reshape(t, Shape::new([n])))
+                .collect();
+            let concat = Concat {
+                offsets: (0..N).map(|i| i * n).collect(),
+                len: N * n,
+            };
+            TensorOps::<R>::float_reshape(concat.forward(flat), shape)
+        }
+
+        fn backward<R: CubeRuntime>(
+            &self,
+            inputs: [CubeTensor<R>; N],
+            grad: CubeTensor<R>,
+            wanted: [bool; N],
+        ) -> [Option<CubeTensor<R>>; N] {
+            let dtype = inputs[0].dtype;
+            let grad = dense(grad, dtype);
+            let n = inputs[0].meta.shape().num_elements();
+            // Rows a multiple of the binding alignment apart: views of one buffer, no copies.
+            let align = (grad.client.properties().memory.alignment as usize / dtype.size()).max(1);
+            let pitch = n.next_multiple_of(align);
+            let rows = if pitch == n {
+                TensorOps::<R>::float_reshape(grad, Shape::new([N * n]))
+            } else {
+                let out = empty(&grad, [N * pitch], dtype);
+                let (count, dim) = launch_dims(&grad.client, N * n);
+                unsafe {
+                    split_kernel::launch_unchecked(
+                        &grad.client,
+                        count,
+                        dim,
+                        grad.clone().into_tensor_arg(),
+                        out.clone().into_tensor_arg(),
+                        n,
+                        pitch,
+                        dtype.into(),
+                    )
+                };
+                out
+            };
+            std::array::from_fn(|i| {
+                wanted[i].then(|| {
+                    let start = i * pitch;
+                    let row = TensorOps::<R>::float_slice(
+                        rows.clone(),
+                        &[Slice::new(start as isize, Some((start + n) as isize), 1)],
+                    );
+                    TensorOps::<R>::float_reshape(row, inputs[i].meta.shape().clone())
+                })
+            })
         }
     }
 
