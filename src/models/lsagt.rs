@@ -24,7 +24,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelOutput, drop_path, ensure_divisible};
+use super::{DropPathNoise, ModelOutput, drop_path, ensure_divisible};
 use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
@@ -818,13 +818,15 @@ impl<B: Backend> Stage<B> {
     /// First stage: `T×B×N×D` variant tokens, less a per-variant `bias` (`T×D`) if one is given
     /// ([`ShiftedPatchEmbed::forward_unbiased`]), and variant 0's own (`B×N×D`, the same values
     /// as `variants[0]` with its bias) → `B×N×D`. The bias and the position embeddings are added
-    /// inside the first LayerNorm ([`LayerNorm::forward_shifted`]).
+    /// inside the first LayerNorm ([`LayerNorm::forward_shifted`]). Each block takes two rows of
+    /// `noise`.
     pub fn forward_variants(
         &self,
         variants: Tensor<B, 4>,
         bias: Option<Tensor<B, 2>>,
         x0: Tensor<B, 3>,
         grid: (usize, usize),
+        noise: &mut DropPathNoise<B>,
     ) -> Tensor<B, 3> {
         self.check_grid(grid);
         let [t, _, n, d] = variants.dims();
@@ -844,20 +846,30 @@ impl<B: Backend> Stage<B> {
             Some(shift) => self.norm1.forward_shifted(variants, shift),
             None => self.norm1.forward(variants),
         };
-        self.run(x, Some(normed))
+        self.run(x, Some(normed), noise)
     }
 
-    /// Later stages: `B×N×D` → `B×N×D`.
-    pub fn forward(&self, x: Tensor<B, 3>, grid: (usize, usize)) -> Tensor<B, 3> {
+    /// Later stages: `B×N×D` → `B×N×D`. Each block takes two rows of `noise`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        grid: (usize, usize),
+        noise: &mut DropPathNoise<B>,
+    ) -> Tensor<B, 3> {
         self.check_grid(grid);
         let x = match &self.pos_emb {
             Some(pos) => x + pos.val().unsqueeze_dim::<3>(0),
             None => x,
         };
-        self.run(x, None)
+        self.run(x, None, noise)
     }
 
-    fn run(&self, mut x: Tensor<B, 3>, mut normed_variants: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+    fn run(
+        &self,
+        mut x: Tensor<B, 3>,
+        mut normed_variants: Option<Tensor<B, 4>>,
+        noise: &mut DropPathNoise<B>,
+    ) -> Tensor<B, 3> {
         for block in &self.blocks {
             let h = self.norm1.forward(x.clone());
             let a = match (&block.local, &block.global) {
@@ -870,9 +882,9 @@ impl<B: Backend> Stage<B> {
                 (None, Some(global)) => global.forward(h),
                 (None, None) => unreachable!("an LSAGT block has an attention"),
             };
-            x = x + drop_path(a, self.drop_path);
+            x = x + drop_path(a, self.drop_path, noise);
             let m = block.mlp.forward(self.norm2.forward(x.clone()));
-            x = x + drop_path(m, self.drop_path);
+            x = x + drop_path(m, self.drop_path, noise);
         }
         x
     }
@@ -894,11 +906,16 @@ impl<B: Backend> Lsagt<B> {
         let (variants, bias, x0, mut grid) = self.patch_embed.forward_unbiased(x);
         let mut outputs = Vec::with_capacity(self.stages.len());
         let mut tokens: Option<Tensor<B, 3>> = None;
+        let rates = self.stages.iter();
+        let rates = rates
+            .flat_map(|s| vec![s.drop_path; 2 * s.blocks.len()])
+            .collect();
+        let mut noise = DropPathNoise::new(x0.dims()[0], rates, &x0.device());
         let mut variants = Some((variants, bias, x0));
         for stage in &self.stages {
             let y = match (tokens.take(), variants.take()) {
-                (Some(x), _) => stage.forward(x, grid),
-                (None, Some((v, bias, x0))) => stage.forward_variants(v, bias, x0, grid),
+                (Some(x), _) => stage.forward(x, grid, &mut noise),
+                (None, Some((v, bias, x0))) => stage.forward_variants(v, bias, x0, grid, &mut noise),
                 (None, None) => unreachable!(),
             };
             outputs.push(y.clone());

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelOutput, drop_path, ensure_divisible};
+use super::{DropPathNoise, ModelOutput, drop_path, ensure_divisible};
 use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
 use crate::flops::{self, LayerCost};
 use crate::init::{ConvInit, conv2d, linear};
@@ -261,9 +261,12 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
-        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), h, w), self.drop_path);
-        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x), h, w), self.drop_path)
+    /// Takes two rows of `noise` (one per residual branch).
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize, noise: &mut DropPathNoise<B>) -> Tensor<B, 3> {
+        let a = self.attn.forward(self.norm1.forward(x.clone()), h, w);
+        let x = x + drop_path(a, self.drop_path, noise);
+        let m = self.mlp.forward(self.norm2.forward(x.clone()), h, w);
+        x + drop_path(m, self.drop_path, noise)
     }
 }
 
@@ -286,12 +289,15 @@ impl<B: Backend> Vvt<B> {
         let mut x = x.permute([0, 2, 3, 1]);
         let mut outputs = Vec::with_capacity(self.stages.len());
         let last = self.stages.len() - 1;
+        let rates = self.stages.iter().flat_map(|s| &s.blocks);
+        let rates = rates.flat_map(|b| [b.drop_path; 2]).collect();
+        let mut noise = DropPathNoise::new(x.dims()[0], rates, &x.device());
         for (i, stage) in self.stages.iter().enumerate() {
             let grid = conv2d_nhwc(&stage.patch_embed.proj, x);
             let [b, h, w, c] = grid.dims();
             let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, h * w, c]));
             for block in &stage.blocks {
-                tokens = block.forward(tokens, h, w);
+                tokens = block.forward(tokens, h, w, &mut noise);
             }
             let tokens = stage.norm.forward(tokens);
             outputs.push(tokens.clone());
