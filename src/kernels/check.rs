@@ -195,7 +195,8 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         out.push(timed(&|| check_matmul::<B>(&lhs, &rhs, transposed, device))?);
     }
     // (rows, channels): fewer channels than a row's 32 threads, several per thread, a partial last
-    // cube, enough rows for several chunks of the column sums, LSAGT's and VVT's widths.
+    // cube, LSAGT's and VVT's widths, and more groups of rows than the backward launches cubes
+    // (cubes that take two groups, others one).
     for shape in [
         [2, 5, 6],
         [3, 7, 96],
@@ -203,6 +204,7 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
         [4, 300, 40],
         [2, 3, 512],
         [1, 17, 64],
+        [2, 2300, 12],
     ] {
         out.push(timed(&|| check_layer_norm::<B>(shape, false, device))?);
     }

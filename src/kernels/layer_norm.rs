@@ -5,7 +5,8 @@
 //! one of vvt_tiny's stage-1 norms took ~260 µs in inference, where reading and writing the
 //! tensor once takes ~25 µs (docs/BENCH.md, session 10). The fused path is one kernel forward (a
 //! row per 32 threads: statistics in f32, in registers) and two backward (the input gradient row by
-//! row; the scale and shift gradients as per-chunk column sums, then one sum over the chunks).
+//! row, which also sums the scale and shift gradients per chunk of rows; then one sum over the
+//! chunks).
 
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
@@ -143,7 +144,7 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims, vector_width};
+    use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, vector_width};
     use crate::kernels::rows::{
         LANES, ROWS, load_vectors_or, row_launch, row_sum, store_vectors, vector_sum,
     };
@@ -260,16 +261,22 @@ mod cube {
         store_vectors::<E, N>(out, &v, row, live, lane, cv, per);
     }
 
-    /// The input gradient, `rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))` with `ĝ = g·gamma`, and each row's
-    /// mean and 1/std (`stats[2·row]`, `stats[2·row + 1]`) for [`column_kernel`].
+    /// The input gradient, `rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))` with `ĝ = g·gamma`; with
+    /// `columns`, also each row slot's partial scale and shift gradients (`Σ g·x̂` and `Σ g` over
+    /// the rows it handled) in `partial[chunk, 0 | 1, channel]`, `chunk = cube·ROWS + slot`, for
+    /// [`sum_chunks_kernel`]. Each cube takes the groups of [`ROWS`] rows `cube, cube + cubes, …`,
+    /// so a launch of fewer cubes than groups sums over more rows per chunk. (The column sums were
+    /// a kernel of their own that read `x` and `g` again: 33 launches and ~1.8 ms of a
+    /// lsagt_cifar_tiny b128 training step on the H100.)
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
     fn backward_rows_kernel<E: Float, N: Size>(
         x: &Tensor<Vector<E, N>>,
         shift: &Tensor<Vector<E, N>>,
         gamma: &Tensor<Vector<E, N>>,
         grad: &Tensor<Vector<E, N>>,
         dx: &mut Tensor<Vector<E, N>>,
-        row_stats: &mut Tensor<f32>,
+        partial: &mut Tensor<Vector<f32, N>>,
         rows: usize,
         eps: f32,
         batch_tokens: usize,
@@ -278,82 +285,67 @@ mod cube {
         #[comptime] cv: usize,
         #[comptime] per: usize,
         #[comptime] shifted: bool,
+        #[comptime] columns: bool,
         #[define(E)] _dtype: StorageType,
     ) {
         let lane = UNIT_POS_X as usize;
         let slot = UNIT_POS_Y as usize;
-        let row = CUBE_POS * comptime!(ROWS) + slot;
-        let live = row < rows;
         let mut sums = SharedMemory::<f32>::new(comptime!(LANES * ROWS));
-        let v = load_row::<E, N>(x, shift, row, live, lane, batch_tokens, tokens, cv, per, shifted);
-        let mut gg = load_vectors_or::<E, N>(grad, row, live, lane, f32::new(0.0), cv, per);
-        let mean = row_mean::<N>(&mut sums, &v, lane, slot, c, per);
-        let rstd = row_rstd::<N>(&mut sums, &v, mean, lane, slot, eps, c, cv, per);
-        let (mean_v, rstd_v) = (Vector::<f32, N>::new(mean), Vector::<f32, N>::new(rstd));
-        let mut a = f32::new(0.0);
-        let mut b = f32::new(0.0);
+        let mut col_gx = Array::<Vector<f32, N>>::new(per);
+        let mut col_g = Array::<Vector<f32, N>>::new(per);
         #[unroll]
         for i in 0..per {
-            let at = lane + i * comptime!(LANES);
-            if at < cv {
-                gg[i] = gg[i] * Vector::<f32, N>::cast_from(gamma[at]);
-                a += vector_sum::<N>(gg[i]);
-                b += vector_sum::<N>(gg[i] * (v[i] - mean_v) * rstd_v);
+            col_gx[i] = Vector::new(f32::new(0.0));
+            col_g[i] = Vector::new(f32::new(0.0));
+        }
+        let groups = rows.div_ceil(comptime!(ROWS));
+        // The same for every thread of the cube, which the row sums synchronise.
+        let mut group = CUBE_POS as usize;
+        while group < groups {
+            let row = group * comptime!(ROWS) + slot;
+            let live = row < rows;
+            let v = load_row::<E, N>(x, shift, row, live, lane, batch_tokens, tokens, cv, per, shifted);
+            let mut gg = load_vectors_or::<E, N>(grad, row, live, lane, f32::new(0.0), cv, per);
+            let mean = row_mean::<N>(&mut sums, &v, lane, slot, c, per);
+            let rstd = row_rstd::<N>(&mut sums, &v, mean, lane, slot, eps, c, cv, per);
+            let (mean_v, rstd_v) = (Vector::<f32, N>::new(mean), Vector::<f32, N>::new(rstd));
+            let mut a = f32::new(0.0);
+            let mut b = f32::new(0.0);
+            #[unroll]
+            for i in 0..per {
+                let at = lane + i * comptime!(LANES);
+                if at < cv {
+                    let xhat = (v[i] - mean_v) * rstd_v;
+                    if comptime!(columns) {
+                        // Rows past the last are zeros in `gg`, so they add nothing.
+                        col_gx[i] += gg[i] * xhat;
+                        col_g[i] += gg[i];
+                    }
+                    gg[i] = gg[i] * Vector::<f32, N>::cast_from(gamma[at]);
+                    a += vector_sum::<N>(gg[i]);
+                    b += vector_sum::<N>(gg[i] * xhat);
+                }
+            }
+            let a = Vector::<f32, N>::new(row_sum(&mut sums, a, lane, slot) / f32::new(comptime!(c as f32)));
+            let b = Vector::<f32, N>::new(row_sum(&mut sums, b, lane, slot) / f32::new(comptime!(c as f32)));
+            #[unroll]
+            for i in 0..per {
+                gg[i] = rstd_v * (gg[i] - a - (v[i] - mean_v) * rstd_v * b);
+            }
+            store_vectors::<E, N>(dx, &gg, row, live, lane, cv, per);
+            group += CUBE_COUNT as usize;
+        }
+        if comptime!(columns) {
+            let chunk = CUBE_POS as usize * comptime!(ROWS) + slot;
+            #[unroll]
+            for i in 0..per {
+                let at = lane + i * comptime!(LANES);
+                if at < cv {
+                    partial[(chunk * 2) * cv + at] = col_gx[i];
+                    partial[(chunk * 2 + 1) * cv + at] = col_g[i];
+                }
             }
         }
-        let a = Vector::<f32, N>::new(row_sum(&mut sums, a, lane, slot) / f32::new(comptime!(c as f32)));
-        let b = Vector::<f32, N>::new(row_sum(&mut sums, b, lane, slot) / f32::new(comptime!(c as f32)));
-        #[unroll]
-        for i in 0..per {
-            gg[i] = rstd_v * (gg[i] - a - (v[i] - mean_v) * rstd_v * b);
-        }
-        store_vectors::<E, N>(dx, &gg, row, live, lane, cv, per);
-        if live && lane == 0 {
-            row_stats[2 * row] = mean;
-            row_stats[2 * row + 1] = rstd;
-        }
-    }
-
-    /// Partial scale and shift gradients: thread (chunk, channel) sums `g·x̂` and `g` over the rows
-    /// `chunk·chunk_rows ..` into `partial[chunk, 0 | 1, channel]`.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)]
-    fn column_kernel<E: Float>(
-        x: &Tensor<E>,
-        shift: &Tensor<E>,
-        grad: &Tensor<E>,
-        row_stats: &Tensor<f32>,
-        partial: &mut Tensor<f32>,
-        rows: usize,
-        batch_tokens: usize,
-        tokens: usize,
-        #[comptime] c: usize,
-        #[comptime] chunk_rows: usize,
-        #[comptime] shifted: bool,
-        #[define(E)] _dtype: StorageType,
-    ) {
-        let pos = ABSOLUTE_POS;
-        if pos * 2 >= partial.len() {
-            terminate!();
-        }
-        let ch = pos % c;
-        let chunk = pos / c;
-        let start = chunk * chunk_rows;
-        let end = select(start + chunk_rows < rows, start + chunk_rows, rows);
-        let mut gx = f32::new(0.0);
-        let mut g = f32::new(0.0);
-        for r in start..end {
-            let gv = f32::cast_from(grad[r * c + ch]);
-            let mut xv = f32::cast_from(x[r * c + ch]);
-            if comptime!(shifted) {
-                xv += f32::cast_from(shift[((r / batch_tokens) * tokens + r % tokens) * c + ch]);
-            }
-            let xhat = (xv - row_stats[2 * r]) * row_stats[2 * r + 1];
-            gx += gv * xhat;
-            g += gv;
-        }
-        partial[(chunk * 2) * c + ch] = gx;
-        partial[(chunk * 2 + 1) * c + ch] = g;
     }
 
     /// `dgamma[ch] = Σ_chunk partial[chunk, 0, ch]`, `dbeta[ch] = Σ_chunk partial[chunk, 1, ch]`:
@@ -458,6 +450,11 @@ mod cube {
         out
     }
 
+    /// Most cubes of a backward launch that also sums the scale and shift gradients: 4 per SM of
+    /// an H100 (each cube 8 rows × 32 threads), whose 4,224 partial sums per channel the second
+    /// launch adds up.
+    const COLUMN_CUBES: usize = 528;
+
     /// The gradients of `x` (also that of the shift, before its sum over the batch), `gamma` and
     /// `beta`, as wanted.
     #[allow(clippy::type_complexity)]
@@ -476,22 +473,39 @@ mod cube {
         let (rows, c) = rows_and_channels(&x);
         let client = x.client.clone();
         let dx = empty(&x, [rows, c], dtype);
-        let row_stats = empty(&x, [rows, 2], DType::F32);
-        let (count, dim) = row_launch(rows);
         let n = vector_width(&client, dtype, &[c]);
         let (shifted, shift, batch_tokens, tokens) = shift_args(shift, &x);
+        let columns = want_gamma || want_beta;
+        let groups = rows.div_ceil(ROWS).max(1);
+        // With the column sums, at most COLUMN_CUBES cubes (each sums more rows) so that the
+        // partial sums stay few; without, a cube per group of rows.
+        let (count, dim) = if columns {
+            let cubes = groups.min(COLUMN_CUBES) as u32;
+            (
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_2d(LANES as u32, ROWS as u32),
+            )
+        } else {
+            row_launch(rows)
+        };
+        let chunks = if columns {
+            groups.min(COLUMN_CUBES) * ROWS
+        } else {
+            1
+        };
+        let partial = empty(&x, [chunks, 2, c], DType::F32);
         unsafe {
             backward_rows_kernel::launch_unchecked(
                 &client,
                 count,
                 dim,
                 n,
-                x.clone().into_tensor_arg(),
-                shift.clone().into_tensor_arg(),
+                x.into_tensor_arg(),
+                shift.into_tensor_arg(),
                 gamma.into_tensor_arg(),
-                grad.clone().into_tensor_arg(),
+                grad.into_tensor_arg(),
                 dx.clone().into_tensor_arg(),
-                row_stats.clone().into_tensor_arg(),
+                partial.clone().into_tensor_arg(),
                 rows,
                 eps,
                 batch_tokens,
@@ -500,36 +514,12 @@ mod cube {
                 c / n,
                 (c / n).div_ceil(LANES),
                 shifted,
+                columns,
                 dtype.into(),
             )
         };
         let (mut dgamma, mut dbeta) = (None, None);
-        if want_gamma || want_beta {
-            // Enough (chunk, channel) threads to fill the GPU, each summing whole rows.
-            let chunks = (131_072 / c).clamp(1, rows.max(1));
-            let chunk_rows = rows.div_ceil(chunks).max(1);
-            let chunks = rows.div_ceil(chunk_rows).max(1);
-            let partial = empty(&x, [chunks, 2, c], DType::F32);
-            let (count, dim) = launch_dims(&client, chunks * c);
-            unsafe {
-                column_kernel::launch_unchecked(
-                    &client,
-                    count,
-                    dim,
-                    x.into_tensor_arg(),
-                    shift.into_tensor_arg(),
-                    grad.into_tensor_arg(),
-                    row_stats.into_tensor_arg(),
-                    partial.clone().into_tensor_arg(),
-                    rows,
-                    batch_tokens,
-                    tokens,
-                    c,
-                    chunk_rows,
-                    shifted,
-                    dtype.into(),
-                )
-            };
+        if columns {
             // Both sums in one launch (one fewer per LayerNorm and step).
             let (gsum, bsum) = (empty(&partial, [c], dtype), empty(&partial, [c], dtype));
             unsafe {
