@@ -225,7 +225,13 @@ impl<B: Backend> GlobalAttention<B> {
             .permute([0, 2, 3, 1, 4])
             .reshape([b * kvh, g * n, dh]);
         let (k, v) = split_kv(self.wkv.forward_rows(x));
+        // With one key/value head (the CIFAR models) the halves of `wkv`'s output are the
+        // per-head layout already: strided views, which the products read as they are (making
+        // them dense took two copies per layer).
         let per_head = |t: Tensor<B, 3>| {
+            if kvh == 1 {
+                return t;
+            }
             t.reshape([b, n, kvh, dh])
                 .swap_dims(1, 2)
                 .reshape([b * kvh, n, dh])
