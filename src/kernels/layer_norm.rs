@@ -300,7 +300,7 @@ mod cube {
         }
         let groups = rows.div_ceil(comptime!(ROWS));
         // The same for every thread of the cube, which the row sums synchronise.
-        let mut group = CUBE_POS as usize;
+        let mut group = CUBE_POS;
         while group < groups {
             let row = group * comptime!(ROWS) + slot;
             let live = row < rows;
@@ -333,10 +333,10 @@ mod cube {
                 gg[i] = rstd_v * (gg[i] - a - (v[i] - mean_v) * rstd_v * b);
             }
             store_vectors::<E, N>(dx, &gg, row, live, lane, cv, per);
-            group += CUBE_COUNT as usize;
+            group += CUBE_COUNT;
         }
         if comptime!(columns) {
-            let chunk = CUBE_POS as usize * comptime!(ROWS) + slot;
+            let chunk = CUBE_POS * comptime!(ROWS) + slot;
             #[unroll]
             for i in 0..per {
                 let at = lane + i * comptime!(LANES);
