@@ -476,23 +476,18 @@ mod cube {
         let n = vector_width(&client, dtype, &[c]);
         let (shifted, shift, batch_tokens, tokens) = shift_args(shift, &x);
         let columns = want_gamma || want_beta;
-        let groups = rows.div_ceil(ROWS).max(1);
         // With the column sums, at most COLUMN_CUBES cubes (each sums more rows) so that the
-        // partial sums stay few; without, a cube per group of rows.
+        // partial sums (one per row slot of each cube) stay few; without, a cube per group of rows.
+        let cubes = rows.div_ceil(ROWS).clamp(1, COLUMN_CUBES);
         let (count, dim) = if columns {
-            let cubes = groups.min(COLUMN_CUBES) as u32;
             (
-                CubeCount::Static(cubes, 1, 1),
+                CubeCount::Static(cubes as u32, 1, 1),
                 CubeDim::new_2d(LANES as u32, ROWS as u32),
             )
         } else {
             row_launch(rows)
         };
-        let chunks = if columns {
-            groups.min(COLUMN_CUBES) * ROWS
-        } else {
-            1
-        };
+        let chunks = if columns { cubes * ROWS } else { 1 };
         let partial = empty(&x, [chunks, 2, c], DType::F32);
         unsafe {
             backward_rows_kernel::launch_unchecked(

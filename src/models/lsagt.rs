@@ -882,9 +882,9 @@ impl<B: Backend> Stage<B> {
                 (None, Some(global)) => global.forward(h),
                 (None, None) => unreachable!("an LSAGT block has an attention"),
             };
-            x = x + drop_path(a, self.drop_path, noise);
+            x = x + drop_path(a, noise);
             let m = block.mlp.forward(self.norm2.forward(x.clone()));
-            x = x + drop_path(m, self.drop_path, noise);
+            x = x + drop_path(m, noise);
         }
         x
     }

@@ -201,22 +201,24 @@ pub struct DropPathNoise<B: Backend> {
 
 impl<B: Backend> DropPathNoise<B> {
     /// The factors for a batch of `batch` images and one residual branch per entry of `rates`
-    /// (the drop probabilities, in the order the branches run). Nothing is drawn outside
-    /// training (autodiff backends) or when no rate is positive.
+    /// (the drop probabilities in `[0, 1)`, in the order the branches run). Nothing is drawn
+    /// outside training (autodiff backends) or when no rate is positive.
     pub fn new(batch: usize, rates: Vec<f64>, device: &B::Device) -> Self {
+        assert!(
+            rates.iter().all(|r| (0.0..1.0).contains(r)),
+            "drop_path: rates must be in [0, 1), got {rates:?}"
+        );
         // Rows 256 values apart: each row is then a view of the factors rather than a copy (the
         // CUDA backend binds views at 512-byte boundaries).
         let pitch = batch.next_multiple_of(256);
         let drops = rates.iter().any(|&r| r > 0.0);
         let scales = (drops && B::ad_enabled(device)).then(|| {
             let n = rates.len();
-            let keep = |f: fn(f64) -> f32| {
-                let col: Vec<f32> = rates.iter().map(|&r| f(1.0 - r)).collect();
-                Tensor::<B, 2>::from_data(TensorData::new(col, [n, 1]), device).expand([n, pitch])
-            };
+            let keep: Vec<f32> = rates.iter().map(|&r| (1.0 - r) as f32).collect();
+            let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), device).expand([n, pitch]);
             let u = Tensor::<B, 2>::random([n, pitch], Distribution::Uniform(0.0, 1.0), device);
-            let kept = u.lower(keep(|k| k as f32)).float();
-            (kept * keep(|k| if k > 0.0 { (1.0 / k) as f32 } else { 0.0 })).reshape([n * pitch])
+            let kept = u.lower(keep.clone()).float();
+            (kept * keep.recip()).reshape([n * pitch])
         });
         Self {
             scales,
@@ -228,14 +230,15 @@ impl<B: Backend> DropPathNoise<B> {
     }
 
     /// The next branch's factors (`batch`), if it drops.
-    fn next_row(&mut self, rate: f64) -> Option<Tensor<B, 1>> {
+    fn next_row(&mut self) -> Option<Tensor<B, 1>> {
         let i = self.next;
         self.next += 1;
-        assert!(
-            self.rates.get(i) == Some(&rate),
-            "drop_path: branch {i} has rate {rate}, the noise was drawn for {:?}",
-            self.rates.get(i)
-        );
+        let rate = *self.rates.get(i).unwrap_or_else(|| {
+            panic!(
+                "drop_path: branch {i} past the {} the noise was drawn for",
+                self.rates.len()
+            )
+        });
         let start = i * self.pitch;
         let scales = self.scales.as_ref()?;
         (rate > 0.0).then(|| scales.clone().slice(start..start + self.batch))
@@ -243,14 +246,10 @@ impl<B: Backend> DropPathNoise<B> {
 }
 
 /// Stochastic depth: in training (autodiff backends) drops the residual branch per sample with
-/// probability `rate` and rescales the kept ones; the identity otherwise. Each call takes the
-/// next row of `noise`, drawn for this rate.
-pub fn drop_path<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    rate: f64,
-    noise: &mut DropPathNoise<B>,
-) -> Tensor<B, D> {
-    let Some(scale) = noise.next_row(rate) else {
+/// the probability `noise` was drawn with for it, and rescales the kept ones; the identity
+/// otherwise. Each call takes the next branch of `noise`.
+pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, noise: &mut DropPathNoise<B>) -> Tensor<B, D> {
+    let Some(scale) = noise.next_row() else {
         return x;
     };
     let batch = x.dims()[0];
@@ -269,7 +268,7 @@ mod tests {
     type Cpu = crate::backend::Cpu;
     type Train = burn::backend::Autodiff<Cpu>;
 
-    /// Each row's two values, as (value, whether both are equal).
+    /// Each row's value (both of a row's values are checked to be equal).
     fn rows(y: Tensor<Train, 2>) -> Vec<f32> {
         let v = y.into_data().to_vec::<f32>().unwrap();
         v.chunks(2)
@@ -289,7 +288,7 @@ mod tests {
         let mut noise = DropPathNoise::new(batch, rates.to_vec(), &device);
         let draws: Vec<Vec<f32>> = rates
             .iter()
-            .map(|&r| rows(drop_path(x.clone(), r, &mut noise)))
+            .map(|_| rows(drop_path(x.clone(), &mut noise)))
             .collect();
         for (d, rate) in draws.iter().zip(rates) {
             let keep = 1.0 - rate;
@@ -307,16 +306,17 @@ mod tests {
         let mut none = DropPathNoise::<Cpu>::new(batch, vec![0.5], &device);
         assert!(none.scales.is_none());
         let x = Tensor::<Cpu, 2>::ones([3, 2], &device);
-        assert_eq!(drop_path(x.clone(), 0.5, &mut none).into_data(), x.into_data());
+        assert_eq!(drop_path(x.clone(), &mut none).into_data(), x.into_data());
     }
 
     #[test]
-    #[should_panic(expected = "branch 1 has rate 0.3")]
-    fn drop_path_names_a_branch_drawn_for_another_rate() {
+    #[should_panic(expected = "branch 2 past the 2 the noise was drawn for")]
+    fn drop_path_names_a_branch_the_noise_was_not_drawn_for() {
         let device = Default::default();
         let x = Tensor::<Train, 2>::ones([4, 2], &device);
         let mut noise = DropPathNoise::new(4, vec![0.1, 0.2], &device);
-        let _ = drop_path(x.clone(), 0.1, &mut noise);
-        let _ = drop_path(x, 0.3, &mut noise);
+        for _ in 0..3 {
+            let _ = drop_path(x.clone(), &mut noise);
+        }
     }
 }

@@ -264,9 +264,9 @@ impl<B: Backend> Block<B> {
     /// Takes two rows of `noise` (one per residual branch).
     pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize, noise: &mut DropPathNoise<B>) -> Tensor<B, 3> {
         let a = self.attn.forward(self.norm1.forward(x.clone()), h, w);
-        let x = x + drop_path(a, self.drop_path, noise);
+        let x = x + drop_path(a, noise);
         let m = self.mlp.forward(self.norm2.forward(x.clone()), h, w);
-        x + drop_path(m, self.drop_path, noise)
+        x + drop_path(m, noise)
     }
 }
 
