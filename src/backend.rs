@@ -18,11 +18,23 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// Whether this build has CUDA and the machine has the NVIDIA driver's library.
+pub fn cuda_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only looks the library up.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 impl BackendKind {
-    /// Resolves `Auto` and rejects `Cuda` in a CPU-only build.
+    /// Resolves `Auto` (CUDA where this build has it and the machine has the driver, else the
+    /// CPU) and rejects `Cuda` in a CPU-only build.
     pub fn resolve(self) -> anyhow::Result<Self> {
         match self {
-            Self::Auto if cfg!(feature = "cuda") => Ok(Self::Cuda),
+            Self::Auto if cuda_present() => Ok(Self::Cuda),
             Self::Auto => Ok(Self::Flex),
             Self::Cuda if !cfg!(feature = "cuda") => anyhow::bail!(
                 "this vicinity binary was built without CUDA; rebuild with `cargo build --release --features cuda` or use --backend flex"
@@ -46,7 +58,6 @@ pub fn cache_dir(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
 /// Points CubeCL's kernel and autotune caches at `dir` (CUDA builds; a no-op otherwise). Must run
 /// before the first GPU operation. CubeCL's own `cubecl.toml` and `CUBECL_DEBUG_LOG` /
 /// `CUBECL_AUTOTUNE_LEVEL` variables still apply; `autotune` (a level) needs the `autotune` build.
-/// `VICINITY_KERNEL_LOG=FILE` logs one line per compiled kernel.
 pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
     {
@@ -66,12 +77,6 @@ pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> any
         let kernels = format!("kernels-{}", env!("VICINITY_KERNELS_HASH"));
         config.compilation.cache = Some(CacheConfig::File(dir.join(kernels)));
         config.autotune.cache = CacheConfig::File(dir.join("autotune"));
-        // One line per kernel compilation, to see what a cold start spends its time on.
-        if let Some(path) = std::env::var_os("VICINITY_KERNEL_LOG") {
-            use cubecl_runtime::config::compilation::CompilationLogLevel;
-            config.compilation.logger.level = CompilationLogLevel::Basic;
-            config.compilation.logger.file = Some(path.into());
-        }
         match autotune {
             None => {}
             Some("minimal") => config.autotune.level = AutotuneLevel::Minimal,
@@ -113,4 +118,52 @@ pub fn gpu_memory() -> Option<GpuMemory> {
     }
     #[cfg(not(feature = "cuda"))]
     None
+}
+
+/// Number format of a model's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    /// Weights, activations and gradients in bf16; training keeps f32 master weights, Adam moments
+    /// and loss.
+    Bf16,
+}
+
+impl Dtype {
+    /// Makes this the default float type of `device`: call it before any tensor exists there.
+    pub fn apply<B: burn::prelude::Backend>(self, device: &B::Device) -> anyhow::Result<()> {
+        use burn::tensor::{FloatDType, IntDType};
+        if self == Dtype::F32 {
+            return Ok(());
+        }
+        if let Err(e) = burn::tensor::set_default_dtypes::<B>(device, FloatDType::BF16, IntDType::I32) {
+            // Already set (to bf16 by an earlier run in this process) is fine; anything else is not.
+            if burn::tensor::get_device_settings::<B>(device).float_dtype != FloatDType::BF16 {
+                anyhow::bail!(
+                    "cannot switch the device to bf16 ({e:?}): tensors were created on it before, or it lacks bf16"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Whether `B` is the CUDA backend (plain or under autodiff), where memory statistics exist.
+pub fn is_cuda<B: burn::prelude::Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use std::any::TypeId;
+        let t = TypeId::of::<B>();
+        t == TypeId::of::<Gpu>() || t == TypeId::of::<burn::backend::Autodiff<Gpu>>()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }

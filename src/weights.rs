@@ -68,8 +68,9 @@ where
 {
     let tensors = read_pytorch(path)?;
     // Norm layers name their parameters gamma/beta in Burn and weight/bias in PyTorch.
+    // Enum modules (a block's attention kind) add no level to the paths.
     let ours: std::collections::HashSet<String> = module
-        .collect(None, None, false)
+        .collect(None, None, true)
         .iter()
         .map(|s| s.full_path())
         .collect();
@@ -92,7 +93,7 @@ where
         snapshot.path_stack = Some(ours.split('.').map(str::to_string).collect());
         snapshots.push(snapshot);
     }
-    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     check_apply(&result, &path.display().to_string(), |p| {
         official_of.get(p).cloned().unwrap_or_else(|| p.to_string())
     })?;
@@ -199,15 +200,35 @@ pub fn native_config(path: &Path) -> Result<Option<ModelConfig>> {
 }
 
 /// Loads native safetensors weights saved by [`save_native`].
-pub fn load_native<B: Backend>(mut model: Model<B>, path: &Path) -> Result<Model<B>> {
+pub fn load_native<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>> {
     if !path.exists() {
         bail!("weights file {} does not exist", path.display());
     }
-    let mut store = SafetensorsStore::from_file(path).skip_enum_variants(true);
+    load_native_from(
+        model,
+        SafetensorsStore::from_file(path),
+        &path.display().to_string(),
+    )
+}
+
+/// [`load_native`] from the bytes of such a file (`source` names them in errors).
+pub fn load_native_bytes<B: Backend>(model: Model<B>, bytes: Vec<u8>, source: &str) -> Result<Model<B>> {
+    load_native_from(model, SafetensorsStore::from_bytes(Some(bytes)), source)
+}
+
+fn load_native_from<B: Backend>(
+    mut model: Model<B>,
+    store: SafetensorsStore,
+    source: &str,
+) -> Result<Model<B>> {
+    // Files written before LSAGT's blocks held their attention as `attn` named it `local`/`global`.
+    let mut store = store
+        .skip_enum_variants(true)
+        .with_key_remapping(r"^(.*\.blocks\.\d+)\.(local|global)\.", "$1.attn.");
     let result = model
         .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    check_apply(&result, &path.display().to_string(), str::to_string)?;
+        .map_err(|e| anyhow::anyhow!("cannot read {source}: {e}"))?;
+    check_apply(&result, source, str::to_string)?;
     Ok(model)
 }
 

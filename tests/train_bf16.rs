@@ -65,7 +65,7 @@ fn bf16_training_keeps_f32_master_weights() {
     let (a, b) = (losses[..3].iter().sum::<f32>(), losses[9..].iter().sum::<f32>());
     assert!(b < 0.8 * a, "bf16 loss did not fall: {losses:?}");
     // Saved weights are the f32 master copy: many values are not bf16-representable.
-    let weights = vicinity::train::trainer::read_all_f32(&out.join("last/model.safetensors")).unwrap();
+    let weights = vicinity::train::checkpoint::read_all_f32(&out.join("last/model.safetensors")).unwrap();
     let (mut total, mut beyond_bf16) = (0usize, 0usize);
     for (_, (_, v)) in weights {
         total += v.len();

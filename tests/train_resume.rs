@@ -44,7 +44,7 @@ fn config(data: &Path, out: PathBuf) -> TrainConfig {
 
 /// Every tensor of a safetensors file as (name, shape, bit patterns); metadata order may differ.
 fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
-    vicinity::train::trainer::read_all_f32(p)
+    vicinity::train::checkpoint::read_all_f32(p)
         .unwrap()
         .into_iter()
         .map(|(k, (shape, v))| (k, shape, v.iter().map(|x| x.to_bits()).collect()))

@@ -4,21 +4,22 @@
 //!
 //! The block also holds Feature Reduction Attention (q/k/v projected to C/f), optional spatial
 //! reduction of keys/values (r), the Feature Preserving Connection (a squeeze-excitation gate) and
-//! the released code's magnitude clamps. [`VicinityAttention::forward_reference`] computes the same
-//! block with the explicit N×N weight matrix for tests.
+//! the released code's magnitude clamps.
+//!
+//! Three forms of the same attention live here: [`linear_core`], the plain tensor ops the model
+//! runs (the reference of the fused CubeCL core, [`crate::kernels::vicinity`], which replaces it
+//! where the backend has kernels); and [`VicinityAttention::forward_reference`], the block with
+//! the explicit N×N weight matrix (VVT paper Eq. 8–10), for tests.
 
 use std::f64::consts::FRAC_PI_2;
 
-use burn::nn::Linear;
-use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
-use crate::init::{ConvInit, conv2d, linear};
-use crate::kernels::vicinity::{EPS, VicinityCore, vicinity_core};
-use crate::nn::{LayerNorm, LayerNormConfig};
-use crate::ops::{LinearRows, conv2d_nhwc};
+use crate::kernels::vicinity::CoreShape;
+pub use crate::kernels::vicinity::EPS;
+use crate::nn::{Conv2d, Conv2dConfig, ConvInit, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 
 /// How token positions re-weight attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -53,7 +54,7 @@ const CLAMP_MAX: f64 = 1e4;
 /// `sign(t)·min(max(|t|, 1e-4), 1e4)`: keeps magnitudes in range, zeros stay zero.
 ///
 /// Written as `clamp_min` + `clamp_max` rather than `clamp`: CubeCL 0.10's fused `clamp` fails to
-/// compile on vectorised lines (seen on the H100, docs/GPU_NOTES.md).
+/// compile on vectorised lines (seen on the H100).
 pub fn clamp_magnitude<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     t.clone().sign() * t.abs().clamp_min(CLAMP_MIN).clamp_max(CLAMP_MAX)
 }
@@ -102,18 +103,25 @@ impl VicinityAttentionConfig {
         let squeezed = self.dim / self.se_ratio;
         let r = self.spatial_reduction;
         let (sr, norm) = if r > 1 {
-            let conv = conv2d(self.dim, self.dim, r, r, 0, 1, ConvInit::FanOut, device);
+            let conv = Conv2dConfig::new([self.dim, self.dim], r)
+                .with_stride(r)
+                .with_init(ConvInit::FanOut)
+                .init(device);
             (Some(conv), Some(LayerNormConfig::new(self.dim).init(device)))
         } else {
             (None, None)
         };
         VicinityAttention {
-            q_proj: linear(self.dim, inner, true, device),
-            k_proj: linear(self.dim, inner, true, device),
-            v_proj: linear(self.dim, inner, true, device),
-            out_proj: linear(inner, self.dim, true, device),
-            se_fc1: linear(self.dim, squeezed, false, device),
-            se_fc2: linear(squeezed, self.dim, false, device),
+            q_proj: LinearConfig::new(self.dim, inner).init(device),
+            k_proj: LinearConfig::new(self.dim, inner).init(device),
+            v_proj: LinearConfig::new(self.dim, inner).init(device),
+            out_proj: LinearConfig::new(inner, self.dim).init(device),
+            se_fc1: LinearConfig::new(self.dim, squeezed)
+                .with_bias(false)
+                .init(device),
+            se_fc2: LinearConfig::new(squeezed, self.dim)
+                .with_bias(false)
+                .init(device),
             sr,
             norm,
             heads: self.heads,
@@ -212,6 +220,103 @@ pub fn locality_matrix<B: Backend>(
     }
 }
 
+/// Shapes and switches of one vicinity attention core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VicinityCore {
+    pub heads: usize,
+    /// Query grid `(rows, cols)`; the keys' grid may be smaller (spatial reduction).
+    pub q_grid: (usize, usize),
+    pub k_grid: (usize, usize),
+    pub locality: Locality,
+    pub clamp: bool,
+}
+
+/// The linear core: `q`: `B×N×(h·d)` (after ReLU), `k`, `v`: `B×M×(h·d)` (`k` after ReLU) →
+/// `B×N×(h·d)`, heads concatenated. The fused kernel where the backend has it, else
+/// [`linear_core`].
+pub fn vicinity_core<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    cfg: VicinityCore,
+) -> Tensor<B, 3> {
+    if !crate::kernels::available::<B>() {
+        return linear_core(q, k, v, cfg);
+    }
+    let device = q.device();
+    let phi = cached_features::<B>(cfg.locality, cfg.q_grid, &device);
+    let psi = cached_features::<B>(cfg.locality, cfg.k_grid, &device);
+    let shape = CoreShape {
+        heads: cfg.heads,
+        clamp: cfg.clamp,
+    };
+    match crate::kernels::vicinity::fused(q, k, v, phi, psi, shape) {
+        Ok(y) => y,
+        Err((q, k, v)) => linear_core(q, k, v, cfg),
+    }
+}
+
+/// The position features of a grid in f32, built once per backend, device and grid: they are
+/// constants, and rebuilding them took ~8 kernel launches per attention layer and step, where the
+/// host's time per launch is most of a training step on the GPU.
+fn cached_features<B: Backend>(locality: Locality, grid: (usize, usize), device: &B::Device) -> Tensor<B, 2> {
+    use std::any::{Any, TypeId};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (TypeId, Locality, (usize, usize), String);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
+    let key = (TypeId::of::<B>(), locality, grid, format!("{device:?}"));
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
+        return t.clone();
+    }
+    let t = position_features::<B>(locality, grid, device).cast(burn::tensor::FloatDType::F32);
+    cache.insert(key, Box::new(t.clone()));
+    t
+}
+
+/// [`vicinity_core`] in plain tensor ops: per-head re-weighted features, `k'ᵀv`, the normaliser
+/// and the clamps, all kept by autodiff for the backward.
+pub fn linear_core<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    cfg: VicinityCore,
+) -> Tensor<B, 3> {
+    let [batch, n, c] = q.dims();
+    assert!(
+        n == cfg.q_grid.0 * cfg.q_grid.1
+            && k.dims() == [batch, cfg.k_grid.0 * cfg.k_grid.1, c]
+            && k.dims() == v.dims()
+            && c.is_multiple_of(cfg.heads),
+        "vicinity core: q {:?}, k {:?}, v {:?} do not fit grids {:?} / {:?} and {} heads",
+        q.dims(),
+        k.dims(),
+        v.dims(),
+        cfg.q_grid,
+        cfg.k_grid,
+        cfg.heads
+    );
+    let heads = cfg.heads;
+    let split = |t: Tensor<B, 3>| {
+        let [b, len, inner] = t.dims();
+        t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
+    };
+    let clamp = |t: Tensor<B, 4>| if cfg.clamp { clamp_magnitude(t) } else { t };
+    let qr = reweight(split(q), cfg.locality, cfg.q_grid.0, cfg.q_grid.1);
+    let kr = reweight(split(k), cfg.locality, cfg.k_grid.0, cfg.k_grid.1);
+    let kv = clamp(kr.clone().swap_dims(2, 3).matmul(split(v)));
+    // q'·Σk' as a broadcast product and a sum rather than a matrix-vector product (n = 1), a
+    // shape CubeCL's untuned matmul handles poorly; it fuses instead.
+    let k_sum = kr.sum_dim(2);
+    let z = clamp((qr.clone() * k_sum).sum_dim(3).add_scalar(EPS).recip());
+    let num = clamp(qr.matmul(kv));
+    clamp(num * z).swap_dims(1, 2).reshape([batch, n, c])
+}
+
 /// Which way the attention core is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Core {
@@ -246,7 +351,7 @@ impl<B: Backend> VicinityAttention<B> {
         // Keys/values from a spatially reduced grid when r > 1.
         let (src, kh, kw) = match (&self.sr, &self.norm) {
             (Some(sr), Some(norm)) => {
-                let reduced = conv2d_nhwc(sr, x.clone().reshape([batch, h, w, c]));
+                let reduced = sr.forward(x.clone().reshape([batch, h, w, c]));
                 let [_, kh, kw, _] = reduced.dims();
                 (norm.forward(reduced.reshape([batch, kh * kw, c])), kh, kw)
             }
@@ -254,9 +359,9 @@ impl<B: Backend> VicinityAttention<B> {
         };
 
         let heads = self.heads;
-        let q = relu(self.q_proj.forward_rows(x));
-        let k = relu(self.k_proj.forward_rows(src.clone()));
-        let v = self.v_proj.forward_rows(src);
+        let q = relu(self.q_proj.forward(x));
+        let k = relu(self.k_proj.forward(src.clone()));
+        let v = self.v_proj.forward(src);
 
         let merged = match core {
             Core::Linear => {
@@ -284,7 +389,7 @@ impl<B: Backend> VicinityAttention<B> {
                 out.swap_dims(1, 2).reshape([batch, n, heads * d])
             }
         };
-        let out = self.maybe_clamp(self.out_proj.forward_rows(merged));
+        let out = self.maybe_clamp(self.out_proj.forward(merged));
         let fused = out.clone() + out * gate.reshape([batch, 1, c]);
         self.maybe_clamp(fused)
     }

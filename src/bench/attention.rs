@@ -8,13 +8,15 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
 use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
-use crate::attention::lsagt::{GlobalAttention, LocalShiftAttention, LsagtAttentionConfig};
-use crate::attention::vicinity::{VicinityAttention, VicinityAttentionConfig};
+use crate::attention::{
+    LocalShiftAttention, SoftmaxAttention, SoftmaxAttentionConfig, VicinityAttention, VicinityAttentionConfig,
+};
+use crate::backend::Dtype;
 
 /// The attention kinds `bench --attention` can time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-pub enum AttentionKind {
+pub enum AttentionLayer {
     /// VVT's linear vicinity attention (f = 2, 2D locality, clamps on): O(N).
     Vicinity,
     /// LSAGT's attention of each token over its shifted variants: O(N·T).
@@ -23,7 +25,7 @@ pub enum AttentionKind {
     LsagtGlobal,
 }
 
-impl AttentionKind {
+impl AttentionLayer {
     pub fn name(self) -> &'static str {
         match self {
             Self::Vicinity => "attn/vicinity",
@@ -35,7 +37,7 @@ impl AttentionKind {
 
 /// One attention-only bench row: a `side × side` token grid of `dim` channels.
 pub struct AttentionSpec {
-    pub kind: AttentionKind,
+    pub kind: AttentionLayer,
     pub side: usize,
     pub batch: usize,
     pub dim: usize,
@@ -43,7 +45,7 @@ pub struct AttentionSpec {
     /// Shifted variants per token (LSAGT local attention; 18 in the CIFAR models).
     pub variants: usize,
     pub mode: Mode,
-    pub dtype: String,
+    pub dtype: Dtype,
     pub warmup: usize,
     pub iters: usize,
     pub gpu: bool,
@@ -52,18 +54,18 @@ pub struct AttentionSpec {
 enum Layer<B: Backend> {
     Vicinity(Box<VicinityAttention<B>>),
     Local(LocalShiftAttention<B>),
-    Global(GlobalAttention<B>),
+    Global(SoftmaxAttention<B>),
 }
 
 impl<B: Backend> Layer<B> {
     fn new(spec: &AttentionSpec, device: &B::Device) -> Self {
-        let lsagt = LsagtAttentionConfig::new(spec.dim, spec.heads);
+        let lsagt = SoftmaxAttentionConfig::new(spec.dim, spec.heads);
         match spec.kind {
-            AttentionKind::Vicinity => Self::Vicinity(Box::new(
+            AttentionLayer::Vicinity => Self::Vicinity(Box::new(
                 VicinityAttentionConfig::new(spec.dim, spec.heads).init(device),
             )),
-            AttentionKind::LsagtLocal => Self::Local(lsagt.init_local(device)),
-            AttentionKind::LsagtGlobal => Self::Global(lsagt.init_global(device)),
+            AttentionLayer::LsagtLocal => Self::Local(lsagt.init_local(device)),
+            AttentionLayer::LsagtGlobal => Self::Global(lsagt.init(device)),
         }
     }
 
@@ -123,7 +125,7 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
     Ok(BenchRow::new(
         spec.kind.name(),
         spec.mode,
-        &spec.dtype,
+        spec.dtype,
         spec.side,
         spec.batch,
         &measured,
@@ -139,9 +141,9 @@ mod tests {
     #[test]
     fn every_kind_times_train_and_infer_on_the_cpu() {
         for kind in [
-            AttentionKind::Vicinity,
-            AttentionKind::LsagtLocal,
-            AttentionKind::LsagtGlobal,
+            AttentionLayer::Vicinity,
+            AttentionLayer::LsagtLocal,
+            AttentionLayer::LsagtGlobal,
         ] {
             for mode in [Mode::Train, Mode::Infer] {
                 let spec = AttentionSpec {
@@ -152,7 +154,7 @@ mod tests {
                     heads: 2,
                     variants: 3,
                     mode,
-                    dtype: "f32".into(),
+                    dtype: Dtype::F32,
                     warmup: 0,
                     iters: 1,
                     gpu: false,
@@ -171,14 +173,14 @@ mod tests {
     #[test]
     fn impossible_head_split_is_an_error() {
         let spec = AttentionSpec {
-            kind: AttentionKind::Vicinity,
+            kind: AttentionLayer::Vicinity,
             side: 4,
             batch: 1,
             dim: 10,
             heads: 3,
             variants: 1,
             mode: Mode::Infer,
-            dtype: "f32".into(),
+            dtype: Dtype::F32,
             warmup: 0,
             iters: 1,
             gpu: false,

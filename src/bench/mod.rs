@@ -6,13 +6,15 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
+use crate::backend::Dtype;
 use crate::models::ModelConfig;
+use crate::train::optim::{AdamW, AdamWConfig};
 
 pub mod attention;
 
@@ -59,7 +61,7 @@ pub struct BenchSpec<'a> {
     pub name: &'a str,
     pub config: &'a ModelConfig,
     pub mode: Mode,
-    pub dtype: &'a str,
+    pub dtype: Dtype,
     pub resolution: usize,
     pub batch: usize,
     pub warmup: usize,
@@ -116,13 +118,13 @@ impl Measured {
 }
 
 impl BenchRow {
-    fn new(model: &str, mode: Mode, dtype: &str, resolution: usize, batch: usize, m: &Measured) -> Self {
+    fn new(model: &str, mode: Mode, dtype: Dtype, resolution: usize, batch: usize, m: &Measured) -> Self {
         let mean = m.timed_s / m.iters as f64;
         let (peak_in_use_gib, peak_reserved_gib) = m.memory.gib();
         BenchRow {
             model: model.to_string(),
             mode,
-            dtype: dtype.to_string(),
+            dtype: dtype.name().to_string(),
             resolution,
             batch,
             first_step_s: m.first_s,
@@ -147,18 +149,16 @@ fn timed_loop<S>(
         state = step(state);
     }
     sync()?;
-    let profiler = host_profile::start();
     let launched = launches();
     let start = Instant::now();
     for _ in 0..iters {
         state = step(state);
     }
     // Host time to issue the steps. Close to the whole: the host never ran ahead of the GPU (which
-    // does not tell launch cost from waiting on the GPU; see docs/BENCH.md).
+    // does not tell launch cost from waiting on the GPU).
     let issued = start.elapsed().as_secs_f64();
     sync()?;
     let total = start.elapsed().as_secs_f64();
-    host_profile::finish(profiler)?;
     let per_step = |n: u64| n as f64 / iters.max(1) as f64;
     eprintln!(
         "host issued the {iters} timed steps in {:.1} ms per step ({:.0} % of the {:.1} ms until the GPU finished){}",
@@ -171,62 +171,6 @@ fn timed_loop<S>(
             .unwrap_or_default(),
     );
     Ok((state, total))
-}
-
-/// Sampling of the host threads over the timed steps (feature `host-profile`).
-#[cfg(feature = "host-profile")]
-mod host_profile {
-    use std::io::Write;
-
-    use anyhow::{Context, Result};
-
-    pub struct Profiler(pprof::ProfilerGuard<'static>, String);
-
-    /// Starts sampling when `VICINITY_HOST_PROFILE` names an output file.
-    pub fn start() -> Option<Profiler> {
-        let path = std::env::var("VICINITY_HOST_PROFILE").ok()?;
-        let guard = pprof::ProfilerGuardBuilder::default()
-            .frequency(1000)
-            .build()
-            .expect("the host profiler starts");
-        Some(Profiler(guard, path))
-    }
-
-    /// Writes the samples as collapsed stacks (`thread;outer;…;inner count`, flame-graph input).
-    pub fn finish(profiler: Option<Profiler>) -> Result<()> {
-        let Some(Profiler(guard, path)) = profiler else {
-            return Ok(());
-        };
-        let report = guard.report().build().context("host profile report")?;
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.clone())?);
-        let mut total = 0;
-        for (frames, count) in &report.data {
-            let mut line = frames.thread_name_or_id();
-            for symbol in frames.frames.iter().rev().flatten() {
-                line.push(';');
-                line.push_str(&symbol.name().replace(';', ","));
-            }
-            writeln!(out, "{line} {count}")?;
-            total += count;
-        }
-        out.flush()?;
-        eprintln!("host profile: {total} samples written to {path}");
-        Ok(())
-    }
-}
-
-#[cfg(not(feature = "host-profile"))]
-mod host_profile {
-    pub fn start() -> Option<()> {
-        if std::env::var_os("VICINITY_HOST_PROFILE").is_some() {
-            eprintln!("note: VICINITY_HOST_PROFILE needs a build with the `host-profile` feature");
-        }
-        None
-    }
-
-    pub fn finish(_: Option<()>) -> anyhow::Result<()> {
-        Ok(())
-    }
 }
 
 /// CubeCL kernel launches so far (cuBLAS's products not included), where the build counts them
@@ -248,32 +192,6 @@ fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> Result<f64>
     step();
     sync()?;
     Ok(start.elapsed().as_secs_f64())
-}
-
-/// The optimizer of a bench training step: the trainer's AdamW (f32 master weights with bf16, as
-/// the anchors' autocast keeps f32 weights), or Burn's own (`VICINITY_ADAMW=burn`, bf16 weights,
-/// for comparison).
-enum BenchOptim<B: AutodiffBackend> {
-    Vicinity(crate::train::optim::AdamW<B::InnerBackend>),
-    Burn(burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, crate::models::Model<B>, B>),
-}
-
-impl<B: AutodiffBackend> BenchOptim<B> {
-    fn new(bf16: bool) -> Self {
-        if std::env::var("VICINITY_ADAMW").as_deref() == Ok("burn") {
-            Self::Burn(burn::optim::AdamWConfig::new().with_weight_decay(0.05).init())
-        } else {
-            let config = crate::train::optim::AdamWConfig::default();
-            Self::Vicinity(crate::train::optim::AdamW::new(config, bf16))
-        }
-    }
-
-    fn step(&mut self, model: crate::models::Model<B>, grads: GradientsParams) -> crate::models::Model<B> {
-        match self {
-            Self::Vicinity(o) => o.step(model, grads, 1e-4, None, None).0,
-            Self::Burn(o) => o.step(1e-4, model, grads),
-        }
-    }
 }
 
 /// One line on what cuBLAS did per step of the warm-up and timed loops, when it took any product.
@@ -323,7 +241,11 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
         }
         Mode::Train => {
             let mut model = config.init::<B>(device)?;
-            let mut optim = BenchOptim::<B>::new(spec.dtype == "bf16");
+            // The trainer's AdamW: f32 master weights with bf16, as the anchors' autocast keeps.
+            let mut optim = AdamW::new(AdamWConfig::default(), spec.dtype == Dtype::Bf16);
+            let mut optim_step = |model: crate::models::Model<B>, grads: GradientsParams| {
+                optim.step(model, grads, 1e-4, None, None).0
+            };
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
             let y =
                 Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
@@ -339,7 +261,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             sync::<B>(device)?;
             memory.sample();
             let grads = GradientsParams::from_grads(grads, &model);
-            model = optim.step(model, grads);
+            model = optim_step(model, grads);
             sync::<B>(device)?;
             memory.sample();
             let first = start.elapsed().as_secs_f64();
@@ -352,7 +274,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 last = Some(loss);
-                optim.step(model, grads)
+                optim_step(model, grads)
             };
             let before = crate::kernels::cublas::stats();
             let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;

@@ -15,7 +15,7 @@
 //!
 //! ```ignore
 //! let [train, val]: [ImageDataset; 2] =
-//!     open_splits("../shared/data/cifar10-jpeg.tar.zst", &["train", "test"])?.try_into().unwrap();
+//!     open_splits("data/cifar10-jpeg.tar.zst", &["train", "test"])?.try_into().unwrap();
 //! check_same_classes(&train, &val)?;
 //! let mut cfg = LoaderConfig::train(128, [224, 224], AugmentConfig::papers());
 //! cfg.seed = 42;
@@ -26,17 +26,17 @@
 //! ```
 
 pub mod augment;
+pub mod classes;
 pub mod dataset;
 pub mod download;
 pub mod loader;
 pub mod mix;
+pub mod randaugment;
 pub mod resample;
 pub mod rng;
 pub mod synth;
 
-pub use augment::{
-    AugmentConfig, Crop, EraseMode, Interpolation, Mixing, Normalize, RandAugment, RandomErasing,
-};
+pub use augment::{AugmentConfig, Crop, EraseMode, Interpolation, Mixing, Normalize, RandomErasing};
 pub use dataset::{
     CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES, ImageDataset, Sample, SampleData,
     check_same_classes, open_split, open_splits,
@@ -44,3 +44,4 @@ pub use dataset::{
 pub use download::{CIFAR_BASE_URL, Cifar, download_and_unpack, download_cifar};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig, Throughput, measure_throughput};
 pub use mix::MixInfo;
+pub use randaugment::{RandAugment, parse_randaug};

@@ -3,8 +3,7 @@
 //! differentiable stack of same-shaped tensors.
 //!
 //! Reference path: a zero buffer and one `slice_assign` per tensor, a launch per parameter (~190 in
-//! a vvt_tiny training step, where each launch costs the host's device threads; docs/BENCH.md,
-//! session 11). The fused path is one launch: a row of cubes per tensor, which also writes the
+//! a vvt_tiny training step, where each launch costs the host's device threads). The fused path is one launch: a row of cubes per tensor, which also writes the
 //! zeros up to the next tensor's offset.
 
 use burn::prelude::*;
@@ -12,7 +11,7 @@ use burn::prelude::*;
 /// `parts[i]` at `offsets[i]` of a `len`-long buffer, zeros elsewhere. The offsets start at 0 and
 /// grow, each part ending at or before the next offset (the last within `len`).
 pub fn concat_flat<B: Backend>(parts: Vec<Tensor<B, 1>>, offsets: &[usize], len: usize) -> Tensor<B, 1> {
-    if super::enabled("concat") {
+    if super::available::<B>() {
         match fused(parts, offsets, len) {
             Ok(y) => return y,
             Err(parts) => return concat_flat_reference(parts, offsets, len),
@@ -68,7 +67,7 @@ pub fn fused<B: Backend>(
 /// Same-shaped tensors stacked along a new first axis (`D2 = D + 1`) in one launch, and their
 /// gradients in at most one: Burn's `stack` takes a launch per tensor forward and a copy per
 /// tensor backward, and LSAGT stacks its variant projections' weights and biases every step
-/// (~100 launches of a b128 training step, session 12). Burn's autodiff takes a fixed count of
+/// (~100 launches of a b128 training step). Burn's autodiff takes a fixed count of
 /// inputs, so this runs for the counts LSAGT has (10 and 18 variants); other counts, and
 /// backends without the kernel, get the tensors back.
 pub fn stack<B: Backend, const D: usize, const D2: usize>(

@@ -70,18 +70,10 @@ pub fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: impl Into<Shape>, dtyp
 
 /// The widest vector (values per load) the device reads at once for `dtype` that divides every
 /// length in `divides` (a row's length, offsets into it), so that no vector straddles two rows.
-/// `VICINITY_MAX_VECTOR=N` caps it (`1`: the scalar loads of session 11, for A/B runs).
 pub fn vector_width<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, divides: &[usize]) -> usize {
-    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cap = *CAP.get_or_init(|| {
-        std::env::var("VICINITY_MAX_VECTOR")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(usize::MAX)
-    });
     client
         .io_optimized_vector_sizes(dtype.size())
-        .filter(|&n| n <= cap && divides.iter().all(|d| d % n == 0))
+        .filter(|&n| divides.iter().all(|d| d % n == 0))
         .max()
         .unwrap_or(1)
 }

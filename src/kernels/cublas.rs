@@ -1,13 +1,13 @@
 //! Matrix products through cuBLAS on the CUDA build.
 //!
 //! CubeCL's own matmul kernels reach about a tenth of what cuBLAS does on an H100 (88 against
-//! 790 TFLOP/s at 8192³, ../shared/docs/GPU.md), and the models' products are a quarter (VVT) to
+//! 790 TFLOP/s at 8192³), and the models' products are a quarter (VVT) to
 //! two fifths (LSAGT) of a training step. The CUDA build therefore registers a hook in the
 //! vendored burn-cubecl ([`install`]) that hands every float matmul it can lay out to
 //! `cublasGemmStridedBatchedEx`, enqueued from CubeCL's device thread on the stream its kernels
 //! run on (the vendored cubecl-runtime and cubecl-cuda's `run_with_resources`), so the product
 //! runs in order with everything around it. What it cannot lay out, and every product when
-//! `libcublas` is missing or `VICINITY_MATMUL=cubecl`, runs on CubeCL's kernels as before.
+//! `libcublas` is missing, runs on CubeCL's kernels.
 //!
 //! [`plan`] maps Burn's row-major, possibly strided and broadcast operands onto cuBLAS's
 //! column-major call; it is plain arithmetic, tested on the CPU against a naive product.
@@ -163,16 +163,7 @@ pub fn plan(
         .then_some(gemm)
 }
 
-/// Whether cuBLAS may take the products: not when `VICINITY_MATMUL` names a CubeCL kernel (or
-/// `cubecl`), which keeps CubeCL's matmuls as the reference path.
-pub fn wanted() -> bool {
-    match std::env::var("VICINITY_MATMUL") {
-        Ok(v) => matches!(v.trim(), "" | "auto" | "cublas"),
-        Err(_) => true,
-    }
-}
-
-/// Registers the cuBLAS matmul with burn-cubecl, once, if [`wanted`] and the library loads.
+/// Registers the cuBLAS matmul with burn-cubecl, once, if the library loads.
 /// Returns whether cuBLAS is in use. A no-op returning `false` without the `cuda` feature.
 pub fn install() -> bool {
     #[cfg(feature = "cuda")]
@@ -208,9 +199,6 @@ mod gpu {
     pub fn install() -> bool {
         static INSTALLED: OnceLock<bool> = OnceLock::new();
         *INSTALLED.get_or_init(|| {
-            if !super::wanted() {
-                return false;
-            }
             // SAFETY: only looks the library up.
             if !unsafe { cublas::is_culib_present() } {
                 eprintln!(
@@ -281,7 +269,7 @@ mod gpu {
         let handles = vec![rhs.handle.clone(), lhs.handle.clone(), out.handle.clone()];
         // Enqueued on CubeCL's device thread, in order with its kernels and without waiting for
         // them: `get_resource` would block until that thread caught up, which measured 380 µs
-        // per product (session 7). The bindings keep the operands alive until it has run.
+        // per product. The bindings keep the operands alive until it has run.
         out.client.run_with_resources(
             handles,
             Box::new(move |resources| {
@@ -290,7 +278,7 @@ mod gpu {
                     // Past the point of handing the product back to CubeCL: fail loudly rather
                     // than leave the output unwritten.
                     panic!(
-                        "cuBLAS failed on a product ({e}): {gemm:?}; rerun with VICINITY_MATMUL=cubecl \
+                        "cuBLAS failed on a product ({e}): {gemm:?}; rerun with `--matmul cubecl` \
                          to use CubeCL's kernels"
                     );
                 }

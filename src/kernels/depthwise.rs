@@ -17,8 +17,8 @@ pub fn depthwise_conv2d<B: Backend>(
     stride: usize,
     pad: usize,
 ) -> Tensor<B, 4> {
-    // Its backward replaces k² zero-filled slice-assigns; see `use_fused` for when it runs.
-    if stride == 1 && super::use_fused::<B>("depthwise", &x.device()) {
+    // Its backward replaces k² zero-filled slice-assigns.
+    if stride == 1 && super::available::<B>() {
         match fused(x, weight, k, pad) {
             Ok(y) => return y,
             Err((x, weight)) => return depthwise_conv2d_reference(x, weight, k, stride, pad),

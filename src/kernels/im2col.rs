@@ -15,7 +15,7 @@ use super::depthwise::pad_nhwc;
 /// `x`: `B×H×W×C`. Returns `B×(Ho·Wo)×(k·k·C)`, each row the patch of one output position ordered
 /// (row, col, channel), for stride `stride` and zero padding `pad`.
 pub fn im2col<B: Backend>(x: Tensor<B, 4>, k: usize, stride: usize, pad: usize) -> Tensor<B, 3> {
-    if super::use_fused::<B>("im2col", &x.device()) {
+    if super::available::<B>() {
         match fused(x, k, stride, pad) {
             Ok(y) => return y,
             Err(x) => return im2col_reference(x, k, stride, pad),

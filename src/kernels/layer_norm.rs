@@ -3,7 +3,7 @@
 //! Reference path: Burn's `layer_norm` (a mean, a centred square, another mean, a square root, a
 //! division and the affine part: 6–8 launches forward and about twice that backward). On the H100
 //! one of vvt_tiny's stage-1 norms took ~260 µs in inference, where reading and writing the
-//! tensor once takes ~25 µs (docs/BENCH.md, session 10). The fused path is one kernel forward (a
+//! tensor once takes ~25 µs. The fused path is one kernel forward (a
 //! row per 32 threads: statistics in f32, in registers) and two backward (the input gradient row by
 //! row, which also sums the scale and shift gradients per chunk of rows; then one sum over the
 //! chunks).
@@ -19,7 +19,7 @@ pub fn layer_norm<B: Backend, const D: usize>(
     beta: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    if super::use_fused::<B>("layer_norm", &x.device()) {
+    if super::available::<B>() {
         match fused(x, gamma, beta, eps) {
             Ok(y) => return y,
             Err((x, gamma, beta)) => return layer_norm_reference(x, gamma, beta, eps),
@@ -61,7 +61,7 @@ pub fn layer_norm_shifted<B: Backend>(
         x.dims(),
         shift.dims()
     );
-    if super::use_fused::<B>("layer_norm", &x.device()) {
+    if super::available::<B>() {
         #[cfg(feature = "kernels")]
         {
             use super::{primitive, tensor};

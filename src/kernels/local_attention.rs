@@ -6,8 +6,8 @@
 //! (token, query head) in the forward, one per (token, key/value head) in the backward, which
 //! writes the gradient of the whole `wkv` output (keys and values) in one pass. Every load and
 //! store moves a vector of 16 bytes (8 bf16 values on CUDA): with one value per load the kernel
-//! was slower than the reference (session 10), with vectors it is faster (session 12, +9 % LSAGT
-//! training and +8 % inference on the H100).
+//! was slower than the reference; with vectors it is faster (+9 % LSAGT training and +8 %
+//! inference on the H100).
 
 use super::softmax::softmax_scaled;
 use burn::prelude::*;
@@ -30,7 +30,7 @@ impl LocalHeads {
 /// `q`: `B×N×D` queries (`D = heads·head_dim`); `kv`: `T×B×N×2·kv_heads·head_dim`, the keys of
 /// every variant then their values. Returns the attended `B×N×D`, heads concatenated.
 pub fn local_attention<B: Backend>(q: Tensor<B, 3>, kv: Tensor<B, 4>, heads: LocalHeads) -> Tensor<B, 3> {
-    if super::enabled("local_attention") {
+    if super::available::<B>() {
         match fused(q, kv, heads) {
             Ok(y) => return y,
             Err((q, kv)) => return local_attention_reference(q, kv, heads),

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 
 /// `pixels`: `B×P×C` channels-last pixels; `index`: `T·N·taps` pixel numbers, `P` standing for a
-/// zero pixel (the padding), taps in the row order of [`crate::ops::im2col_nhwc`]. Returns
+/// zero pixel (the padding), taps in the row order of [`crate::nn::Conv2d::im2col`]. Returns
 /// `T×B×N×width` with row `(t, b, n)` holding the `taps·C` values of its taps, then zeros
 /// (`width ≥ taps·C`).
 pub fn shifted_patches<B: Backend>(
@@ -22,7 +22,7 @@ pub fn shifted_patches<B: Backend>(
     width: usize,
 ) -> Tensor<B, 4> {
     check(&pixels, index, [t, n, taps], width);
-    if super::use_fused::<B>("patches", &pixels.device()) {
+    if super::available::<B>() {
         match fused(pixels, index, [t, n, taps], width) {
             Ok(y) => return y,
             Err(pixels) => return shifted_patches_reference(pixels, index, [t, n, taps], width),

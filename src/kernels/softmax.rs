@@ -4,7 +4,7 @@
 //! Reference path: Burn's `softmax` after a scalar multiply (a maximum, a subtraction and
 //! exponential, a sum, a division: five launches, the division unvectorised). On the H100 the
 //! stage-1 global attention of lsagt_cifar_tiny (128 × 4 × 1,024 × 1,024 scores, 1 GiB in bf16)
-//! spent ~4.8 ms of a 24 ms inference step there (docs/BENCH.md, session 10). The fused path reads
+//! spent ~4.8 ms of a 24 ms inference step there. The fused path reads
 //! and writes the scores once forward, and reads the scores and their gradient once backward
 //! (it recomputes the softmax rather than keep it).
 
@@ -13,7 +13,7 @@ use burn::tensor::activation::softmax;
 
 /// `softmax(scale·x)` over the last dimension.
 pub fn softmax_scaled<B: Backend, const D: usize>(x: Tensor<B, D>, scale: f64) -> Tensor<B, D> {
-    if super::use_fused::<B>("softmax", &x.device()) {
+    if super::available::<B>() {
         match fused(x, scale) {
             Ok(y) => return y,
             Err(x) => return softmax_scaled_reference(x, scale),

@@ -1,92 +1,67 @@
-//! The vicinity attention core (VVT): `out_i = C(C(Σ_e φ_e(i)·q_i·KV_e) · C(1/(Σ_e φ_e(i)·q_i·S_e + ε)))`
-//! with `KV_e = C(Σ_j ψ_e(j)·k_j·v_jᵀ)` and `S_e = Σ_j ψ_e(j)·k_j`, where φ/ψ are the position
-//! features of queries/keys (`cos a, sin a, cos b, sin b` for the 2D locality) and `C` the released
-//! code's magnitude clamp. Nothing N×N.
+//! The linear vicinity-attention core as one fused op, forward and backward:
+//! `out_i = C(C(Σ_e φ_e(i)·q_i·KV_e) · C(1/(Σ_e φ_e(i)·q_i·S_e + ε)))` with
+//! `KV_e = C(Σ_j ψ_e(j)·k_j·v_jᵀ)` and `S_e = Σ_j ψ_e(j)·k_j`, where φ/ψ are given position
+//! features of queries/keys and `C` the optional magnitude clamp. Nothing N×N. The plain
+//! tensor-op form it replaces, and what the features are, live in [`crate::attention::vicinity`].
 //!
-//! Reference path: heads split out, features re-weighted into 4 copies, two matmuls, a sum and the
-//! clamps as tensor ops ([`crate::attention::vicinity`]), all kept by autodiff for the backward.
-//! Fused path: a custom op whose every reduction is a batched matrix product (cuBLAS on the CUDA
-//! build): `[KV, S] = k'ᵀ·[v, 1]` and `[num, den] = q'·[C(KV), S]` forward, four more products
-//! backward, with one small kernel for each re-weighting, clamp and normaliser step. The backward
-//! recomputes the re-weighted copies instead of keeping them, which holds training memory below the
-//! reference's. (Sessions 4–7 did the reductions in hand-written CUDA-core kernels: 31 ms of a
-//! 78 ms vvt_tiny 224² b64 training step on the H100, against 4.6 ms for all of cuBLAS's products.)
+//! Every reduction is a batched matrix product (cuBLAS on the CUDA build): `[KV, S] = k'ᵀ·[v, 1]`
+//! and `[num, den] = q'·[C(KV), S]` forward, four more products backward, with one small kernel
+//! for each re-weighting, clamp and normaliser step. The backward recomputes the re-weighted
+//! copies instead of keeping them, which holds training memory below the plain path's.
 
 use burn::prelude::*;
-
-use crate::attention::vicinity::{Locality, clamp_magnitude, reweight};
 
 /// Added to the normaliser's denominator (as in the released code).
 pub const EPS: f64 = 1e-4;
 
-/// Shapes and switches of one vicinity attention core.
+/// What the fused core needs besides its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VicinityCore {
+pub struct CoreShape {
     pub heads: usize,
-    /// Query grid `(rows, cols)`; the keys' grid may be smaller (spatial reduction).
-    pub q_grid: (usize, usize),
-    pub k_grid: (usize, usize),
-    pub locality: Locality,
+    /// Apply the magnitude clamps.
     pub clamp: bool,
 }
 
-/// `q`: `B×N×(h·d)` (after ReLU), `k`, `v`: `B×M×(h·d)` (`k` after ReLU). Returns `B×N×(h·d)`,
-/// heads concatenated.
-pub fn vicinity_core<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    cfg: VicinityCore,
-) -> Tensor<B, 3> {
-    // In training: it keeps no 4× re-weighted copies for the backward, which is what holds training
-    // memory below the authors' code up to 768² (docs/GPU_RESULTS.md, session 5).
-    if super::use_fused::<B>("vicinity", &q.device()) {
-        match fused(q, k, v, cfg) {
-            Ok(y) => return y,
-            Err((q, k, v)) => return vicinity_core_reference(q, k, v, cfg),
-        }
-    }
-    vicinity_core_reference(q, k, v, cfg)
-}
-
-fn check<B: Backend>(q: &Tensor<B, 3>, k: &Tensor<B, 3>, v: &Tensor<B, 3>, cfg: &VicinityCore) {
-    let [b, n, c] = q.dims();
-    assert!(
-        n == cfg.q_grid.0 * cfg.q_grid.1
-            && k.dims() == [b, cfg.k_grid.0 * cfg.k_grid.1, c]
-            && k.dims() == v.dims(),
-        "vicinity core: q {:?}, k {:?}, v {:?} do not fit grids {:?} / {:?}",
-        q.dims(),
-        k.dims(),
-        v.dims(),
-        cfg.q_grid,
-        cfg.k_grid
-    );
-    assert!(
-        c.is_multiple_of(cfg.heads),
-        "vicinity core: {c} channels for {} heads",
-        cfg.heads
-    );
-}
-
-/// The fused kernels, or the inputs back when this backend has none.
+/// The fused core, or the inputs back when this backend has no kernels. `q`: `B×N×(h·d)`, `k`,
+/// `v`: `B×M×(h·d)`, `phi`: `N×E` and `psi`: `M×E` position features (f32). Returns
+/// `B×N×(h·d)`, heads concatenated.
 #[allow(clippy::type_complexity)]
 pub fn fused<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
-    cfg: VicinityCore,
+    phi: Tensor<B, 2>,
+    psi: Tensor<B, 2>,
+    shape: CoreShape,
 ) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
-    check(&q, &k, &v, &cfg);
+    let ([b, n, c], [_, m, _]) = (q.dims(), k.dims());
+    assert!(
+        k.dims() == [b, m, c] && v.dims() == k.dims() && phi.dims()[0] == n && psi.dims()[0] == m,
+        "vicinity core: q {:?}, k {:?}, v {:?}, features {:?} / {:?} do not fit",
+        q.dims(),
+        k.dims(),
+        v.dims(),
+        phi.dims(),
+        psi.dims()
+    );
+    assert!(
+        c.is_multiple_of(shape.heads) && phi.dims()[1] == psi.dims()[1],
+        "vicinity core: {c} channels for {} heads, features {:?} / {:?}",
+        shape.heads,
+        phi.dims(),
+        psi.dims()
+    );
     #[cfg(feature = "kernels")]
     {
         use super::{primitive, tensor};
         if !super::available::<B>() {
             return Err((q, k, v));
         }
-        let device = q.device();
-        let phi = features::<B>(cfg.locality, cfg.q_grid, &device);
-        let psi = features::<B>(cfg.locality, cfg.k_grid, &device);
+        let op = cube::Core {
+            heads: shape.heads,
+            ex: phi.dims()[1],
+            clamp: shape.clamp,
+        };
         let inputs = [
             primitive(q),
             primitive(k),
@@ -94,63 +69,16 @@ pub fn fused<B: Backend>(
             primitive(phi),
             primitive(psi),
         ];
-        match super::cube::run::<B, _, 5>(&cube::Core(cfg), inputs) {
+        match super::cube::run::<B, _, 5>(&op, inputs) {
             Ok(y) => Ok(tensor(y)),
             Err([q, k, v, _, _]) => Err((tensor(q), tensor(k), tensor(v))),
         }
     }
     #[cfg(not(feature = "kernels"))]
-    Err((q, k, v))
-}
-
-/// The position features of a grid in f32, built once per backend, device and grid: they are
-/// constants, and rebuilding them took ~8 kernel launches per attention layer and step, where the
-/// host's time per launch is most of a training step on the GPU (docs/BENCH.md).
-#[cfg(feature = "kernels")]
-fn features<B: Backend>(locality: Locality, grid: (usize, usize), device: &B::Device) -> Tensor<B, 2> {
-    use std::any::{Any, TypeId};
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Key = (TypeId, Locality, (usize, usize), String);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
-    let key = (TypeId::of::<B>(), locality, grid, format!("{device:?}"));
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
-        return t.clone();
+    {
+        let _ = (phi, psi);
+        Err((q, k, v))
     }
-    let t = crate::attention::vicinity::position_features::<B>(locality, grid, device)
-        .cast(burn::tensor::FloatDType::F32);
-    cache.insert(key, Box::new(t.clone()));
-    t
-}
-
-/// Tensor ops: per-head re-weighted features, `k'ᵀv`, the normaliser and the clamps.
-pub fn vicinity_core_reference<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    cfg: VicinityCore,
-) -> Tensor<B, 3> {
-    check(&q, &k, &v, &cfg);
-    let [batch, n, c] = q.dims();
-    let heads = cfg.heads;
-    let split = |t: Tensor<B, 3>| {
-        let [b, len, inner] = t.dims();
-        t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
-    };
-    let clamp = |t: Tensor<B, 4>| if cfg.clamp { clamp_magnitude(t) } else { t };
-    let qr = reweight(split(q), cfg.locality, cfg.q_grid.0, cfg.q_grid.1);
-    let kr = reweight(split(k), cfg.locality, cfg.k_grid.0, cfg.k_grid.1);
-    let kv = clamp(kr.clone().swap_dims(2, 3).matmul(split(v)));
-    // q'·Σk' as a broadcast product and a sum rather than a matrix-vector matmul (n = 1), a shape
-    // CubeCL's untuned matmul handles poorly; it fuses instead.
-    let k_sum = kr.sum_dim(2);
-    let z = clamp((qr.clone() * k_sum).sum_dim(3).add_scalar(EPS).recip());
-    let num = clamp(qr.matmul(kv));
-    clamp(num * z).swap_dims(1, 2).reshape([batch, n, c])
 }
 
 #[cfg(feature = "kernels")]
@@ -162,7 +90,7 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use super::{EPS, VicinityCore};
+    use super::EPS;
     use crate::kernels::cube::{FusedOp, TensorOps, cast, dense, empty, launch_dims};
     use crate::kernels::rows::{LANES, ROWS, row_launch, row_sum};
 
@@ -325,8 +253,8 @@ mod cube {
 
     /// One query row (batch, head, query) per [`LANES`] threads, a thread per column: from `nd`
     /// (as in [`output_kernel`]) and the output gradient, the row
-    /// `dn = [∂L/∂num, ∂L/∂den, 0…]`. (A thread per row wrote `width`-strided rows: 353 µs of a
-    /// vvt_tiny 224² b64 step per stage-1 block on the H100, session 10.)
+    /// `dn = [∂L/∂num, ∂L/∂den, 0…]` (a thread per row wrote `width`-strided rows, several times
+    /// slower).
     #[cube(launch_unchecked)]
     fn dn_kernel<E: Float>(
         nd: &Tensor<E>,
@@ -377,7 +305,12 @@ mod cube {
     }
 
     #[derive(Clone, Debug)]
-    pub struct Core(pub VicinityCore);
+    pub struct Core {
+        pub heads: usize,
+        /// Position features per token (E).
+        pub ex: usize,
+        pub clamp: bool,
+    }
 
     /// The operands of one core, dense and in the compute dtype.
     struct Operands<R: CubeRuntime> {
@@ -417,7 +350,7 @@ mod cube {
 
     impl Core {
         fn ex(&self) -> usize {
-            self.0.locality.expansion()
+            self.ex
         }
 
         /// Row width of `[v, 1]`, `[num, den]` and their gradients: `d + 1` rounded up to 8
@@ -432,7 +365,7 @@ mod cube {
             let (k, v) = (dense(k, dtype), dense(v, dtype));
             let (phi, psi) = (dense(phi, DType::F32), dense(psi, DType::F32));
             let (b, n, c) = (q.meta.shape()[0], q.meta.shape()[1], q.meta.shape()[2]);
-            let dims = (b, n, k.meta.shape()[1], self.0.heads, c / self.0.heads);
+            let dims = (b, n, k.meta.shape()[1], self.heads, c / self.heads);
             Operands {
                 q,
                 k,
@@ -453,7 +386,7 @@ mod cube {
             (weighted, ones): (bool, bool),
         ) -> CubeTensor<R> {
             let s = x.meta.shape();
-            let (b, len, heads) = (s[0], s[1], self.0.heads);
+            let (b, len, heads) = (s[0], s[1], self.heads);
             let d = s[2] / heads;
             let out = empty(x, [b, heads, len, width], x.dtype);
             let (count, dim) = launch_dims(&x.client, b * heads * len * width);
@@ -544,7 +477,7 @@ mod cube {
             let ke = self.expand(&o.k, &o.psi, ex, ex * d, (true, false));
             let v1 = self.expand(&o.v, &o.psi, 1, width, (false, true));
             let acc = matmul(t(ke.clone()), v1.clone());
-            let acc_c = if self.0.clamp {
+            let acc_c = if self.clamp {
                 Self::clamp_kv(&acc, None, d)
             } else {
                 acc.clone()
@@ -583,7 +516,7 @@ mod cube {
                     heads,
                     d,
                     Self::width(d),
-                    self.0.clamp,
+                    self.clamp,
                     o.q.dtype.into(),
                 )
             };
@@ -619,7 +552,7 @@ mod cube {
                     heads,
                     d,
                     width,
-                    self.0.clamp,
+                    self.clamp,
                     o.q.dtype.into(),
                 )
             };
@@ -629,7 +562,7 @@ mod cube {
                 let dqe = matmul(dn, t(f.acc_c));
                 self.contract(dqe, &o.phi, (d, ex), true)
             });
-            let dacc = if self.0.clamp {
+            let dacc = if self.clamp {
                 Self::clamp_kv(&f.acc, Some(&dacc), d)
             } else {
                 dacc

@@ -4,18 +4,17 @@
 //! official `patch_embed{i+1}` / `block{i+1}` / `norm{i+1}`), see [`rename_official`].
 
 use anyhow::{Result, bail};
-use burn::nn::Linear;
-use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{DropPathNoise, ModelOutput, drop_path, ensure_divisible};
-use crate::attention::{Locality, VicinityAttention, VicinityAttentionConfig};
-use crate::flops::{self, LayerCost};
-use crate::init::{ConvInit, conv2d, linear};
-use crate::nn::{LayerNorm, LayerNormConfig};
-use crate::ops::{LinearRows, conv2d_nhwc, depthwise_conv2d_nhwc};
+use super::{ModelOutput, PerStage, ensure_divisible};
+use crate::attention::{Attention, AttentionKind, Locality, SoftmaxAttentionConfig, VicinityAttentionConfig};
+use crate::flops::LayerCost;
+use crate::nn::{
+    Conv2d, Conv2dConfig, ConvInit, DropPathNoise, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    drop_path,
+};
 
 fn default_true() -> bool {
     true
@@ -43,6 +42,9 @@ pub struct VvtConfig {
     #[serde(default = "default_se_ratio")]
     pub se_ratio: usize,
     pub num_classes: usize,
+    /// The attention of each stage (one kind for all, or one per stage; default vicinity).
+    #[serde(default)]
+    pub attention: PerStage<AttentionKind>,
     #[serde(default)]
     pub locality: Locality,
     /// The released code's magnitude clamps (needed for parity with official weights).
@@ -75,6 +77,7 @@ impl VvtConfig {
             fr_ratios: vec![2; 4],
             se_ratio: 1,
             num_classes: 1000,
+            attention: PerStage::All(AttentionKind::Vicinity),
             locality: Locality::TwoD,
             clamp: true,
             drop_path: 0.1,
@@ -115,6 +118,14 @@ impl VvtConfig {
                 bail!("VVT config: {name} has {len} entries but embed_dims has {n} (one per stage)");
             }
         }
+        if let PerStage::Each(kinds) = &self.attention
+            && kinds.len() != n
+        {
+            bail!(
+                "VVT config: attention names {} kinds but embed_dims has {n} stages (one kind, or one per stage)",
+                kinds.len()
+            );
+        }
         for i in 0..n {
             let (c, h, f) = (self.embed_dims[i], self.heads[i], self.fr_ratios[i]);
             let stage = format!("stage {}", i + 1);
@@ -144,7 +155,7 @@ impl VvtConfig {
         let mut grids = Vec::new();
         let (mut gh, mut gw) = (h, w);
         for i in 0..self.num_stages() {
-            let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
+            let (k, s) = patch_geometry(i);
             gh = (gh + 2 * (k / 2) - k) / s + 1;
             gw = (gw + 2 * (k / 2) - k) / s + 1;
             grids.push((gh, gw));
@@ -169,10 +180,28 @@ impl VvtConfig {
         Ok(())
     }
 
+    /// The attention layer of a block of stage `i`.
+    fn attention<B: Backend>(&self, i: usize, device: &B::Device) -> Attention<B> {
+        let (c, heads) = (self.embed_dims[i], self.heads[i]);
+        match self.attention.at(i) {
+            AttentionKind::Vicinity => Attention::Vicinity(
+                VicinityAttentionConfig::new(c, heads)
+                    .with_feature_reduction(self.fr_ratios[i])
+                    .with_spatial_reduction(self.sr_ratios[i])
+                    .with_se_ratio(self.se_ratio)
+                    .with_locality(self.locality)
+                    .with_clamp(self.clamp)
+                    .init(device),
+            ),
+            AttentionKind::Softmax => Attention::Softmax(SoftmaxAttentionConfig::new(c, heads).init(device)),
+        }
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vvt<B> {
         let total_blocks: usize = self.depths.iter().sum();
         let mut block_index = 0;
         let mut stages = Vec::new();
+        let norm = |c: usize, eps: f64| LayerNormConfig::new(c).with_epsilon(eps).init(device);
         for i in 0..self.num_stages() {
             let c_in = if i == 0 {
                 self.in_chans
@@ -180,10 +209,14 @@ impl VvtConfig {
                 self.embed_dims[i - 1]
             };
             let c = self.embed_dims[i];
-            let (k, s) = if i == 0 { (7, 4) } else { (3, 2) };
+            let (k, s) = patch_geometry(i);
             let patch_embed = PatchEmbed {
-                proj: conv2d(c_in, c, k, s, k / 2, 1, ConvInit::FanOut, device),
-                norm: LayerNormConfig::new(c).with_epsilon(1e-5).init(device),
+                proj: Conv2dConfig::new([c_in, c], k)
+                    .with_stride(s)
+                    .with_padding(k / 2)
+                    .with_init(ConvInit::FanOut)
+                    .init(device),
+                norm: norm(c, 1e-5),
             };
             let blocks = (0..self.depths[i])
                 .map(|_| {
@@ -195,19 +228,17 @@ impl VvtConfig {
                     block_index += 1;
                     let hidden = c * self.mlp_ratios[i];
                     Block {
-                        norm1: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
-                        attn: VicinityAttentionConfig::new(c, self.heads[i])
-                            .with_feature_reduction(self.fr_ratios[i])
-                            .with_spatial_reduction(self.sr_ratios[i])
-                            .with_se_ratio(self.se_ratio)
-                            .with_locality(self.locality)
-                            .with_clamp(self.clamp)
-                            .init(device),
-                        norm2: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
+                        norm1: norm(c, 1e-6),
+                        attn: self.attention(i, device),
+                        norm2: norm(c, 1e-6),
                         mlp: Mlp {
-                            fc1: linear(c, hidden, true, device),
-                            dwconv: conv2d(hidden, hidden, 3, 1, 1, hidden, ConvInit::FanOut, device),
-                            fc2: linear(hidden, c, true, device),
+                            fc1: LinearConfig::new(c, hidden).init(device),
+                            dwconv: Conv2dConfig::new([hidden, hidden], 3)
+                                .with_padding(1)
+                                .with_groups(hidden)
+                                .with_init(ConvInit::FanOut)
+                                .init(device),
+                            fc2: LinearConfig::new(hidden, c).init(device),
                         },
                         drop_path: rate,
                     }
@@ -216,14 +247,20 @@ impl VvtConfig {
             stages.push(Stage {
                 patch_embed,
                 blocks,
-                norm: LayerNormConfig::new(c).with_epsilon(1e-6).init(device),
+                norm: norm(c, 1e-6),
             });
         }
+        let last = *self.embed_dims.last().expect("validated: at least one stage");
         Vvt {
             stages,
-            head: linear(*self.embed_dims.last().unwrap(), self.num_classes, true, device),
+            head: LinearConfig::new(last, self.num_classes).init(device),
         }
     }
+}
+
+/// Kernel and stride of stage `i`'s overlapping patch embedding (padding `k/2`).
+fn patch_geometry(i: usize) -> (usize, usize) {
+    if i == 0 { (7, 4) } else { (3, 2) }
 }
 
 /// Overlapping patch embedding: strided conv + LayerNorm.
@@ -243,17 +280,17 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
-        let x = self.fc1.forward_rows(x);
+        let x = self.fc1.forward(x);
         let [b, n, c] = x.dims();
-        let x = depthwise_conv2d_nhwc(&self.dwconv, x.reshape([b, h, w, c])).reshape([b, n, c]);
-        self.fc2.forward_rows(gelu(x))
+        let x = self.dwconv.forward(x.reshape([b, h, w, c])).reshape([b, n, c]);
+        self.fc2.forward(gelu(x))
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
-    pub attn: VicinityAttention<B>,
+    pub attn: Attention<B>,
     pub norm2: LayerNorm<B>,
     pub mlp: Mlp<B>,
     /// Stochastic-depth rate of this block (used in training only).
@@ -293,7 +330,7 @@ impl<B: Backend> Vvt<B> {
         let rates = rates.flat_map(|b| [b.drop_path; 2]).collect();
         let mut noise = DropPathNoise::new(x.dims()[0], rates, &x.device());
         for (i, stage) in self.stages.iter().enumerate() {
-            let grid = conv2d_nhwc(&stage.patch_embed.proj, x);
+            let grid = stage.patch_embed.proj.forward(x);
             let [b, h, w, c] = grid.dims();
             let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, h * w, c]));
             for block in &stage.blocks {
@@ -343,79 +380,95 @@ pub fn rename_official(name: &str) -> String {
     mapped.unwrap_or_else(|| name.to_string())
 }
 
-/// Per-layer MACs and parameters at `h×w` input.
-pub fn costs(config: &VvtConfig, h: usize, w: usize) -> Vec<LayerCost> {
-    let mut out = Vec::new();
-    let grids = config.grids(h, w);
-    for (i, &(gh, gw)) in grids.iter().enumerate() {
-        let s = i + 1;
-        let c = config.embed_dims[i] as u64;
-        let c_in = if i == 0 {
-            config.in_chans as u64
-        } else {
-            config.embed_dims[i - 1] as u64
-        };
-        let k = if i == 0 { 7 } else { 3 };
-        let n = (gh * gw) as u64;
-        out.push(flops::conv2d(
-            &format!("patch_embed{s}.proj"),
-            c_in,
-            c,
-            k,
-            1,
-            gh as u64,
-            gw as u64,
-            true,
-        ));
-        out.push(flops::norm(&format!("patch_embed{s}.norm"), c));
-        let f = config.fr_ratios[i] as u64;
-        let r = config.sr_ratios[i] as u64;
-        let heads = config.heads[i] as u64;
+impl VvtConfig {
+    /// Per-layer MACs and parameters at `h×w` input.
+    pub fn costs(&self, h: usize, w: usize) -> Vec<LayerCost> {
+        let mut out = Vec::new();
+        for (i, &(gh, gw)) in self.grids(h, w).iter().enumerate() {
+            let s = i + 1;
+            let c = self.embed_dims[i] as u64;
+            let c_in = if i == 0 {
+                self.in_chans
+            } else {
+                self.embed_dims[i - 1]
+            } as u64;
+            let grid = [gh as u64, gw as u64];
+            let k = patch_geometry(i).0 as u64;
+            let n = (gh * gw) as u64;
+            out.push(LayerCost::conv2d(
+                format!("patch_embed{s}.proj"),
+                [c_in, c],
+                k,
+                1,
+                grid,
+            ));
+            out.push(LayerCost::norm(format!("patch_embed{s}.norm"), c));
+            let hidden = c * self.mlp_ratios[i] as u64;
+            for j in 0..self.depths[i] {
+                let p = format!("block{s}.{j}");
+                out.push(LayerCost::norm(format!("{p}.norm1"), c));
+                match self.attention.at(i) {
+                    AttentionKind::Vicinity => self.vicinity_costs(i, &p, grid, &mut out),
+                    AttentionKind::Softmax => {
+                        out.push(LayerCost::linear(format!("{p}.attn.wq"), n, c, c, true));
+                        out.push(LayerCost::linear(format!("{p}.attn.wkv"), n, c, 2 * c, true));
+                        out.push(LayerCost::new(format!("{p}.attn.softmax"), 2 * n * n * c, 0));
+                        out.push(LayerCost::linear(format!("{p}.attn.proj"), n, c, c, true));
+                    }
+                }
+                out.push(LayerCost::norm(format!("{p}.norm2"), c));
+                out.push(LayerCost::linear(format!("{p}.mlp.fc1"), n, c, hidden, true));
+                out.push(LayerCost::conv2d(
+                    format!("{p}.mlp.dwconv"),
+                    [hidden, hidden],
+                    3,
+                    hidden,
+                    grid,
+                ));
+                out.push(LayerCost::linear(format!("{p}.mlp.fc2"), n, hidden, c, true));
+            }
+            out.push(LayerCost::norm(format!("norm{s}"), c));
+        }
+        let last = *self.embed_dims.last().expect("validated: at least one stage") as u64;
+        out.push(LayerCost::linear("head", 1, last, self.num_classes as u64, true));
+        out
+    }
+
+    /// The vicinity attention of a block of stage `i` on a `grid`, named `{p}.attn.*`.
+    fn vicinity_costs(&self, i: usize, p: &str, [gh, gw]: [u64; 2], out: &mut Vec<LayerCost>) {
+        let c = self.embed_dims[i] as u64;
+        let f = self.fr_ratios[i] as u64;
+        let r = self.sr_ratios[i] as u64;
+        let heads = self.heads[i] as u64;
         let inner = c / f;
         let d = inner / heads;
-        let e = config.locality.expansion() as u64;
-        let hidden = c * config.mlp_ratios[i] as u64;
+        let e = self.locality.expansion() as u64;
+        let n = gh * gw;
         let m = n / (r * r);
-        for j in 0..config.depths[i] {
-            let p = format!("block{s}.{j}");
-            out.push(flops::norm(&format!("{p}.norm1"), c));
-            if r > 1 {
-                let (kh, kw) = ((gh as u64) / r, (gw as u64) / r);
-                out.push(flops::conv2d(&format!("{p}.attn.sr"), c, c, r, 1, kh, kw, true));
-                out.push(flops::norm(&format!("{p}.attn.norm"), c));
-            }
-            out.push(flops::linear(&format!("{p}.attn.q_proj"), n, c, inner, true));
-            out.push(flops::linear(&format!("{p}.attn.k_proj"), m, c, inner, true));
-            out.push(flops::linear(&format!("{p}.attn.v_proj"), m, c, inner, true));
-            // k'ᵀv, q'·KV and the normaliser q'·Σk', per head.
-            let core = heads * (m * e * d * d + n * e * d * d + n * e * d);
-            out.push(LayerCost::new(format!("{p}.attn.vicinity"), core, 0));
-            out.push(flops::linear(&format!("{p}.attn.out_proj"), n, inner, c, true));
-            let squeezed = c / config.se_ratio as u64;
-            out.push(LayerCost::new(
-                format!("{p}.attn.se_fc"),
-                2 * c * squeezed,
-                2 * c * squeezed,
+        if r > 1 {
+            out.push(LayerCost::conv2d(
+                format!("{p}.attn.sr"),
+                [c, c],
+                r,
+                1,
+                [gh / r, gw / r],
             ));
-            out.push(flops::norm(&format!("{p}.norm2"), c));
-            out.push(flops::linear(&format!("{p}.mlp.fc1"), n, c, hidden, true));
-            out.push(flops::conv2d(
-                &format!("{p}.mlp.dwconv"),
-                hidden,
-                hidden,
-                3,
-                hidden,
-                gh as u64,
-                gw as u64,
-                true,
-            ));
-            out.push(flops::linear(&format!("{p}.mlp.fc2"), n, hidden, c, true));
+            out.push(LayerCost::norm(format!("{p}.attn.norm"), c));
         }
-        out.push(flops::norm(&format!("norm{s}"), c));
+        out.push(LayerCost::linear(format!("{p}.attn.q_proj"), n, c, inner, true));
+        out.push(LayerCost::linear(format!("{p}.attn.k_proj"), m, c, inner, true));
+        out.push(LayerCost::linear(format!("{p}.attn.v_proj"), m, c, inner, true));
+        // k'ᵀv, q'·KV and the normaliser q'·Σk', per head.
+        let core = heads * (m * e * d * d + n * e * d * d + n * e * d);
+        out.push(LayerCost::new(format!("{p}.attn.vicinity"), core, 0));
+        out.push(LayerCost::linear(format!("{p}.attn.out_proj"), n, inner, c, true));
+        let squeezed = c / self.se_ratio as u64;
+        out.push(LayerCost::new(
+            format!("{p}.attn.se_fc"),
+            2 * c * squeezed,
+            2 * c * squeezed,
+        ));
     }
-    let last = *config.embed_dims.last().unwrap() as u64;
-    out.push(flops::linear("head", 1, last, config.num_classes as u64, true));
-    out
 }
 
 #[cfg(test)]

@@ -20,13 +20,20 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use burn::tensor::FloatDType;
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::metrics::EpochMetrics;
+use super::optim::HostTensors;
+use super::params::{self, replace_flat};
 use super::schedule::Schedule;
+use super::trainer::Session;
 use crate::data::Normalize;
-use crate::models::ModelConfig;
+use crate::models::{Model, ModelConfig};
+use crate::weights;
 
 pub const STATE_FILE: &str = "state.json";
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -223,4 +230,100 @@ pub fn check_writable(run: &Path) -> Result<()> {
     let res = std::fs::write(&probe, b"ok");
     let _ = std::fs::remove_file(&probe);
     res.with_context(|| format!("the run directory {} is not writable", run.display()))
+}
+
+/// Weights for a checkpoint file: already serialised, or host tensors to serialise on the
+/// checkpoint writer's thread.
+enum WeightsOut {
+    Bytes(Vec<u8>),
+    Host(HostTensors),
+}
+
+impl WeightsOut {
+    fn into_bytes(self, config: &crate::models::ModelConfig) -> Result<Vec<u8>> {
+        match self {
+            WeightsOut::Bytes(b) => Ok(b),
+            WeightsOut::Host(h) => weights::native_bytes_from_host(&h, config),
+        }
+    }
+}
+
+/// Every F32 tensor of a safetensors file, by name.
+pub fn read_all_f32(path: &Path) -> Result<HostTensors> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!("{name} in {} is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+impl<B: AutodiffBackend> Session<B> {
+    /// The weights to save (f32): the f32 master copy with bf16, else the model itself.
+    fn model_to_save(&self) -> Model<B::InnerBackend> {
+        let valid = self.model.valid();
+        match self.optim.master_weights() {
+            Some(master) if !master.is_empty() => replace_flat(valid, &master, Some(FloatDType::F32)),
+            _ => params::cast_params(valid, FloatDType::F32),
+        }
+    }
+
+    pub(super) fn ema_model(&self, dtype: Option<FloatDType>) -> Option<Model<B::InnerBackend>> {
+        self.ema
+            .as_ref()
+            .map(|e| replace_flat(self.model.valid(), &self.optim.ema_values(e), dtype))
+    }
+
+    /// Writes `last` (and `best` too when `best` is set) atomically. The weights and optimizer
+    /// state are copied to the host here; the files are written on the writer thread.
+    pub(super) fn save(&mut self, best: bool) -> Result<()> {
+        self.state.elapsed_s = self.elapsed();
+        let config = self.state.model.clone();
+        // Each optimizer buffer comes to the host once; the files are serialised on the writer
+        // thread. Before the first step (no buffers yet) the model is read parameter by
+        // parameter, and so are averages restored by a resume and not yet laid out.
+        let copy = self.optim.host_copy(self.ema.is_some())?;
+        let (model, ema_host, optim) = match copy {
+            Some(c) => (WeightsOut::Host(c.weights), c.ema, c.state),
+            None => (
+                WeightsOut::Bytes(weights::native_bytes(&self.model_to_save(), &config)?),
+                None,
+                HostTensors::new(),
+            ),
+        };
+        let ema = match ema_host {
+            Some(host) => Some(WeightsOut::Host(host)),
+            None => self
+                .ema_model(Some(FloatDType::F32))
+                .map(|m| weights::native_bytes(&m, &config).map(WeightsOut::Bytes))
+                .transpose()?,
+        };
+        let state_json = serde_json::to_vec_pretty(&self.state)?;
+        let last = self.run_dir.join("last");
+        let best = best.then(|| self.run_dir.join("best"));
+        self.writer.submit(move || {
+            commit_dir(&last, |dir| {
+                weights::write_atomic(&dir.join(MODEL_FILE), &model.into_bytes(&config)?)?;
+                if let Some(ema) = ema {
+                    weights::write_atomic(&dir.join(EMA_FILE), &ema.into_bytes(&config)?)?;
+                }
+                crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
+                write_synced(&dir.join(STATE_FILE), &state_json)
+            })?;
+            match best {
+                Some(best) => link_dir(&last, &best),
+                None => Ok(()),
+            }
+        })
+    }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
 use super::schedule::Warmup;
+pub use crate::backend::Dtype;
 use crate::data::{AugmentConfig, Normalize};
 use crate::models::ModelConfig;
 
@@ -22,15 +23,6 @@ pub enum Recipe {
     /// The anchors' fast CIFAR recipe: reflect-pad-4 crop + flip, label smoothing 0.1, AdamW lr 2e-3
     /// (not scaled), wd 0.05, 5% warm-up, cosine to 0, clip 5, drop-path 0.1, batch 256.
     CifarFast,
-}
-
-/// Number format of the training step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    F32,
-    /// Weights, activations and gradients in bf16; f32 master weights, Adam moments and loss.
-    Bf16,
 }
 
 /// Everything a run needs; `TrainConfig::new` fills in a recipe's values.

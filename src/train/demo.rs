@@ -104,6 +104,7 @@ fn small_vvt(embed_dims: [usize; 4], heads: [usize; 4], drop_path: f64, classes:
         fr_ratios: vec![2, 2, 2, 2],
         se_ratio: 1,
         num_classes: classes,
+        attention: Default::default(),
         locality: Locality::TwoD,
         clamp: true,
         drop_path,

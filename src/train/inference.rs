@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use super::checkpoint::{RunState, STATE_FILE};
 use super::config::normalize_by_name;
+use super::evaluate::evaluate;
 use super::metrics::{EvalAccumulator, EvalSummary};
-use super::trainer::evaluate;
 use crate::data::rng::{Rng, Stream};
 use crate::data::{
     AugmentConfig, CIFAR10_CLASSES, CIFAR100_CLASSES, Loader, LoaderConfig, Normalize, open_split,

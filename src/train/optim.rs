@@ -20,7 +20,7 @@
 //! per parameter tensor (vvt_tiny has 200-odd): at CIFAR size, where a step takes tens of
 //! milliseconds, issuing those kernels one tensor at a time kept the GPU waiting. The gradients
 //! reach the flat buffers in one launch per group ([`crate::kernels::concat`]). One group per
-//! tensor (`VICINITY_ADAMW=tensor`) is the plain reference path, tested against the flat one.
+//! tensor ([`Grouping::PerTensor`]) is the plain reference path, tested against the flat one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -67,16 +67,6 @@ pub enum Grouping {
     Flat,
     /// One group per parameter tensor: the plain reference path.
     PerTensor,
-}
-
-impl Grouping {
-    /// `VICINITY_ADAMW=tensor` picks [`Grouping::PerTensor`]; anything else [`Grouping::Flat`].
-    pub fn from_env() -> Self {
-        match std::env::var("VICINITY_ADAMW").as_deref() {
-            Ok("tensor") => Grouping::PerTensor,
-            _ => Grouping::Flat,
-        }
-    }
 }
 
 /// Parameters start at multiples of this many elements in a flat group (512 bytes in bf16, the
@@ -259,9 +249,9 @@ fn param_values<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, Tensor<
 }
 
 impl<B: Backend> AdamW<B> {
-    /// Flat groups unless `VICINITY_ADAMW=tensor` ([`Grouping::from_env`]).
+    /// Flat groups: each parameter a view of its group's buffers.
     pub fn new(config: AdamWConfig, master_weights: bool) -> Self {
-        Self::with_grouping(config, master_weights, Grouping::from_env())
+        Self::with_grouping(config, master_weights, Grouping::Flat)
     }
 
     pub fn with_grouping(config: AdamWConfig, master_weights: bool, grouping: Grouping) -> Self {

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -17,40 +16,23 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, FloatDType, IntDType, TensorData};
+use burn::tensor::{DType, FloatDType, TensorData};
 
-use super::checkpoint::{self, EMA_FILE, MODEL_FILE, OPTIM_FILE, RunState, STATE_FILE};
-use super::config::{Dtype, TrainConfig};
-use super::metrics::{EpochMetrics, EvalAccumulator, EvalSummary, history_csv, history_jsonl};
-use super::optim::{AdamW, Ema, HostTensors};
-use super::params::{self, cast_params, collect_flat, materialize, replace_flat, to_f32};
+use super::budget::{format_duration, margin_s};
+use super::checkpoint::{self, EMA_FILE, MODEL_FILE, OPTIM_FILE, RunState, STATE_FILE, read_all_f32};
+use super::config::TrainConfig;
+use super::evaluate::evaluate;
+use super::loss::{one_hot, soft_cross_entropy};
+use super::metrics::{EpochMetrics, EvalSummary, history_csv, history_jsonl};
+use super::optim::{AdamW, Ema};
+use super::params::{cast_params, collect_flat, materialize};
 use super::progress::Progress;
-use super::schedule::{BudgetInputs, BudgetPlan, Schedule, format_duration, plan_budget};
+use super::schedule::Schedule;
+use super::signals;
+use crate::backend::Dtype;
 use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
 use crate::models::{Model, ModelConfig};
 use crate::weights;
-
-/// Set by Ctrl-C / SIGTERM (see [`install_interrupt_handler`]): the loop checkpoints and pauses.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// First Ctrl-C (or SIGTERM): finish the current step, write `last`, stop. Second: exit at once
-/// (checkpoints are atomic, so even that leaves no torn file).
-pub fn install_interrupt_handler() {
-    #[cfg(unix)]
-    {
-        extern "C" fn on_signal(_: libc::c_int) {
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                // SAFETY: _exit is async-signal-safe.
-                unsafe { libc::_exit(130) };
-            }
-        }
-        // SAFETY: installing a handler that only touches an atomic and calls _exit.
-        unsafe {
-            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
 
 /// How a training session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,48 +55,8 @@ pub struct TrainOutcome {
     pub last_eval: Option<EvalSummary>,
 }
 
-/// Soft-target cross-entropy `mean_b(−Σ_k t_bk · log_softmax(logits)_bk)`, computed in f32.
-pub fn soft_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2>) -> Tensor<B, 1> {
-    let logp = burn::tensor::activation::log_softmax(to_f32(logits), 1);
-    (logp * to_f32(targets)).sum_dim(1).mean().neg()
-}
-
-/// One-hot rows (`labels.len() × k`).
-pub fn one_hot(labels: &[usize], k: usize) -> Vec<f32> {
-    let mut t = vec![0.0; labels.len() * k];
-    for (i, &y) in labels.iter().enumerate() {
-        t[i * k + y] = 1.0;
-    }
-    t
-}
-
-/// Runs `model` over every batch of `loader` and accumulates the metrics (with the mirror-image
-/// test-time augmentation of [`Model::forward_tta`] when `flip` is set).
-pub fn evaluate<B: Backend>(
-    model: &Model<B>,
-    loader: &Loader,
-    device: &B::Device,
-    flip: bool,
-) -> Result<EvalAccumulator> {
-    let k = loader.dataset().num_classes();
-    let mut acc = EvalAccumulator::new(k);
-    for batch in loader.epoch(0, 0) {
-        let b = batch?;
-        let [h, w] = b.size;
-        let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [b.labels.len(), 3, h, w]), device);
-        let logits = model.forward_tta(x, flip);
-        let out_k = logits.dims()[1];
-        if out_k != k {
-            bail!("the model has {out_k} outputs but the dataset has {k} classes");
-        }
-        let (_, values) = crate::io::to_host(logits)?;
-        acc.add(&values, &b.labels);
-    }
-    Ok(acc)
-}
-
 /// Mixes a seed and a counter (splitmix64), for per-step backend seeds.
-fn mix_seed(seed: u64, n: u64) -> u64 {
+pub(super) fn mix_seed(seed: u64, n: u64) -> u64 {
     let mut z = seed
         ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(0x632B_E59B_D9B4_E019);
@@ -181,21 +123,6 @@ pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelCon
     Ok((model, res))
 }
 
-/// Makes bf16 the default float type of `device` (before any tensor exists on it).
-fn set_dtype<B: Backend>(dtype: Dtype, device: &B::Device) -> Result<()> {
-    if dtype == Dtype::Bf16
-        && let Err(e) = burn::tensor::set_default_dtypes::<B>(device, FloatDType::BF16, IntDType::I32)
-    {
-        // Already set (to bf16 by an earlier run in this process) is fine; anything else is not.
-        if burn::tensor::get_device_settings::<B>(device).float_dtype != FloatDType::BF16 {
-            bail!(
-                "cannot switch the device to bf16 ({e:?}): tensors were created on it before, or it lacks bf16"
-            );
-        }
-    }
-    Ok(())
-}
-
 fn loaders(
     cfg: &TrainConfig,
     train: ImageDataset,
@@ -243,7 +170,7 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
     cfg.val_split = val_split;
     let classes = train_ds.classes.clone();
     let (model_cfg, res) = resolve_model(&cfg, classes.len())?;
-    set_dtype::<B>(cfg.dtype, device)?;
+    cfg.dtype.apply::<B>(device)?;
     B::seed(device, cfg.seed);
     let model: Model<B> = model_cfg.init(device)?;
     materialize(&model);
@@ -298,27 +225,16 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         &run_dir.join("config.json"),
         &serde_json::to_vec_pretty(&state.config)?,
     )?;
-    let mut session = Session {
-        device: device.clone(),
+    let mut session = Session::new(
+        device,
         model,
         optim,
         ema,
-        train_loader,
-        val_loader,
-        run_dir,
+        (train_loader, val_loader),
         progress,
-        step_losses: Vec::new(),
-        pending: Vec::new(),
-        session_start: start,
-        elapsed_before: 0.0,
-        step_s: None,
-        eval_s: None,
-        save_s: None,
-        last_eval: None,
-        window: None,
-        writer: checkpoint::Writer::default(),
+        start,
         state,
-    };
+    );
     if let Some(budget) = session.state.config.budget_s {
         session.size_to_budget(budget)?;
     }
@@ -382,7 +298,7 @@ pub fn resume<B: AutodiffBackend>(
     if train_ds.classes != state.classes {
         bail!("the dataset's classes are not the ones this run was trained on");
     }
-    set_dtype::<B>(cfg.dtype, device)?;
+    cfg.dtype.apply::<B>(device)?;
     let model: Model<B> = state.model.init(device)?;
     let model = weights::load_native(model, &ck.join(MODEL_FILE))?;
     let model = if cfg.dtype == Dtype::Bf16 {
@@ -432,65 +348,17 @@ pub fn resume<B: AutodiffBackend>(
         state.global_step,
         state.schedule.total_steps
     ));
-    let elapsed_before = state.elapsed_s;
-    let session = Session {
-        device: device.clone(),
+    let session = Session::new(
+        device,
         model,
         optim,
         ema,
-        train_loader,
-        val_loader,
-        run_dir: run_dir.to_path_buf(),
+        (train_loader, val_loader),
         progress,
-        step_losses: Vec::new(),
-        pending: Vec::new(),
-        session_start: start,
-        elapsed_before,
-        step_s: None,
-        eval_s: None,
-        save_s: None,
-        last_eval: None,
-        window: None,
-        writer: checkpoint::Writer::default(),
+        start,
         state,
-    };
+    );
     session.run()
-}
-
-/// Weights for a checkpoint file: already serialised, or host tensors to serialise on the
-/// checkpoint writer's thread.
-enum WeightsOut {
-    Bytes(Vec<u8>),
-    Host(HostTensors),
-}
-
-impl WeightsOut {
-    fn into_bytes(self, config: &crate::models::ModelConfig) -> Result<Vec<u8>> {
-        match self {
-            WeightsOut::Bytes(b) => Ok(b),
-            WeightsOut::Host(h) => weights::native_bytes_from_host(&h, config),
-        }
-    }
-}
-
-/// Every F32 tensor of a safetensors file, by name.
-pub fn read_all_f32(path: &Path) -> Result<HostTensors> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
-    let mut out = std::collections::BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            bail!("{name} in {} is {:?}, expected F32", path.display(), view.dtype());
-        }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(name, (view.shape().to_vec(), values));
-    }
-    Ok(out)
 }
 
 /// A step whose loss and gradient norm are still on the device.
@@ -502,38 +370,76 @@ struct Pending<B: Backend> {
     grad_norm: Tensor<B, 1>,
 }
 
-struct Session<B: AutodiffBackend> {
-    device: B::Device,
-    model: Model<B>,
-    optim: AdamW<B::InnerBackend>,
-    ema: Option<Ema<B::InnerBackend>>,
-    train_loader: Loader,
-    val_loader: Loader,
-    run_dir: PathBuf,
-    progress: Progress,
+/// A run in progress: the model, optimizer and data, and the [`RunState`] that a checkpoint
+/// saves. Its budget sizing lives in `budget.rs`, its checkpoint writing in `checkpoint.rs`.
+pub(super) struct Session<B: AutodiffBackend> {
+    pub(super) device: B::Device,
+    pub(super) model: Model<B>,
+    pub(super) optim: AdamW<B::InnerBackend>,
+    pub(super) ema: Option<Ema<B::InnerBackend>>,
+    pub(super) train_loader: Loader,
+    pub(super) val_loader: Loader,
+    pub(super) run_dir: PathBuf,
+    pub(super) progress: Progress,
     step_losses: Vec<(u64, f32)>,
     pending: Vec<Pending<B::InnerBackend>>,
-    session_start: Instant,
-    /// Training seconds of earlier sessions.
+    /// When this process took the run up.
+    started: Instant,
+    /// Training seconds of earlier processes (a resumed run).
     elapsed_before: f64,
     /// Measured seconds per step, per evaluation pass, per checkpoint.
-    step_s: Option<f64>,
-    eval_s: Option<f64>,
-    save_s: Option<f64>,
+    pub(super) step_s: Option<f64>,
+    pub(super) eval_s: Option<f64>,
+    pub(super) save_s: Option<f64>,
     last_eval: Option<EvalSummary>,
     /// Start of the current timing window: (instant, global step).
     window: Option<(Instant, u64)>,
-    writer: checkpoint::Writer,
-    state: RunState,
+    pub(super) writer: checkpoint::Writer,
+    pub(super) state: RunState,
 }
 
 impl<B: AutodiffBackend> Session<B> {
-    fn cfg(&self) -> &TrainConfig {
+    /// A fresh or resumed run (`state.elapsed_s` is the time its earlier processes spent).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        device: &B::Device,
+        model: Model<B>,
+        optim: AdamW<B::InnerBackend>,
+        ema: Option<Ema<B::InnerBackend>>,
+        (train_loader, val_loader): (Loader, Loader),
+        progress: Progress,
+        started: Instant,
+        state: RunState,
+    ) -> Self {
+        Self {
+            device: device.clone(),
+            model,
+            optim,
+            ema,
+            train_loader,
+            val_loader,
+            run_dir: state.config.out.clone(),
+            progress,
+            step_losses: Vec::new(),
+            pending: Vec::new(),
+            started,
+            elapsed_before: state.elapsed_s,
+            step_s: None,
+            eval_s: None,
+            save_s: None,
+            last_eval: None,
+            window: None,
+            writer: checkpoint::Writer::default(),
+            state,
+        }
+    }
+
+    pub(super) fn cfg(&self) -> &TrainConfig {
         &self.state.config
     }
 
-    fn elapsed(&self) -> f64 {
-        self.elapsed_before + self.session_start.elapsed().as_secs_f64()
+    pub(super) fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
     fn describe(&mut self) {
@@ -679,143 +585,6 @@ impl<B: AutodiffBackend> Session<B> {
         )
     }
 
-    /// Measures steps and an evaluation on throwaway copies, then sizes the run to the budget.
-    fn size_to_budget(&mut self, budget: f64) -> Result<()> {
-        self.progress.line(&format!(
-            "sizing the run to a budget of {}: measuring a few steps...",
-            format_duration(budget)
-        ));
-        let mut model = self.model.clone();
-        let mut optim = self.optim.clone();
-        let lr = self.state.schedule.peak * 1e-3;
-        let clip = self.cfg().clip;
-        let spe = self.state.steps_per_epoch;
-        let mut times = Vec::new();
-        for (i, batch) in self.train_loader.epoch(0, 0).take(spe.min(12)).enumerate() {
-            let b = batch?;
-            let t0 = Instant::now();
-            let n = b.len();
-            let [h, w] = b.size;
-            let k = b.num_classes;
-            B::seed(&self.device, mix_seed(self.cfg().seed, i as u64));
-            let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [n, 3, h, w]), &self.device);
-            let targets = b.targets.unwrap_or_else(|| one_hot(&b.labels, k));
-            let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
-            let loss = soft_cross_entropy(model.forward(x), t);
-            let grads = GradientsParams::from_grads(loss.clone().backward(), &model);
-            model = optim.step(model, grads, lr, clip, None).0;
-            let _ = loss.into_scalar();
-            times.push(t0.elapsed().as_secs_f64());
-            // First step compiles; then at least 3 timed steps or 3% of the budget.
-            let timed: f64 = times.iter().skip(1).sum();
-            if times.len() >= 4 && (timed >= 0.03 * budget || times.len() >= 8) {
-                break;
-            }
-        }
-        // The median of the later half: early steps still compile kernels.
-        let mut later = times[times.len() / 2..].to_vec();
-        later.sort_by(f64::total_cmp);
-        let step_s = later[later.len() / 2];
-        // Evaluation: time a few batches (the first compiles), scale to the split.
-        let valid = model.valid();
-        let vb = self.val_loader.len();
-        let mut eval_times = Vec::new();
-        for batch in self.val_loader.epoch(0, 0).take(3) {
-            let b = batch?;
-            let t0 = Instant::now();
-            let [h, w] = b.size;
-            let x = Tensor::<B::InnerBackend, 4>::from_data(
-                TensorData::new(b.images, [b.labels.len(), 3, h, w]),
-                &self.device,
-            );
-            let _ = crate::io::to_host(valid.forward(x))?;
-            eval_times.push(t0.elapsed().as_secs_f64());
-        }
-        let per_batch = eval_times[1.min(eval_times.len() - 1)..].iter().sum::<f64>()
-            / eval_times[1.min(eval_times.len() - 1)..].len() as f64;
-        let passes = if self.ema.is_some() { 2.0 } else { 1.0 };
-        let eval_s = per_batch * vb as f64 * passes;
-        // A checkpoint of the initial state times the saves (and makes the run resumable from step 0).
-        let t0 = Instant::now();
-        self.save(false)?;
-        let save_s = t0.elapsed().as_secs_f64();
-        self.eval_s = Some(eval_s);
-        self.save_s = Some(save_s);
-        let plan = self.plan_budget(budget, self.elapsed(), step_s)?;
-        self.apply_plan(plan);
-        self.save(false)?; // the initial checkpoint again, now with the sized schedule
-        self.step_s = Some(step_s);
-        self.progress.line(&format!(
-            "measured {:.3} s/step ({:.0} img/s), {:.1} s per evaluation, {:.2} s per checkpoint; {} spent; {} epochs ({} steps) fit",
-            step_s,
-            self.cfg().batch_size as f64 / step_s,
-            eval_s,
-            save_s,
-            format_duration(self.elapsed()),
-            plan.epochs,
-            plan.total_steps
-        ));
-        Ok(())
-    }
-
-    /// The weights to save (f32): the f32 master copy with bf16, else the model itself.
-    fn model_to_save(&self) -> Model<B::InnerBackend> {
-        let valid = self.model.valid();
-        match self.optim.master_weights() {
-            Some(master) if !master.is_empty() => replace_flat(valid, &master, Some(FloatDType::F32)),
-            _ => params::cast_params(valid, FloatDType::F32),
-        }
-    }
-
-    fn ema_model(&self, dtype: Option<FloatDType>) -> Option<Model<B::InnerBackend>> {
-        self.ema
-            .as_ref()
-            .map(|e| replace_flat(self.model.valid(), &self.optim.ema_values(e), dtype))
-    }
-
-    /// Writes `last` (and `best` too when `best` is set) atomically. The weights and optimizer
-    /// state are copied to the host here; the files are written on the writer thread.
-    fn save(&mut self, best: bool) -> Result<()> {
-        self.state.elapsed_s = self.elapsed();
-        let config = self.state.model.clone();
-        // Each optimizer buffer comes to the host once; the files are serialised on the writer
-        // thread. Before the first step (no buffers yet) the model is read parameter by
-        // parameter, and so are averages restored by a resume and not yet laid out.
-        let copy = self.optim.host_copy(self.ema.is_some())?;
-        let (model, ema_host, optim) = match copy {
-            Some(c) => (WeightsOut::Host(c.weights), c.ema, c.state),
-            None => (
-                WeightsOut::Bytes(weights::native_bytes(&self.model_to_save(), &config)?),
-                None,
-                HostTensors::new(),
-            ),
-        };
-        let ema = match ema_host {
-            Some(host) => Some(WeightsOut::Host(host)),
-            None => self
-                .ema_model(Some(FloatDType::F32))
-                .map(|m| weights::native_bytes(&m, &config).map(WeightsOut::Bytes))
-                .transpose()?,
-        };
-        let state_json = serde_json::to_vec_pretty(&self.state)?;
-        let last = self.run_dir.join("last");
-        let best = best.then(|| self.run_dir.join("best"));
-        self.writer.submit(move || {
-            checkpoint::commit_dir(&last, |dir| {
-                weights::write_atomic(&dir.join(MODEL_FILE), &model.into_bytes(&config)?)?;
-                if let Some(ema) = ema {
-                    weights::write_atomic(&dir.join(EMA_FILE), &ema.into_bytes(&config)?)?;
-                }
-                crate::io::write_safetensors(&dir.join(OPTIM_FILE), &optim)?;
-                checkpoint::write_synced(&dir.join(STATE_FILE), &state_json)
-            })?;
-            match best {
-                Some(best) => checkpoint::link_dir(&last, &best),
-                None => Ok(()),
-            }
-        })
-    }
-
     fn evaluate_models(&mut self) -> Result<(EvalSummary, Option<EvalSummary>, f64)> {
         let t0 = Instant::now();
         let raw = evaluate(&self.model.valid(), &self.val_loader, &self.device, false)?.summary();
@@ -863,79 +632,9 @@ impl<B: AutodiffBackend> Session<B> {
         })
     }
 
-    /// After every epoch, sizes the rest of the run again from the mean speed of the epochs so far,
-    /// in both directions: the steps timed before training can be slower (kernels still compiling)
-    /// or faster (the data loader's queue was full) than the real run, and a run that hits the
-    /// deadline before its schedule ends stops with the learning rate still high. It shrinks
-    /// whenever it must, but grows only by at least half an epoch, so that noise in the epoch times
-    /// does not move the schedule back and forth.
-    fn resize_to_budget(&mut self) {
-        let Some(budget) = self.cfg().budget_s else {
-            return;
-        };
-        let done_steps = self.state.global_step;
-        let epoch_steps = done_steps - self.state.history.last().map_or(0, |m| m.step);
-        if epoch_steps == 0 {
-            return;
-        }
-        let train_s: f64 =
-            self.state.history.iter().map(|m| m.epoch_s).sum::<f64>() + self.state.epoch_train_s;
-        let step_s = train_s / done_steps as f64;
-        self.step_s = Some(step_s);
-        let done_epochs = self.state.epoch + 1;
-        // The epochs still to come after this one's evaluation, planned from now.
-        let eval_now = if self.evaluates_after(self.state.epoch) {
-            self.eval_s.unwrap_or(0.0)
-        } else {
-            0.0
-        };
-        let later = self.plan_budget(budget, self.elapsed() + eval_now, step_s);
-        let (epochs, total_steps) = match later {
-            Ok(plan) => (done_epochs + plan.epochs, done_steps + plan.total_steps),
-            Err(_) => (done_epochs, done_steps),
-        };
-        let current = self.state.schedule.total_steps;
-        if !should_resize(
-            done_steps,
-            current,
-            total_steps,
-            self.state.steps_per_epoch as u64,
-        ) {
-            return;
-        }
-        self.progress.line(&format!(
-            "after epoch {done_epochs} ({step_s:.3} s/step on average): re-sized the run from {} to {epochs} epochs ({total_steps} steps)",
-            self.state.epochs
-        ));
-        self.apply_plan(BudgetPlan { epochs, total_steps });
-    }
-
     /// Whether the end of `epoch` (0-based) evaluates.
-    fn evaluates_after(&self, epoch: usize) -> bool {
+    pub(super) fn evaluates_after(&self, epoch: usize) -> bool {
         (epoch + 1).is_multiple_of(self.cfg().eval_every)
-    }
-
-    /// The run that fits `budget` when training started `elapsed_s` into it, at `step_s` per step
-    /// (evaluation and checkpoint costs as measured by `size_to_budget`).
-    fn plan_budget(&self, budget: f64, elapsed_s: f64, step_s: f64) -> Result<BudgetPlan> {
-        let save_s = self.save_s.unwrap_or(0.0);
-        plan_budget(&BudgetInputs {
-            budget_s: budget,
-            elapsed_s,
-            step_s,
-            steps_per_epoch: self.state.steps_per_epoch,
-            eval_s: self.eval_s.unwrap_or(0.0),
-            eval_every: self.cfg().eval_every,
-            reserve_s: 2.0 + 0.02 * budget + save_s,
-            epoch_overhead_s: save_s,
-        })
-    }
-
-    fn apply_plan(&mut self, plan: BudgetPlan) {
-        let spe = self.state.steps_per_epoch;
-        self.state.epochs = plan.epochs;
-        self.state.schedule.total_steps = plan.total_steps;
-        self.state.schedule.warmup_steps = self.cfg().warmup.steps(plan.total_steps, spe);
     }
 
     fn run(mut self) -> Result<TrainOutcome> {
@@ -957,8 +656,7 @@ impl<B: AutodiffBackend> Session<B> {
                         let need = self.step_s.unwrap_or(0.0)
                             + self.eval_s.unwrap_or(0.0)
                             + self.save_s.unwrap_or(0.0)
-                            + 1.0
-                            + 0.02 * budget;
+                            + margin_s(budget);
                         if self.elapsed() + need > budget {
                             out_of_time = true;
                             break;
@@ -973,7 +671,7 @@ impl<B: AutodiffBackend> Session<B> {
                         self.flush()?;
                     }
                     let step = self.state.global_step;
-                    if self.cfg().stop_at_step == Some(step) || INTERRUPTED.load(Ordering::SeqCst) {
+                    if self.cfg().stop_at_step == Some(step) || signals::interrupted() {
                         drop(batches);
                         return self.paused(train_start);
                     }
@@ -1099,17 +797,6 @@ impl<B: AutodiffBackend> Session<B> {
     }
 }
 
-/// Whether a run re-sized to `planned` total steps replaces the current schedule of `current`
-/// after `done` steps: never once the schedule has run its course (growing it then would add
-/// steps at a learning rate near zero: a 4-minute run on the H100 spent its last 20 s so, session
-/// 10), always when it must shrink, and when it grows by at least half an epoch.
-fn should_resize(done: u64, current: u64, planned: u64, steps_per_epoch: u64) -> bool {
-    if done >= current {
-        return false;
-    }
-    planned < current || planned >= current + steps_per_epoch / 2
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,19 +805,5 @@ mod tests {
     fn seeds_differ_per_step() {
         assert_ne!(mix_seed(1, 0), mix_seed(1, 1));
         assert_ne!(mix_seed(1, 0), mix_seed(2, 0));
-    }
-
-    #[test]
-    fn a_finished_schedule_is_never_re_sized() {
-        // 195 steps an epoch, a 10-epoch schedule.
-        let (spe, current) = (195, 1950);
-        // Mid-run: grows by at least half an epoch, shrinks whenever it must.
-        assert!(should_resize(780, current, current + 195, spe));
-        assert!(!should_resize(780, current, current + 90, spe));
-        assert!(should_resize(780, current, current - 195, spe));
-        assert!(!should_resize(780, current, current, spe));
-        // The schedule has ended (its learning rate is at its final value): no more epochs.
-        assert!(!should_resize(1950, current, current + 187, spe));
-        assert!(!should_resize(1950, current, current + 1950, spe));
     }
 }

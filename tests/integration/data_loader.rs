@@ -292,18 +292,13 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0 // utime + stime, in USER_HZ = 100 ticks
 }
 
-/// Loader speed on the real CIFAR-10 JPEG archive; run with
-/// `cargo test --release --test data_loader -- --ignored --nocapture`
-/// (`VICINITY_BENCH_WORKERS=n` to pick the worker count; default all cores).
+/// Loader speed on real images (Fashion-MNIST from Debian's `dataset-fashion-mnist`), all cores;
+/// run with `cargo test --release --test integration bench_real_loader_throughput -- --ignored --nocapture`.
 #[test]
 #[ignore]
-fn bench_real_cifar10_throughput() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/cifar10-jpeg.tar.zst");
-    let ds = Arc::new(open_split(path, "train").unwrap());
-    let workers: usize = std::env::var("VICINITY_BENCH_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+fn bench_real_loader_throughput() {
+    let ds = Arc::new(open_split("/usr/share/datasets/fashion-mnist", "train").unwrap());
+    let workers = 0;
     for (name, aug, size, batches) in [
         ("cifar_fast 32x32", AugmentConfig::cifar_fast(), 32, 100),
         ("eval 32x32", AugmentConfig::eval(Normalize::CIFAR10), 32, 100),

@@ -6,6 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
+mod cli_binary;
 mod cli_features;
 mod data_download;
 mod data_loader;

@@ -8,16 +8,18 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use vicinity::data::parse_randaug;
 use vicinity::models::{self, Model};
+use vicinity::train::budget::{BudgetInputs, parse_duration, plan_budget};
 use vicinity::train::checkpoint::{self, STATE_FILE};
+use vicinity::train::demo;
 use vicinity::train::inference::{
     ClassSource, Prediction, TopClass, class_names, format_predictions, softmax, top_k,
 };
 use vicinity::train::metrics::EvalAccumulator;
 use vicinity::train::optim::{AdamW, AdamWConfig, Ema, Grouping};
 use vicinity::train::params::{collect_flat, decays, param_info};
-use vicinity::train::schedule::{BudgetInputs, Schedule, Warmup, parse_duration, plan_budget};
-use vicinity::train::{args::parse_randaug, demo};
+use vicinity::train::schedule::{Schedule, Warmup};
 
 type B = burn::backend::Flex;
 type AB = Autodiff<B>;
@@ -165,6 +167,93 @@ fn adamw_matches_the_reference_update() {
         assert!((*g as f64 - e).abs() < 1e-6, "{got:?} vs {p:?}");
     }
     assert_eq!(opt.step, 2);
+}
+
+/// The clipped update itself: two parameter tensors whose gradients are scaled together by
+/// `clip/‖g‖` (the norm over both), two steps with different norms (Adam's first step alone is
+/// sign-like, so it cannot tell), against AdamW written out in f64.
+#[test]
+fn adamw_clips_the_update_by_the_global_norm() {
+    #[derive(burn::module::Module, Debug)]
+    struct Two<B: Backend> {
+        a: burn::module::Param<Tensor<B, 1>>,
+        b: burn::module::Param<Tensor<B, 1>>,
+    }
+    let device = Default::default();
+    let (a0, b0) = ([0.5f32, -1.0, 2.0], [0.25f32, 1.5]);
+    let mut two = Two::<AB> {
+        a: burn::module::Param::from_tensor(Tensor::from_data(a0, &device)),
+        b: burn::module::Param::from_tensor(Tensor::from_data(b0, &device)),
+    };
+    let (lr, clip, b1, b2, eps) = (0.05f64, 0.5f64, 0.9f64, 0.999f64, 1e-8f64);
+    let mut opt = AdamW::<B>::new(
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        false,
+    );
+    // AdamW in f64 over three steps; `clipped` scales each step's gradients by clip/‖g‖.
+    let reference = |clipped: bool| -> (Vec<f64>, Vec<f64>) {
+        let mut p: Vec<f64> = a0.iter().chain(&b0).map(|&v| v as f64).collect();
+        let (mut m, mut v, mut norms) = (vec![0.0; 5], vec![0.0; 5], Vec::new());
+        for t in 1..=3 {
+            // loss = Σ a³ + Σ b⁴ → gradients 3a², 4b³: the norm changes from step to step.
+            let g: Vec<f64> = (0..5)
+                .map(|i| {
+                    if i < 3 {
+                        3.0 * p[i] * p[i]
+                    } else {
+                        4.0 * p[i].powi(3)
+                    }
+                })
+                .collect();
+            let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+            norms.push(norm);
+            let scale = if clipped {
+                (clip / (norm + 1e-6)).min(1.0)
+            } else {
+                1.0
+            };
+            for i in 0..5 {
+                let g = g[i] * scale;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let mh = m[i] / (1.0 - b1.powi(t));
+                let vh = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+        }
+        (p, norms)
+    };
+    let (want, norms) = reference(true);
+    for (t, norm) in norms.iter().enumerate() {
+        let loss = two.a.val().powi_scalar(3).sum() + two.b.val().powi_scalar(4).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &two);
+        let (next, stats) = opt.step(two, grads, lr, Some(clip), None);
+        two = next;
+        assert!(*norm > clip, "step {t}: the clip must be active ({norm})");
+        let got_norm = stats.grad_norm.into_scalar() as f64;
+        assert!(
+            (got_norm - norm).abs() <= 1e-5 * norm,
+            "step {t}: norm {got_norm} vs {norm}"
+        );
+    }
+    let got: Vec<f32> = [two.a.val(), two.b.val()]
+        .into_iter()
+        .flat_map(|t| t.into_data().to_vec::<f32>().unwrap())
+        .collect();
+    for (g, e) in got.iter().zip(&want) {
+        assert!((*g as f64 - e).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+    // Unclipped, the same steps end measurably elsewhere: the comparison above can tell.
+    let (unclipped, _) = reference(false);
+    let apart = want
+        .iter()
+        .zip(&unclipped)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(apart > 5e-4, "clipping changed the trajectory by only {apart}");
 }
 
 /// A copy of `grads` (which is not `Clone`), parameter by parameter.

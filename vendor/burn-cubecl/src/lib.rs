@@ -30,10 +30,6 @@ pub use backend::*;
 
 // Re-export cubecl.
 pub use cubecl;
-// vicinity patch: re-export cubek, so that the flash-attention strategy types can be named
-// (src/kernels/flash_attention.rs) without a dependency of our own on the same crate.
-pub use cubek;
-
 mod tune_key;
 pub use tune_key::CubeAutotuneKey;
 

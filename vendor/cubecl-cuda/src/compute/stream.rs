@@ -78,16 +78,7 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_gpu,
             memory_management_cpu,
             errors: Vec::new(),
-            // vicinity patch: `VICINITY_DROP_QUEUE` staged uploads between fences (64 by
-            // default). Each flush waits for the previous fence, which bounds how far the device
-            // thread runs ahead of the GPU when every launch uploads its metadata.
-            drop_queue: drop_queue::PendingDropQueue::new(drop_queue::FlushingPolicy {
-                max_bytes_count: std::env::var("VICINITY_DROP_QUEUE")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(64),
-                ..Default::default()
-            }),
+            drop_queue: drop_queue::PendingDropQueue::new(drop_queue::FlushingPolicy::default()),
         }
     }
 

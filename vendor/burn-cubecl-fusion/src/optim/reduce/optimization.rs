@@ -545,8 +545,7 @@ pub fn reduce_kernel_fused<In: Numeric, SizeIn: Size, Out: Numeric, SizeOut: Siz
 /// (outputs, divided by the vector width when the reduced axis is strided) and `len` the serial
 /// work per thread. Long reductions with few outputs (bias and weight gradients: a few hundred
 /// columns over 100k+ rows) go to a plane (32 threads) or a whole cube per output. `cube_planes`
-/// is false where planes cannot be merged (fuse-on-write). `VICINITY_REDUCE=unit` restores the
-/// one-thread-per-output routine everywhere, for A/B runs.
+/// is false where planes cannot be merged (fuse-on-write).
 pub fn shape_routine(
     shape: &[usize],
     axis: usize,
@@ -556,8 +555,7 @@ pub fn shape_routine(
 ) -> RoutineStrategy {
     use cubek::reduce::routines::{cube::CubeStrategy, plane::PlaneStrategy};
     let unit = RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy));
-    static UNIT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *UNIT_ONLY.get_or_init(|| std::env::var("VICINITY_REDUCE").is_ok_and(|v| v == "unit")) || axis >= shape.len() {
+    if axis >= shape.len() {
         return unit;
     }
     let vector = (16 / elem_size.max(1)).max(1);

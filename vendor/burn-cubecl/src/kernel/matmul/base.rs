@@ -53,18 +53,8 @@ pub fn matmul<R: CubeRuntime>(
     }
     match strategy {
         MatmulStrategy::Cube => {
-            log_shapes(&lhs, &rhs);
             let out = out.unwrap_or_else(|| init_matmul_output(&lhs, &rhs, out_dtype));
-            // vicinity patch: `VICINITY_MATMUL` picks the kernel of untuned matmuls (see
-            // `env_strategy`); CubeCL's default kernel is the fallback if it cannot launch.
-            match env_strategy() {
-                Some(strategy) => {
-                    if launch_matmul(strategy, lhs.clone(), rhs.clone(), out.clone()).is_err() {
-                        launch_matmul(&Default::default(), lhs, rhs, out.clone())?;
-                    }
-                }
-                None => launch_matmul(&Default::default(), lhs, rhs, out.clone())?,
-            }
+            launch_matmul(&Default::default(), lhs, rhs, out.clone())?;
             Ok(out)
         }
         #[cfg(feature = "autotune")]
@@ -206,83 +196,3 @@ pub fn set_matmul_hook(hook: MatmulHook) -> bool {
     MATMUL_HOOK.set(hook).is_ok()
 }
 
-/// vicinity patch: the matmul kernel named by the `VICINITY_MATMUL` environment variable, read
-/// once. Names follow CubeCL's tunables; unset, empty or `auto` keep CubeCL's default
-/// (`simple_cyclic_cmma`). An unknown name panics with the list of known ones.
-pub fn env_strategy() -> Option<&'static Strategy> {
-    use cubek::matmul::{
-        components::tile::TileMatmulKind,
-        routines::{
-            BlueprintStrategy, double_buffering::DoubleBufferingArgs,
-            ordered_double_buffering::OrderedSelectionArgs, simple::SimpleArgs,
-        },
-    };
-    static STRATEGY: std::sync::OnceLock<Option<Strategy>> = std::sync::OnceLock::new();
-    STRATEGY
-        .get_or_init(|| {
-            let name = std::env::var("VICINITY_MATMUL").unwrap_or_default();
-            let simple = |multi_rows, tile_matmul| SimpleArgs {
-                multi_rows,
-                tile_matmul,
-            };
-            let double = |specialized, tile_matmul| DoubleBufferingArgs {
-                specialized,
-                tile_matmul,
-            };
-            let ordered = |row_count, tile_matmul| OrderedSelectionArgs {
-                partition_k: Some(2),
-                row_count: Some(row_count),
-                rows_per_plane: Some(2),
-                tile_matmul,
-            };
-            use BlueprintStrategy::Inferred as I;
-            use TileMatmulKind::{Cmma, Mma};
-            Some(match name.as_str() {
-                // `cubecl` / `cublas`: the application's switch for its matmul hook.
-                "" | "auto" | "cubecl" | "cublas" => return None,
-                "simple_cyclic_mma" => Strategy::SimpleCyclicMma(I(simple(false, Mma))),
-                "simple_multirow_cmma" => Strategy::SimpleCyclicCmma(I(simple(true, Cmma))),
-                "simple_multirow_mma" => Strategy::SimpleCyclicMma(I(simple(true, Mma))),
-                "double_cyclic_cmma" => Strategy::DoubleCyclicCmma(I(double(false, Cmma))),
-                "double_cyclic_mma" => Strategy::DoubleCyclicMma(I(double(false, Mma))),
-                "double_specialized_cmma" => Strategy::DoubleCyclicCmma(I(double(true, Cmma))),
-                "double_specialized_mma" => Strategy::DoubleCyclicMma(I(double(true, Mma))),
-                "ordered_double_cmma" => Strategy::OrderedDoubleCmma(I(ordered(4, Cmma))),
-                "ordered_double_mma" => Strategy::OrderedDoubleMma(I(ordered(4, Mma))),
-                "ordered_double8_mma" => Strategy::OrderedDoubleMma(I(ordered(8, Mma))),
-                "specialized_cyclic_cmma" => Strategy::SpecializedCyclicCmma(I(().into())),
-                "specialized_cyclic_mma" => Strategy::SpecializedCyclicMma(I(().into())),
-                "simple_tma_cmma" => Strategy::SimpleTmaCmma(I(simple(false, Cmma))),
-                "simple_tma_mma" => Strategy::SimpleTmaMma(I(simple(false, Mma))),
-                "specialized_tma_cmma" => Strategy::SpecializedTmaCmma(I(().into())),
-                "specialized_tma_mma" => Strategy::SpecializedTmaMma(I(().into())),
-                other => panic!(
-                    "VICINITY_MATMUL={other} is not a known matmul kernel; use auto, \
-                     simple_cyclic_mma, simple_multirow_cmma, simple_multirow_mma, \
-                     double_cyclic_cmma, double_cyclic_mma, double_specialized_cmma, \
-                     double_specialized_mma, ordered_double_cmma, ordered_double_mma, \
-                     ordered_double8_mma, specialized_cyclic_cmma, specialized_cyclic_mma, \
-                     simple_tma_cmma, simple_tma_mma, specialized_tma_cmma or specialized_tma_mma"
-                ),
-            })
-        })
-        .as_ref()
-}
-
-/// vicinity patch: with `VICINITY_MATMUL_LOG=FILE`, one line per untuned matmul launch
-/// (`lhs_shape rhs_shape`), in launch order, so a kernel profile can be matched with shapes
-/// (scripts/profile_summary.py --shapes).
-fn log_shapes<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>) {
-    use std::io::Write;
-    static LOG: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> =
-        std::sync::OnceLock::new();
-    let log = LOG.get_or_init(|| {
-        let path = std::env::var("VICINITY_MATMUL_LOG").ok()?;
-        std::fs::File::create(path).ok().map(std::sync::Mutex::new)
-    });
-    if let Some(file) = log
-        && let Ok(mut file) = file.lock()
-    {
-        let _ = writeln!(file, "{:?} {:?}", lhs.meta.shape().as_slice(), rhs.meta.shape().as_slice());
-    }
-}

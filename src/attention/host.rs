@@ -1,0 +1,105 @@
+//! Host-memory helpers of the attention kinds' loop references.
+
+use burn::prelude::*;
+
+use crate::nn::Linear;
+
+pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data")
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn softmax_vec(s: &[f32]) -> Vec<f32> {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = s.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// A `Linear` copied to host memory: weight `[in, out]` (Burn layout) and bias.
+pub struct HostLinear {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    o: usize,
+}
+
+impl HostLinear {
+    pub fn of<B: Backend>(linear: &Linear<B>) -> Self {
+        let [_, o] = linear.weight.dims();
+        let b = linear
+            .bias
+            .as_ref()
+            .map(|b| host(b.val()))
+            .unwrap_or_else(|| vec![0.0; o]);
+        Self {
+            w: host(linear.weight.val()),
+            b,
+            o,
+        }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = self.b.clone();
+        for (i, xi) in x.iter().enumerate() {
+            let row = &self.w[i * self.o..(i + 1) * self.o];
+            for (yo, wo) in y.iter_mut().zip(row) {
+                *yo += xi * wo;
+            }
+        }
+        y
+    }
+}
+
+/// Softmax attention of one token's queries `q` (`heads` heads of `dh`) over `kv` rows (the keys
+/// of `kv_heads` heads, then their values): query head `i` uses key/value head
+/// `i / (heads / kv_heads)`, scores scaled by `1/√dh`. The heads' outputs, concatenated.
+pub fn attend(q: &[f32], kv: &[Vec<f32>], heads: usize, kv_heads: usize, dh: usize) -> Vec<f32> {
+    let g = heads / kv_heads;
+    let mut out = vec![0.0f32; heads * dh];
+    for hi in 0..heads {
+        let kh = hi / g;
+        let qh = &q[hi * dh..(hi + 1) * dh];
+        let scores: Vec<f32> = kv
+            .iter()
+            .map(|kvt| dot(qh, &kvt[kh * dh..(kh + 1) * dh]) / (dh as f32).sqrt())
+            .collect();
+        for (kvt, w) in kv.iter().zip(softmax_vec(&scores)) {
+            let v = &kvt[(kv_heads + kh) * dh..(kv_heads + kh + 1) * dh];
+            for (o, x) in out[hi * dh..(hi + 1) * dh].iter_mut().zip(v) {
+                *o += w * x;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+
+    use crate::nn::Linear;
+
+    type B = burn::backend::Flex;
+
+    /// ‖a − b‖ / ‖b‖.
+    pub fn max_rel_err(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+        let diff: f32 = (a - b.clone()).powi_scalar(2).sum().into_scalar();
+        let norm: f32 = b.powi_scalar(2).sum().into_scalar();
+        (diff / norm).sqrt()
+    }
+
+    /// Random biases too, so that the reference checks also cover them.
+    pub fn randomise_biases(mut l: Linear<B>, device: &burn::tensor::Device<B>) -> Linear<B> {
+        let [_, o] = l.weight.dims();
+        l.bias = Some(burn::module::Param::from_tensor(Tensor::random(
+            [o],
+            Distribution::Normal(0.0, 0.5),
+            device,
+        )));
+        l
+    }
+}

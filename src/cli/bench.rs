@@ -1,0 +1,149 @@
+//! `vicinity bench`: training and inference throughput and peak memory of whole models or single
+//! attention layers on synthetic data (docs/BENCH.md).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+
+use crate::backend::Dtype;
+use crate::bench::{self, BenchRow, BenchSpec, Mode, attention};
+use crate::weights::write_atomic;
+
+/// `vicinity bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Registered model names or config files.
+    #[arg(long, num_args = 1..)]
+    pub model: Vec<String>,
+    /// Time one attention layer alone instead of (or as well as) whole models; `--resolution` /
+    /// `--sweep-res` then give the side of the token grid (N = side²).
+    #[arg(long, value_enum, num_args = 1..)]
+    pub attention: Vec<attention::AttentionLayer>,
+    /// Channels of the attention-only layer (VVT-T stage 1: 64).
+    #[arg(long, default_value_t = 64)]
+    pub attention_dim: usize,
+    /// Heads of the attention-only layer.
+    #[arg(long, default_value_t = 1)]
+    pub attention_heads: usize,
+    /// Input resolution (square); defaults to the model's own.
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Several resolutions, e.g. `224,384,512,768` (overrides --resolution).
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_res: Vec<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub batch: usize,
+    #[arg(long, value_enum, num_args = 1.., default_values = ["train", "infer"])]
+    pub mode: Vec<Mode>,
+    /// f32, or bf16 (the whole model in bf16; training keeps f32 master weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    /// Untimed steps after the first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
+    pub iters: usize,
+    /// Also append each row as a JSON line to this file (as it finishes).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write bench.csv, bench.jsonl and a bench.png chart (speed and memory against resolution)
+    /// into this folder at the end.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a count of at least 1")),
+    }
+}
+
+/// Runs every requested row on backend `B` (its inner backend for inference rows), printing each
+/// as it finishes and the table at the end.
+pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> Result<()> {
+    anyhow::ensure!(
+        !a.model.is_empty() || !a.attention.is_empty(),
+        "name at least one --model (see `vicinity models`) or --attention kind"
+    );
+    a.dtype.apply::<B>(device)?;
+    let gpu = crate::backend::is_cuda::<B>();
+    let mut rows = Vec::new();
+    let mut push = |row: BenchRow| -> Result<()> {
+        eprintln!(
+            "{}",
+            bench::table(std::slice::from_ref(&row))
+                .lines()
+                .nth(1)
+                .unwrap_or_default()
+        );
+        if let Some(path) = &a.json {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            writeln!(f, "{}", serde_json::to_string(&row)?)?;
+        }
+        rows.push(row);
+        Ok(())
+    };
+    let sides = |default: usize| match (&a.sweep_res[..], a.resolution) {
+        ([], res) => vec![res.unwrap_or(default)],
+        (sweep, _) => sweep.to_vec(),
+    };
+    for name in &a.model {
+        let config = crate::models::resolve_config(name)?;
+        for res in sides(config.default_resolution()) {
+            for &mode in &a.mode {
+                let spec = BenchSpec {
+                    name,
+                    config: &config,
+                    mode,
+                    dtype: a.dtype,
+                    resolution: res,
+                    batch: a.batch,
+                    warmup: a.warmup,
+                    iters: a.iters,
+                    gpu,
+                };
+                push(bench::run::<B>(&spec, device)?)?;
+            }
+        }
+    }
+    for &kind in &a.attention {
+        for side in sides(56) {
+            for &mode in &a.mode {
+                let spec = attention::AttentionSpec {
+                    kind,
+                    side,
+                    batch: a.batch,
+                    dim: a.attention_dim,
+                    heads: a.attention_heads,
+                    variants: 18,
+                    mode,
+                    dtype: a.dtype,
+                    warmup: a.warmup,
+                    iters: a.iters,
+                    gpu,
+                };
+                push(attention::run_attention::<B>(&spec, device)?)?;
+            }
+        }
+    }
+    if let Some(dir) = &a.report {
+        std::fs::create_dir_all(dir)?;
+        write_atomic(&dir.join("bench.csv"), bench::csv(&rows).as_bytes())?;
+        let jsonl: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+            .collect::<Result<_, _>>()?;
+        write_atomic(&dir.join("bench.jsonl"), jsonl.as_bytes())?;
+        write_atomic(&dir.join("bench.png"), &bench::sweep_png(&rows)?)?;
+        eprintln!("wrote {}/bench.{{csv,jsonl,png}}", dir.display());
+    }
+    print!("{}", bench::table(&rows));
+    Ok(())
+}

@@ -1,5 +1,0 @@
-mod base;
-
-pub use base::*;
-
-pub(crate) mod handle;
