@@ -1,7 +1,7 @@
 //! Names the kernel cache after the kernels' sources. CubeCL keys its on-disk kernel cache by a
 //! kernel's type and compile-time arguments, not by its body: after a kernel's code changed, a
-//! cache filled by an earlier build handed back the old compiled kernel (session 8 saw wrong
-//! depth-wise weight gradients that way). `VICINITY_KERNELS_HASH` hashes every file under
+//! cache filled by an earlier build handed back the old compiled kernel (wrong depth-wise weight
+//! gradients were once seen that way). `VICINITY_KERNELS_HASH` hashes every file under
 //! `src/kernels` and `vendor`, and `backend::configure_gpu_cache` keeps each build's kernels apart.
 
 use std::hash::Hasher;

@@ -790,8 +790,8 @@ pub fn check_real_shapes<B: AutodiffBackend>(device: &B::Device) -> anyhow::Resu
     Ok(out)
 }
 
-/// A small VVT (spatial reduction in stage 1) and a small LSAGT (both shift schemes' layers: the
-/// local attention, global attention, a stage reduction), without stochastic depth.
+/// A small VVT (spatial reduction in stage 1) and a small LSAGT (CIFAR shift scheme: the local
+/// attention, global attention, a stage reduction), without stochastic depth.
 pub fn small_models() -> Vec<crate::models::ModelConfig> {
     let vvt = r#"{"family": "vvt", "embed_dims": [16, 32, 32, 32], "heads": [1, 2, 2, 2],
         "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "sr_ratios": [2, 1, 1, 1],

@@ -232,6 +232,20 @@ fn load_native_from<B: Backend>(
     Ok(model)
 }
 
+/// A parameter name as this version writes it: LSAGT blocks kept their attention under `local` /
+/// `global` before it became `attn` (`stages.0.blocks.0.local.wq.weight` →
+/// `stages.0.blocks.0.attn.wq.weight`; a prefix such as the optimizer's `m/` is kept).
+pub fn current_name(name: &str) -> String {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    for i in 2..parts.len() {
+        let block = parts[i - 2].ends_with("blocks") && parts[i - 1].parse::<usize>().is_ok();
+        if block && matches!(parts[i], "local" | "global") {
+            parts[i] = "attn";
+        }
+    }
+    parts.join(".")
+}
+
 /// Loads weights of either kind, chosen by extension: `.pth`/`.pt`/`.bin` are official
 /// checkpoints, `.safetensors` are native files.
 pub fn load_any<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>> {
@@ -253,5 +267,31 @@ pub fn load_any<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>> {
             "cannot tell the format of {}: use .pth/.pt for official PyTorch checkpoints or .safetensors for native weights",
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::current_name;
+
+    #[test]
+    fn names_written_before_the_attn_field_are_brought_up_to_date() {
+        assert_eq!(
+            current_name("stages.0.blocks.0.local.wq.weight"),
+            "stages.0.blocks.0.attn.wq.weight"
+        );
+        assert_eq!(
+            current_name("m/stages.2.blocks.3.global.proj.bias"),
+            "m/stages.2.blocks.3.attn.proj.bias"
+        );
+        // Only a block's attention: other fields and other models' names stay.
+        for name in [
+            "stages.1.blocks.0.mlp.fc1.weight",
+            "stages.0.blocks.1.attn.q_proj.weight",
+            "stages.0.local.weight",
+            "head.bias",
+        ] {
+            assert_eq!(current_name(name), name);
+        }
     }
 }

@@ -6,9 +6,9 @@
 //! reduction of keys/values (r), the Feature Preserving Connection (a squeeze-excitation gate) and
 //! the released code's magnitude clamps.
 //!
-//! Three forms of the same attention live here: [`linear_core`], the plain tensor ops the model
+//! Two forms of the same attention live here: [`linear_core`], the plain tensor ops the model
 //! runs (the reference of the fused CubeCL core, [`crate::kernels::vicinity`], which replaces it
-//! where the backend has kernels); and [`VicinityAttention::forward_reference`], the block with
+//! where the backend has kernels), and [`VicinityAttention::forward_reference`], the block with
 //! the explicit N×N weight matrix (VVT paper Eq. 8–10), for tests.
 
 use std::f64::consts::FRAC_PI_2;

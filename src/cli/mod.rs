@@ -68,6 +68,9 @@ impl Settings {
     /// The backend to run on, with the GPU's kernel cache and cuBLAS set up.
     pub fn prepare(&self) -> Result<BackendKind> {
         let backend = self.backend.resolve()?;
+        if cfg!(feature = "cuda") && self.backend == BackendKind::Auto && backend == BackendKind::Flex {
+            eprintln!("note: no NVIDIA driver found, so this runs on the CPU (--backend flex)");
+        }
         if backend == BackendKind::Cuda {
             let dir = crate::backend::cache_dir(self.cache_dir.as_deref());
             crate::backend::configure_gpu_cache(&dir, self.autotune.as_deref())?;
@@ -147,7 +150,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::CheckKernels(a) => check::check_command(a, cli.settings.prepare()?)?,
+        Command::CheckKernels(a) => check::check_command(a, cli.settings.prepare()?, cli.settings.matmul)?,
         command => {
             let backend = cli.settings.prepare()?;
             on_backend!(backend, |B, device| match command {

@@ -1,4 +1,4 @@
-//! The patches of a dense k×k convolution of a channels-last tensor (`ops::im2col_nhwc`), for the
+//! The patches of a dense k×k convolution of a channels-last tensor (`nn::Conv2d::im2col`), for the
 //! patch embeddings and stage transitions of both models.
 //!
 //! Reference path: k² strided slices of the zero-padded input, stacked. Its forward is ~k² + 6

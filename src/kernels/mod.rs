@@ -26,7 +26,7 @@ pub(crate) mod rows;
 
 use burn::prelude::*;
 
-/// Whether this backend runs the fused kernels (whatever [`enabled`] says).
+/// Whether this backend runs the fused kernels.
 pub fn available<B: Backend>() -> bool {
     #[cfg(feature = "kernels")]
     {

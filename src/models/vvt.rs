@@ -181,7 +181,7 @@ impl VvtConfig {
     }
 
     /// The attention layer of a block of stage `i`.
-    fn attention<B: Backend>(&self, i: usize, device: &B::Device) -> Attention<B> {
+    fn attention_layer<B: Backend>(&self, i: usize, device: &B::Device) -> Attention<B> {
         let (c, heads) = (self.embed_dims[i], self.heads[i]);
         match self.attention.at(i) {
             AttentionKind::Vicinity => Attention::Vicinity(
@@ -229,7 +229,7 @@ impl VvtConfig {
                     let hidden = c * self.mlp_ratios[i];
                     Block {
                         norm1: norm(c, 1e-6),
-                        attn: self.attention(i, device),
+                        attn: self.attention_layer(i, device),
                         norm2: norm(c, 1e-6),
                         mlp: Mlp {
                             fc1: LinearConfig::new(c, hidden).init(device),
@@ -505,5 +505,53 @@ mod tests {
         let err = VvtConfig::tiny().check_input(100, 224).unwrap_err().to_string();
         assert!(err.contains("multiples of 32"), "{err}");
         assert!(VvtConfig::tiny().check_input(224, 320).is_ok());
+    }
+
+    /// A stage's attention kind comes from the configuration, one for all stages or one each; the
+    /// cost model counts the same parameters as the model holds.
+    #[test]
+    fn softmax_attention_is_chosen_by_configuration() {
+        use burn::module::Module;
+        type B = burn::backend::Flex;
+        let json = |attention: &str| {
+            format!(
+                r#"{{"embed_dims": [16, 32, 32, 32], "heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2],
+                "depths": [1, 1, 1, 1], "sr_ratios": [1, 1, 1, 1], "fr_ratios": [2, 2, 2, 2],
+                "num_classes": 3, "img_size": 32, "attention": {attention}}}"#
+            )
+        };
+        let all: VvtConfig = serde_json::from_str(&json(r#""softmax""#)).unwrap();
+        assert_eq!(all.attention.at(3), AttentionKind::Softmax);
+        let mixed: VvtConfig =
+            serde_json::from_str(&json(r#"["softmax", "vicinity", "vicinity", "softmax"]"#)).unwrap();
+        let device = Default::default();
+        for config in [all, mixed.clone()] {
+            config.validate().unwrap();
+            let model = config.init::<B>(&device);
+            let kinds: Vec<bool> = model
+                .stages
+                .iter()
+                .map(|s| matches!(s.blocks[0].attn, Attention::Softmax(_)))
+                .collect();
+            let want: Vec<bool> = (0..4)
+                .map(|i| config.attention.at(i) == AttentionKind::Softmax)
+                .collect();
+            assert_eq!(kinds, want);
+            let x = Tensor::<B, 4>::ones([2, 3, 32, 32], &device);
+            let y = model.forward(x);
+            assert_eq!(y.dims(), [2, 3]);
+            let v: Vec<f32> = y.into_data().to_vec().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()));
+            let params: u64 = config.costs(32, 32).iter().map(|c| c.params).sum();
+            assert_eq!(params as usize, model.num_params(), "{:?}", config.attention);
+        }
+        // The default is vicinity attention everywhere, and a JSON without the field reads so.
+        let back: VvtConfig = serde_json::from_str(&serde_json::to_string(&mixed).unwrap()).unwrap();
+        assert_eq!(back, mixed);
+        let mut wrong = mixed;
+        wrong.attention = PerStage::Each(vec![AttentionKind::Softmax; 3]);
+        let err = wrong.validate().unwrap_err().to_string();
+        assert!(err.contains("attention names 3 kinds"), "{err}");
+        assert_eq!(VvtConfig::tiny().attention.at(2), AttentionKind::Vicinity);
     }
 }

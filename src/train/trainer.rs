@@ -307,12 +307,13 @@ pub fn resume<B: AutodiffBackend>(
         model
     };
     let mut optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    // Keyed by parameter name, as this version names parameters.
+    let optim_state = read_all_f32(&ck.join(OPTIM_FILE))?
+        .into_iter()
+        .map(|(name, t)| (weights::current_name(&name), t))
+        .collect();
     optim
-        .load_host(
-            &model.valid(),
-            read_all_f32(&ck.join(OPTIM_FILE))?,
-            state.global_step,
-        )
+        .load_host(&model.valid(), optim_state, state.global_step)
         .with_context(|| {
             format!(
                 "cannot restore the optimizer from {}",
