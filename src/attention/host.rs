@@ -93,13 +93,44 @@ pub(super) mod tests {
     }
 
     /// Random biases too, so that the reference checks also cover them.
-    pub fn randomise_biases(mut l: Linear<B>, device: &burn::tensor::Device<B>) -> Linear<B> {
-        let [_, o] = l.weight.dims();
-        l.bias = Some(burn::module::Param::from_tensor(Tensor::random(
-            [o],
-            Distribution::Normal(0.0, 0.5),
-            device,
-        )));
-        l
+    pub fn randomise_biases(layers: [&mut Linear<B>; 3]) {
+        for l in layers {
+            let [_, o] = l.weight.dims();
+            let bias = Tensor::random([o], Distribution::Normal(0.0, 0.5), &l.weight.device());
+            l.bias = Some(burn::module::Param::from_tensor(bias));
+        }
+    }
+
+    // The loop references against the models' forward passes.
+    use super::super::{LocalShiftAttention, SoftmaxAttention, SoftmaxAttentionConfig};
+
+    #[test]
+    fn local_attention_matches_reference() {
+        let device = Default::default();
+        for (heads, shared_kv) in [(2, true), (4, true), (2, false), (1, false)] {
+            let cfg = SoftmaxAttentionConfig::new(8, heads).with_shared_kv(shared_kv);
+            let mut attn: LocalShiftAttention<B> = cfg.init_local(&device);
+            randomise_biases([&mut attn.wq, &mut attn.wkv, &mut attn.proj]);
+            assert_eq!(attn.wkv.weight.dims(), [8, cfg.kv_dim()]);
+            let x = Tensor::<B, 3>::random([2, 5, 8], Distribution::Normal(0.0, 3.0), &device);
+            let variants = Tensor::<B, 4>::random([3, 2, 5, 8], Distribution::Normal(0.0, 3.0), &device);
+            let fast = attn.forward(x.clone(), variants.clone());
+            let slow = attn.forward_reference(x, variants);
+            let err = max_rel_err(fast, slow);
+            assert!(err < 1e-5, "heads {heads} shared_kv {shared_kv}: rel err {err}");
+        }
+    }
+
+    #[test]
+    fn global_attention_matches_reference() {
+        let device = Default::default();
+        for (heads, shared_kv) in [(2, true), (4, true), (2, false), (4, false), (1, false)] {
+            let cfg = SoftmaxAttentionConfig::new(8, heads).with_shared_kv(shared_kv);
+            let mut attn: SoftmaxAttention<B> = cfg.init(&device);
+            randomise_biases([&mut attn.wq, &mut attn.wkv, &mut attn.proj]);
+            let x = Tensor::<B, 3>::random([2, 7, 8], Distribution::Normal(0.0, 3.0), &device);
+            let err = max_rel_err(attn.forward(x.clone()), attn.forward_reference(x));
+            assert!(err < 1e-5, "heads {heads} shared_kv {shared_kv}: rel err {err}");
+        }
     }
 }

@@ -278,6 +278,12 @@ fn cached_features<B: Backend>(locality: Locality, grid: (usize, usize), device:
     t
 }
 
+/// `B×L×(h·d)` → `B×h×L×d`.
+fn split_heads<B: Backend>(t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, len, inner] = t.dims();
+    t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
+}
+
 /// [`vicinity_core`] in plain tensor ops: per-head re-weighted features, `k'ᵀv`, the normaliser
 /// and the clamps, all kept by autodiff for the backward.
 pub fn linear_core<B: Backend>(
@@ -301,10 +307,7 @@ pub fn linear_core<B: Backend>(
         cfg.heads
     );
     let heads = cfg.heads;
-    let split = |t: Tensor<B, 3>| {
-        let [b, len, inner] = t.dims();
-        t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
-    };
+    let split = |t| split_heads(t, heads);
     let clamp = |t: Tensor<B, 4>| if cfg.clamp { clamp_magnitude(t) } else { t };
     let qr = reweight(split(q), cfg.locality, cfg.q_grid.0, cfg.q_grid.1);
     let kr = reweight(split(k), cfg.locality, cfg.k_grid.0, cfg.k_grid.1);
@@ -375,10 +378,7 @@ impl<B: Backend> VicinityAttention<B> {
                 vicinity_core(q, k, v, cfg)
             }
             Core::Quadratic => {
-                let split = |t: Tensor<B, 3>| {
-                    let [b, len, inner] = t.dims();
-                    t.reshape([b, len, heads, inner / heads]).swap_dims(1, 2)
-                };
+                let split = |t| split_heads(t, heads);
                 let (q, k, v) = (split(q), split(k), split(v));
                 let weights = locality_matrix::<B>(self.locality, (h, w), (kh, kw), &q.device());
                 let [nq, nk] = weights.dims();

@@ -154,7 +154,7 @@ impl TrainArgs {
         let out = self
             .out
             .clone()
-            .unwrap_or_else(|| trainer::default_run_dir(model_name));
+            .unwrap_or_else(|| crate::train::setup::default_run_dir(model_name));
         let mut c = TrainConfig::new(
             self.recipe.unwrap_or(Recipe::Papers),
             model_name,
@@ -344,7 +344,7 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
         let out = args
             .out
             .clone()
-            .unwrap_or_else(|| trainer::default_run_dir("quick"));
+            .unwrap_or_else(|| crate::train::setup::default_run_dir("quick"));
         let mut cfg = demo::quick_config(data, out, budget);
         if let Some(w) = args.workers {
             cfg.workers = w;

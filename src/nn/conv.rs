@@ -269,44 +269,32 @@ mod tests {
         assert!(rel(gb(&g1), gb(&g2)) < 1e-5, "db {what}");
     }
 
-    /// Every (kernel, stride, padding) the models use, plus odd grid sizes.
+    /// Every dense (kernel, stride, padding) the models use, plus odd grid sizes, and depth-wise
+    /// convolutions.
     #[test]
-    fn dense_conv_matches_burn_conv2d_forward_and_gradients() {
+    fn convs_match_burn_conv2d_forward_and_gradients() {
         let device = Default::default();
-        for (cin, cout, k, s, p, h, w) in [
+        let dense = [
             (3, 8, 7, 4, 3, 32, 32),
             (4, 6, 3, 2, 1, 9, 7),
             (3, 5, 3, 1, 1, 8, 8),
             (5, 4, 2, 2, 0, 8, 6),
             (3, 4, 4, 4, 0, 9, 8),
             (3, 4, 3, 1, 0, 6, 6),
-        ] {
-            let conv = Conv2dConfig::new([cin, cout], k)
-                .with_stride(s)
-                .with_padding(p)
-                .init::<B>(&device);
-            check(
-                &with_bias(conv, 0.3),
-                [2, h, w, cin],
-                &format!("k{k} s{s} p{p} {h}x{w}"),
-            );
-        }
-    }
-
-    #[test]
-    fn depthwise_conv_matches_burn_conv2d_forward_and_gradients() {
-        let device = Default::default();
-        for (c, h, w) in [(6, 7, 5), (4, 8, 8)] {
-            let conv = Conv2dConfig::new([c, c], 3)
+        ]
+        .map(|(cin, cout, k, s, p, h, w)| {
+            let config = Conv2dConfig::new([cin, cout], k).with_stride(s).with_padding(p);
+            (config, [2, h, w, cin], format!("k{k} s{s} p{p} {h}x{w}"))
+        });
+        let depthwise = [(6, 7, 5), (4, 8, 8)].map(|(c, h, w)| {
+            let config = Conv2dConfig::new([c, c], 3)
                 .with_padding(1)
                 .with_groups(c)
-                .with_init(ConvInit::FanOut)
-                .init::<B>(&device);
-            check(
-                &with_bias(conv, 0.2),
-                [2, h, w, c],
-                &format!("depth-wise {h}x{w}"),
-            );
+                .with_init(ConvInit::FanOut);
+            (config, [2, h, w, c], format!("depth-wise {h}x{w}"))
+        });
+        for (config, dims, what) in dense.into_iter().chain(depthwise) {
+            check(&with_bias(config.init::<B>(&device), 0.3), dims, &what);
         }
     }
 

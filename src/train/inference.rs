@@ -176,13 +176,9 @@ impl CheckpointInput {
 
 /// `vicinity eval`: metrics of a checkpoint on a dataset split.
 pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Result<EvalReport> {
-    let Loaded {
-        state,
-        config,
-        model,
-        res,
-        norm,
-    } = opts.checkpoint.load::<B>(device)?;
+    let loaded = opts.checkpoint.load::<B>(device)?;
+    let (state, config, model) = (loaded.state, loaded.config, loaded.model);
+    let (res, norm) = (loaded.res, loaded.norm);
     let dataset = open_split(&opts.data, &opts.split)?;
     if dataset.num_classes() != config.num_classes() {
         bail!(

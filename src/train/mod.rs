@@ -1,7 +1,8 @@
 //! Training and evaluation: `vicinity train`, `eval` and `predict`.
 //!
 //! - [`config`]: the recipe presets (`papers`, `cifar-fast`) and every override, serialisable.
-//! - [`trainer`]: the loop (fresh and resumed runs, NaN stop, progress, reports).
+//! - [`trainer`]: the loop (fresh and resumed runs, NaN stop, progress, reports); [`setup`]: the
+//!   data splits, the model as trained, the loaders.
 //! - [`loss`]: soft-target cross-entropy; [`evaluate`]: one pass over a split.
 //! - [`budget`]: sizing a run to a wall-clock budget, and durations.
 //! - [`optim`]: AdamW with parameter groups, global-norm clipping, f32 master weights, EMA.
@@ -30,6 +31,7 @@ pub mod params;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod setup;
 pub mod signals;
 pub mod trainer;
 

@@ -8,7 +8,6 @@
 //! exactly the steps the uninterrupted run would have taken.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -28,10 +27,11 @@ use super::optim::{AdamW, Ema};
 use super::params::{cast_params, collect_flat, materialize};
 use super::progress::Progress;
 use super::schedule::Schedule;
+use super::setup::{loaders, open_data, resolve_model};
 use super::signals;
 use crate::backend::Dtype;
-use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
-use crate::models::{Model, ModelConfig};
+use crate::data::Loader;
+use crate::models::Model;
 use crate::weights;
 
 /// How a training session ended.
@@ -63,93 +63,6 @@ pub(super) fn mix_seed(seed: u64, n: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// Opens the train and validation splits (`auto`: `val`, else `test`) and checks they agree.
-pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, String)> {
-    let open = |val: &str| -> Result<(ImageDataset, ImageDataset)> {
-        let mut v = open_splits(&cfg.data, &[cfg.train_split.as_str(), val])?;
-        let val_ds = v.pop().expect("two splits");
-        let train_ds = v.pop().expect("two splits");
-        Ok((train_ds, val_ds))
-    };
-    let (train, val, split) = if cfg.val_split == "auto" {
-        match open("val") {
-            Ok((t, v)) => (t, v, "val".to_string()),
-            Err(first) => match open("test") {
-                Ok((t, v)) => (t, v, "test".to_string()),
-                Err(second) => {
-                    return Err(second.context(format!(
-                        "no validation split found in {} (tried 'val': {first:#}; then 'test'); name one with --val-split",
-                        cfg.data.display()
-                    )));
-                }
-            },
-        }
-    } else {
-        let (t, v) = open(&cfg.val_split)?;
-        (t, v, cfg.val_split.clone())
-    };
-    check_same_classes(&train, &val)?;
-    Ok((train, val, split))
-}
-
-/// The model configuration as trained: classifier size, resolution and drop-path applied.
-pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelConfig, usize)> {
-    let classes = cfg.num_classes.unwrap_or(data_classes);
-    if classes != data_classes {
-        bail!("--num-classes {classes} does not match the dataset, which has {data_classes} classes");
-    }
-    let mut model = cfg.model.clone().with_num_classes(classes);
-    let res = cfg.resolution.unwrap_or_else(|| model.default_resolution());
-    match &mut model {
-        ModelConfig::Vvt(c) => {
-            c.img_size = res;
-            if let Some(p) = cfg.drop_path {
-                c.drop_path = p;
-            }
-        }
-        ModelConfig::Lsagt(c) => {
-            c.image_size = res;
-            if let Some(p) = cfg.drop_path {
-                c.drop_path = p;
-            }
-        }
-    }
-    model.validate()?;
-    model
-        .check_input(res, res)
-        .with_context(|| format!("the model cannot train at {res}x{res} (--resolution)"))?;
-    Ok((model, res))
-}
-
-fn loaders(
-    cfg: &TrainConfig,
-    train: ImageDataset,
-    val: ImageDataset,
-    res: usize,
-) -> Result<(Loader, Loader)> {
-    let mut tc = LoaderConfig::train(cfg.batch_size, [res, res], cfg.augment.clone());
-    tc.seed = cfg.seed;
-    tc.workers = cfg.workers;
-    let mut vc = LoaderConfig::eval(cfg.eval_batch_size, [res, res], cfg.normalize());
-    vc.workers = cfg.workers;
-    let train_loader = Loader::new(Arc::new(train), tc).context("training data")?;
-    let val_loader = Loader::new(Arc::new(val), vc).context("validation data")?;
-    Ok((train_loader, val_loader))
-}
-
-/// The default run directory: `runs/<model>-<unix time>`.
-pub fn default_run_dir(model_name: &str) -> PathBuf {
-    let stem = Path::new(model_name)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("{stem}-{secs}"))
 }
 
 /// Starts a new run in `cfg.out`.
@@ -225,16 +138,13 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         &run_dir.join("config.json"),
         &serde_json::to_vec_pretty(&state.config)?,
     )?;
-    let mut session = Session::new(
-        device,
+    let parts = Parts {
         model,
         optim,
         ema,
-        (train_loader, val_loader),
-        progress,
-        start,
-        state,
-    );
+        loaders: (train_loader, val_loader),
+    };
+    let mut session = Session::new(device, parts, progress, start, state);
     if let Some(budget) = session.state.config.budget_s {
         session.size_to_budget(budget)?;
     }
@@ -349,16 +259,14 @@ pub fn resume<B: AutodiffBackend>(
         state.global_step,
         state.schedule.total_steps
     ));
-    let session = Session::new(
-        device,
+    let loaders = (train_loader, val_loader);
+    let parts = Parts {
         model,
         optim,
         ema,
-        (train_loader, val_loader),
-        progress,
-        start,
-        state,
-    );
+        loaders,
+    };
+    let session = Session::new(device, parts, progress, start, state);
     session.run()
 }
 
@@ -369,6 +277,15 @@ struct Pending<B: Backend> {
     batch: usize,
     loss: Tensor<B, 1>,
     grad_norm: Tensor<B, 1>,
+}
+
+/// What a session trains with, fresh or restored.
+struct Parts<B: AutodiffBackend> {
+    model: Model<B>,
+    optim: AdamW<B::InnerBackend>,
+    ema: Option<Ema<B::InnerBackend>>,
+    /// Training and validation.
+    loaders: (Loader, Loader),
 }
 
 /// A run in progress: the model, optimizer and data, and the [`RunState`] that a checkpoint
@@ -401,17 +318,19 @@ pub(super) struct Session<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Session<B> {
     /// A fresh or resumed run (`state.elapsed_s` is the time its earlier processes spent).
-    #[allow(clippy::too_many_arguments)]
     fn new(
         device: &B::Device,
-        model: Model<B>,
-        optim: AdamW<B::InnerBackend>,
-        ema: Option<Ema<B::InnerBackend>>,
-        (train_loader, val_loader): (Loader, Loader),
+        parts: Parts<B>,
         progress: Progress,
         started: Instant,
         state: RunState,
     ) -> Self {
+        let Parts {
+            model,
+            optim,
+            ema,
+            loaders: (train_loader, val_loader),
+        } = parts;
         Self {
             device: device.clone(),
             model,

@@ -1,0 +1,98 @@
+//! Setting a run up: the data splits, the model configuration as trained, the loaders, the
+//! default run directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+
+use super::config::TrainConfig;
+use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
+use crate::models::ModelConfig;
+
+/// Opens the train and validation splits (`auto`: `val`, else `test`) and checks they agree.
+pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, String)> {
+    let open = |val: &str| -> Result<(ImageDataset, ImageDataset)> {
+        let mut v = open_splits(&cfg.data, &[cfg.train_split.as_str(), val])?;
+        let val_ds = v.pop().expect("two splits");
+        let train_ds = v.pop().expect("two splits");
+        Ok((train_ds, val_ds))
+    };
+    let (train, val, split) = if cfg.val_split == "auto" {
+        match open("val") {
+            Ok((t, v)) => (t, v, "val".to_string()),
+            Err(first) => match open("test") {
+                Ok((t, v)) => (t, v, "test".to_string()),
+                Err(second) => {
+                    return Err(second.context(format!(
+                        "no validation split found in {} (tried 'val': {first:#}; then 'test'); name one with --val-split",
+                        cfg.data.display()
+                    )));
+                }
+            },
+        }
+    } else {
+        let (t, v) = open(&cfg.val_split)?;
+        (t, v, cfg.val_split.clone())
+    };
+    check_same_classes(&train, &val)?;
+    Ok((train, val, split))
+}
+
+/// The model configuration as trained: classifier size, resolution and drop-path applied.
+pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelConfig, usize)> {
+    let classes = cfg.num_classes.unwrap_or(data_classes);
+    if classes != data_classes {
+        bail!("--num-classes {classes} does not match the dataset, which has {data_classes} classes");
+    }
+    let mut model = cfg.model.clone().with_num_classes(classes);
+    let res = cfg.resolution.unwrap_or_else(|| model.default_resolution());
+    match &mut model {
+        ModelConfig::Vvt(c) => {
+            c.img_size = res;
+            if let Some(p) = cfg.drop_path {
+                c.drop_path = p;
+            }
+        }
+        ModelConfig::Lsagt(c) => {
+            c.image_size = res;
+            if let Some(p) = cfg.drop_path {
+                c.drop_path = p;
+            }
+        }
+    }
+    model.validate()?;
+    model
+        .check_input(res, res)
+        .with_context(|| format!("the model cannot train at {res}x{res} (--resolution)"))?;
+    Ok((model, res))
+}
+
+pub(super) fn loaders(
+    cfg: &TrainConfig,
+    train: ImageDataset,
+    val: ImageDataset,
+    res: usize,
+) -> Result<(Loader, Loader)> {
+    let mut tc = LoaderConfig::train(cfg.batch_size, [res, res], cfg.augment.clone());
+    tc.seed = cfg.seed;
+    tc.workers = cfg.workers;
+    let mut vc = LoaderConfig::eval(cfg.eval_batch_size, [res, res], cfg.normalize());
+    vc.workers = cfg.workers;
+    let train_loader = Loader::new(Arc::new(train), tc).context("training data")?;
+    let val_loader = Loader::new(Arc::new(val), vc).context("validation data")?;
+    Ok((train_loader, val_loader))
+}
+
+/// The default run directory: `runs/<model>-<unix time>`.
+pub fn default_run_dir(model_name: &str) -> PathBuf {
+    let stem = Path::new(model_name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("{stem}-{secs}"))
+}
