@@ -45,7 +45,7 @@ if has parity; then
     name=$(basename "${cfg%.*}")
     "$BIN" --backend cuda features --model "$cfg" --weights "tests/fixtures/$name.pth" \
       --input "tests/fixtures/${name}_io.safetensors" -o "/tmp/$name.safetensors" &&
-      "$BIN" compare "/tmp/$name.safetensors" "tests/fixtures/${name}_io.safetensors" --tolerance 1e-4
+      "$BIN" compare "/tmp/$name.safetensors" "tests/fixtures/${name}_io.safetensors" --tolerance 2e-6
   done
 fi
 
@@ -98,8 +98,10 @@ fi
 
 if has train; then
   echo "== CIFAR-10, ${TRAIN_MODEL:-vvt_tiny}, ${TRAIN_BUDGET:-4m}"
-  mkdir -p /tmp/data && tar --zstd -xf .carry/cifar10-jpeg.tar.zst -C /tmp/data
-  "$BIN" --backend cuda train --model "${TRAIN_MODEL:-vvt_tiny}" --data /tmp/data/* --recipe cifar-fast \
+  data=.carry/cifar10-jpeg.tar.zst
+  "$BIN" --backend cuda train --model "${TRAIN_MODEL:-vvt_tiny}" --data "$data" --recipe cifar-fast \
     --resolution 32 --dtype bf16 --budget "${TRAIN_BUDGET:-4m}" --out /tmp/run ${TRAIN_ARGS:-} &&
-    cp /tmp/run/metrics.csv /tmp/run/curves.png "$OUT/"
+    "$BIN" --backend cuda eval --weights /tmp/run/last/model.safetensors --data "$data" --split test \
+      --tta-flip --out /tmp/eval-tta &&
+    cp /tmp/run/metrics.csv /tmp/run/curves.png /tmp/run/config.json /tmp/eval-tta/summary.json "$OUT/"
 fi
