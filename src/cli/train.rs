@@ -191,6 +191,20 @@ impl TrainArgs {
         if let Some(n) = &self.normalize {
             a.normalize = normalize_by_name(n)?;
         }
+        for (flag, alpha) in [("--mixup", self.mixup), ("--cutmix", self.cutmix)] {
+            if let Some(a) = alpha
+                && !(a >= 0.0 && a.is_finite())
+            {
+                bail!("{flag} is a Beta(α, α) strength and must be 0 (off) or positive, got {a}");
+            }
+        }
+        for (flag, p) in [("--mix-prob", self.mix_prob), ("--switch-prob", self.switch_prob)] {
+            if let Some(p) = p
+                && !(0.0..=1.0).contains(&p)
+            {
+                bail!("{flag} is a probability and must lie in [0, 1], got {p}");
+            }
+        }
         if self.mixup.is_some()
             || self.cutmix.is_some()
             || self.mix_prob.is_some()
@@ -533,5 +547,30 @@ mod tests {
         resize.crop = Some("resize".into());
         let err = resize.to_config().unwrap_err().to_string();
         assert!(err.contains("--crop-pad"), "{err}");
+    }
+
+    /// Values a flag cannot take end in an error naming the flag.
+    #[test]
+    fn impossible_recipe_values_are_refused_by_flag() {
+        type Set = fn(&mut TrainArgs);
+        let cases: [(&str, Set); 7] = [
+            ("--smoothing", |a| a.smoothing = Some(2.0)),
+            ("--hflip", |a| a.hflip = Some(1.5)),
+            ("--weight-decay", |a| a.weight_decay = Some(-0.1)),
+            ("--mixup", |a| a.mixup = Some(-0.8)),
+            ("--cutmix", |a| a.cutmix = Some(f32::NAN)),
+            ("--mix-prob", |a| a.mix_prob = Some(1.2)),
+            ("--erasing", |a| a.erasing = Some(1.5)),
+        ];
+        for (flag, set) in cases {
+            let mut args = cifar(None, None);
+            set(&mut args);
+            let err = match args.to_config() {
+                Ok(_) => panic!("{flag}: an impossible value was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+        assert!(cifar(None, None).to_config().is_ok());
     }
 }

@@ -27,7 +27,9 @@ fn default_drop_path() -> f64 {
 }
 
 /// A VVT configuration; the four released ones are [`VvtConfig::tiny`] … [`VvtConfig::large`].
+/// Files naming a field it does not have are refused (a misspelling would otherwise be ignored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VvtConfig {
     /// Channels per stage.
     pub embed_dims: Vec<usize>,
@@ -129,6 +131,9 @@ impl VvtConfig {
         for i in 0..n {
             let (c, h, f) = (self.embed_dims[i], self.heads[i], self.fr_ratios[i]);
             let stage = format!("stage {}", i + 1);
+            if c == 0 {
+                bail!("VVT config: {stage} has embed_dim 0; every stage needs channels");
+            }
             ensure_divisible(&format!("{stage}: embed_dim"), c, "heads", h)?;
             ensure_divisible(
                 &format!("{stage}: embed_dim/heads"),
@@ -553,5 +558,17 @@ mod tests {
         let err = wrong.validate().unwrap_err().to_string();
         assert!(err.contains("attention names 3 kinds"), "{err}");
         assert_eq!(VvtConfig::tiny().attention.at(2), AttentionKind::Vicinity);
+    }
+
+    #[test]
+    fn misspelled_fields_and_empty_stages_are_refused() {
+        let json = serde_json::to_string(&VvtConfig::tiny()).unwrap();
+        let typo = json.replace("\"drop_path\"", "\"drop_pth\"");
+        let err = serde_json::from_str::<VvtConfig>(&typo).unwrap_err().to_string();
+        assert!(err.contains("drop_pth"), "{err}");
+        let mut c = VvtConfig::tiny();
+        c.embed_dims[1] = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("stage 2") && err.contains("embed_dim 0"), "{err}");
     }
 }

@@ -182,6 +182,39 @@ impl TrainConfig {
         if self.log_every == 0 || self.eval_every == 0 {
             bail!("--log-every and --eval-every must be at least 1");
         }
+        let wd = self.optimizer.weight_decay;
+        if !(wd >= 0.0 && wd.is_finite()) {
+            bail!("--weight-decay must be 0 or positive, got {wd}");
+        }
+        self.validate_augment()
+    }
+
+    /// Probabilities in [0, 1], smoothing in [0, 1), mixing strengths at least 0: a value outside
+    /// would train on nonsense targets or images without a word.
+    fn validate_augment(&self) -> Result<()> {
+        let a = &self.augment;
+        let probability = |flag: &str, p: f32| -> Result<()> {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("{flag} is a probability and must lie in [0, 1], got {p}");
+            }
+            Ok(())
+        };
+        probability("--hflip", a.hflip)?;
+        if !(0.0..1.0).contains(&a.label_smoothing) {
+            bail!("--smoothing must lie in [0, 1), got {}", a.label_smoothing);
+        }
+        if let Some(e) = &a.random_erasing {
+            probability("--erasing", e.prob)?;
+        }
+        if let Some(m) = &a.mixing {
+            for (flag, alpha) in [("--mixup", m.mixup_alpha), ("--cutmix", m.cutmix_alpha)] {
+                if !(alpha >= 0.0 && alpha.is_finite()) {
+                    bail!("{flag} is a Beta(α, α) strength and must be 0 (off) or positive, got {alpha}");
+                }
+            }
+            probability("--mix-prob", m.prob)?;
+            probability("--switch-prob", m.switch_prob)?;
+        }
         Ok(())
     }
 }

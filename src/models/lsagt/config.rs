@@ -57,6 +57,7 @@ pub struct LsagtConfig {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLsagtConfig {
     scheme: ShiftScheme,
     image_size: usize,
@@ -598,5 +599,16 @@ mod tests {
         .unwrap();
         assert!(!t.shared_kv);
         t.validate().unwrap();
+    }
+
+    #[test]
+    fn misspelled_fields_are_refused() {
+        let err = serde_json::from_str::<LsagtConfig>(
+            r#"{"scheme": "cifar", "image_size": 32, "dims": [[64, 64]], "heads": 2, "layers": [1],
+                "num_classes": 10, "kernel": 3, "stride": 1, "padding": 1, "dropuot": 0.1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dropuot"), "{err}");
     }
 }
