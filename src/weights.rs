@@ -221,10 +221,9 @@ fn load_native_from<B: Backend>(
     store: SafetensorsStore,
     source: &str,
 ) -> Result<Model<B>> {
-    // Files written before LSAGT's blocks held their attention as `attn` named it `local`/`global`.
     let mut store = store
         .skip_enum_variants(true)
-        .with_key_remapping(r"^(.*\.blocks\.\d+)\.(local|global)\.", "$1.attn.");
+        .with_key_remapping(LEGACY_ATTN.0, LEGACY_ATTN.1);
     let result = model
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("cannot read {source}: {e}"))?;
@@ -232,18 +231,17 @@ fn load_native_from<B: Backend>(
     Ok(model)
 }
 
-/// A parameter name as this version writes it: LSAGT blocks kept their attention under `local` /
-/// `global` before it became `attn` (`stages.0.blocks.0.local.wq.weight` →
-/// `stages.0.blocks.0.attn.wq.weight`; a prefix such as the optimizer's `m/` is kept).
+/// LSAGT blocks kept their attention under `local` / `global` before it became `attn`: the
+/// pattern and replacement that bring such a name up to date (`stages.0.blocks.0.local.wq.weight`
+/// → `stages.0.blocks.0.attn.wq.weight`; a prefix such as the optimizer's `m/` is kept). Native
+/// weights are renamed by the store, optimizer state by [`current_name`].
+const LEGACY_ATTN: (&str, &str) = (r"^(.*\.blocks\.\d+)\.(local|global)\.", "$1.attn.");
+
+/// A parameter name as this version writes it ([`LEGACY_ATTN`]).
 pub fn current_name(name: &str) -> String {
-    let mut parts: Vec<&str> = name.split('.').collect();
-    for i in 2..parts.len() {
-        let block = parts[i - 2].ends_with("blocks") && parts[i - 1].parse::<usize>().is_ok();
-        if block && matches!(parts[i], "local" | "global") {
-            parts[i] = "attn";
-        }
-    }
-    parts.join(".")
+    static RULE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let rule = RULE.get_or_init(|| regex::Regex::new(LEGACY_ATTN.0).expect("a valid pattern"));
+    rule.replace(name, LEGACY_ATTN.1).into_owned()
 }
 
 /// Loads weights of either kind, chosen by extension: `.pth`/`.pt`/`.bin` are official
