@@ -1008,7 +1008,16 @@ mod tests {
         // More than 65,535 cubes of 8 rows: the launch spills into a second axis (WebGPU's limit).
         let c =
             check_layer_norm::<G>([1, 65_535 * 8 + 40, 2], false, &Default::default()).expect("runs on wgpu");
-        assert!(c.worst() < 1e-4, "{:?}", c.errors);
+        // A row lost or read twice at the spill is an O(1) error. Gamma's and beta's gradients
+        // are f32 sums over 524k random-sign rows, whose rounding alone reaches ~1e-4 relative.
+        for (what, err) in &c.errors {
+            let tol = if what.starts_with("grad gamma") || what.starts_with("grad beta") {
+                1e-3
+            } else {
+                1e-4
+            };
+            assert!(*err < tol, "{what}: {err:.2e} ≥ {tol:.0e} ({:?})", c.errors);
+        }
     }
 
     #[test]

@@ -7,56 +7,43 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use burn::prelude::*;
-use burn_store::pytorch::PytorchReader;
-use burn_store::{ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::tensor::TensorData;
+use burn_store::{ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot};
 
 use crate::models::{Model, ModelConfig};
 
 /// Metadata key under which native files keep the model configuration (JSON).
 pub const CONFIG_METADATA_KEY: &str = "vicinity.config";
 
-/// Reads every tensor of a PyTorch checkpoint, unwrapping the usual `model` / `state_dict`
-/// containers and the `module.` prefix that DataParallel adds.
-pub fn read_pytorch(path: &Path) -> Result<HashMap<String, burn_store::TensorSnapshot>> {
+pub mod pth;
+
+/// Reads every tensor of a PyTorch checkpoint (strictly: [`pth`]), unwrapping the usual `model` /
+/// `state_dict` containers and the `module.` prefix that DataParallel adds.
+pub fn read_pytorch(path: &Path) -> Result<Vec<(String, pth::PthTensor)>> {
     if !path.exists() {
         bail!("checkpoint {} does not exist", path.display());
     }
-    let open = |key: Option<&str>| -> Result<HashMap<String, burn_store::TensorSnapshot>> {
-        let reader = match key {
-            None => PytorchReader::new(path),
-            Some(k) => PytorchReader::with_top_level_key(path, k),
-        }
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(reader.into_tensors())
-    };
-    let mut tensors = open(None).with_context(|| {
-        format!(
-            "{} is not a readable PyTorch checkpoint (expected a torch.save'd state_dict)",
-            path.display()
-        )
-    })?;
-    for key in ["model", "state_dict", "model_ema"] {
-        let wrapped = tensors.keys().all(|k| k.starts_with(&format!("{key}.")));
-        if (tensors.is_empty() || wrapped)
-            && let Ok(inner) = open(Some(key))
-            && !inner.is_empty()
-        {
-            tensors = inner;
-            break;
-        }
-    }
-    if tensors.is_empty() {
-        bail!("{} holds no tensors", path.display());
-    }
-    if tensors.keys().all(|k| k.starts_with("module.")) {
-        tensors = tensors
-            .into_iter()
-            .map(|(k, v)| (k["module.".len()..].to_string(), v))
-            .collect();
-    }
-    Ok(tensors)
+    pth::read(path)
+}
+
+/// A host tensor as a snapshot named by its module path, ready for `apply`. Only f32 data is
+/// ever handed to Burn: a wrong dtype would panic inside `apply`, which cannot unwind safely.
+/// Non-finite values are refused: such weights only ever give NaN predictions.
+fn snapshot(path: &str, shape: Vec<usize>, values: Vec<f32>) -> Result<TensorSnapshot> {
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    ensure!(
+        bad == 0,
+        "tensor '{path}' holds {bad} NaN or infinite values of {}: the weights are damaged (a diverged run?)",
+        values.len()
+    );
+    Ok(TensorSnapshot::from_data(
+        TensorData::new(values, shape),
+        path.split('.').map(str::to_string).collect(),
+        vec![],
+        burn::module::ParamId::new(),
+    ))
 }
 
 /// Loads an official checkpoint into `module`, renaming each official name with `rename`
@@ -87,11 +74,11 @@ where
     };
     let mut snapshots = Vec::with_capacity(tensors.len());
     let mut official_of = HashMap::new();
-    for (name, mut snapshot) in tensors {
+    for (name, tensor) in tensors {
         let ours = to_norm_name(rename(&name));
-        official_of.insert(ours.clone(), name);
-        snapshot.path_stack = Some(ours.split('.').map(str::to_string).collect());
-        snapshots.push(snapshot);
+        snapshots
+            .push(snapshot(&ours, tensor.shape, tensor.values).with_context(|| path.display().to_string())?);
+        official_of.insert(ours, name);
     }
     let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     check_apply(&result, &path.display().to_string(), |p| {
@@ -100,29 +87,76 @@ where
     Ok(module)
 }
 
-/// Turns an incomplete or inconsistent load into an error that lists the offending names.
+/// Turns an incomplete or inconsistent load into an error that lists the offending names, by
+/// the model's parameter paths (an official name follows in parentheses where it differs), a
+/// dozen of each kind at most.
 fn check_apply(result: &ApplyResult, source: &str, official: impl Fn(&str) -> String) -> Result<()> {
+    const SHOWN: usize = 12;
+    fn list(mut lines: Vec<String>) -> String {
+        lines.sort();
+        let more = lines.len().saturating_sub(SHOWN);
+        lines.truncate(SHOWN);
+        if more > 0 {
+            lines.push(format!("... and {more} more"));
+        }
+        format!("  {}", lines.join("\n  "))
+    }
+    let named = |p: &str| match official(p) {
+        o if o != p => format!("{p} ({o})"),
+        _ => p.to_string(),
+    };
     let mut problems = Vec::new();
     if !result.errors.is_empty() {
-        let list: Vec<String> = result.errors.iter().map(|e| format!("  {e}")).collect();
-        problems.push(format!("tensors that do not fit:\n{}", list.join("\n")));
+        let lines = result
+            .errors
+            .iter()
+            .map(|e| match e {
+                burn_store::ApplyError::ShapeMismatch {
+                    path,
+                    expected,
+                    found,
+                } => format!(
+                    "{}: the checkpoint has shape {:?}, the model needs {:?}",
+                    named(path),
+                    found.as_slice(),
+                    expected.as_slice()
+                ),
+                burn_store::ApplyError::DTypeMismatch {
+                    path,
+                    expected,
+                    found,
+                } => {
+                    format!(
+                        "{}: the checkpoint has {found:?}, the model needs {expected:?}",
+                        named(path)
+                    )
+                }
+                burn_store::ApplyError::AdapterError { path, message }
+                | burn_store::ApplyError::LoadError { path, message } => {
+                    format!("{}: {message}", named(path))
+                }
+            })
+            .collect();
+        problems.push(format!(
+            "{} tensors that do not fit:\n{}",
+            result.errors.len(),
+            list(lines)
+        ));
     }
     if !result.unused.is_empty() {
-        let mut list: Vec<String> = result.unused.iter().map(|p| official(p)).collect();
-        list.sort();
+        let lines = result.unused.iter().map(|p| named(p)).collect();
         problems.push(format!(
-            "{} tensors in the checkpoint that the model has no place for:\n  {}",
-            list.len(),
-            list.join("\n  ")
+            "{} tensors in the checkpoint that the model has no place for:\n{}",
+            result.unused.len(),
+            list(lines)
         ));
     }
     if !result.missing.is_empty() {
-        let mut list: Vec<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
-        list.sort();
+        let lines = result.missing.iter().map(|(p, _)| p.clone()).collect();
         problems.push(format!(
-            "{} model parameters the checkpoint does not provide:\n  {}",
-            list.len(),
-            list.join("\n  ")
+            "{} model parameters the checkpoint does not provide:\n{}",
+            result.missing.len(),
+            list(lines)
         ));
     }
     if problems.is_empty() {
@@ -204,29 +238,41 @@ pub fn load_native<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>>
     if !path.exists() {
         bail!("weights file {} does not exist", path.display());
     }
-    load_native_from(
-        model,
-        SafetensorsStore::from_file(path),
-        &path.display().to_string(),
-    )
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    load_native_bytes(model, bytes, &path.display().to_string())
 }
 
-/// [`load_native`] from the bytes of such a file (`source` names them in errors).
-pub fn load_native_bytes<B: Backend>(model: Model<B>, bytes: Vec<u8>, source: &str) -> Result<Model<B>> {
-    load_native_from(model, SafetensorsStore::from_bytes(Some(bytes)), source)
-}
-
-fn load_native_from<B: Backend>(
-    mut model: Model<B>,
-    store: SafetensorsStore,
-    source: &str,
-) -> Result<Model<B>> {
-    let mut store = store
-        .skip_enum_variants(true)
-        .with_key_remapping(LEGACY_ATTN.0, LEGACY_ATTN.1);
-    let result = model
-        .load_from(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot read {source}: {e}"))?;
+/// [`load_native`] from the bytes of such a file (`source` names them in errors). Floating-point
+/// tensors of any width are read as f32; any other dtype is refused by name.
+pub fn load_native_bytes<B: Backend>(mut model: Model<B>, bytes: Vec<u8>, source: &str) -> Result<Model<B>> {
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{source} is not a readable safetensors file: {e}"))?;
+    let mut snapshots = Vec::new();
+    for (name, view) in file.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            safetensors::Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => bail!("{source}: tensor '{name}' is {other:?}; weights must be floating point"),
+        };
+        snapshots
+            .push(snapshot(&current_name(&name), view.shape().to_vec(), values).context(source.to_string())?);
+    }
+    let result = model.apply(snapshots, None, None, true);
     check_apply(&result, source, str::to_string)?;
     Ok(model)
 }
@@ -234,7 +280,7 @@ fn load_native_from<B: Backend>(
 /// LSAGT blocks kept their attention under `local` / `global` before it became `attn`: the
 /// pattern and replacement that bring such a name up to date (`stages.0.blocks.0.local.wq.weight`
 /// → `stages.0.blocks.0.attn.wq.weight`; a prefix such as the optimizer's `m/` is kept). Native
-/// weights are renamed by the store, optimizer state by [`current_name`].
+/// weights and optimizer state are renamed by [`current_name`].
 const LEGACY_ATTN: (&str, &str) = (r"^(.*\.blocks\.\d+)\.(local|global)\.", "$1.attn.");
 
 /// A parameter name as this version writes it ([`LEGACY_ATTN`]).
