@@ -44,9 +44,7 @@ pub fn load_images<B: Backend>(
     let mut values = Vec::with_capacity(paths.len() * 3 * h * w);
     for path in paths {
         let path = path.as_ref();
-        let img = image::open(path)
-            .with_context(|| format!("cannot decode image {} (is it a valid JPEG/PNG?)", path.display()))?
-            .to_rgb8();
+        let img = crate::data::read_image(path)?;
         let img = image::imageops::resize(&img, w as u32, h as u32, image::imageops::FilterType::Triangle);
         for c in 0..3 {
             for p in img.pixels() {

@@ -86,6 +86,9 @@ pub fn features_command<B: Backend>(a: &FeaturesArgs, device: &B::Device) -> Res
         [one] if one.extension().is_some_and(|e| e == "safetensors") => FeatureInput::Tensor(one.clone()),
         _ => FeatureInput::Images(a.input.clone()),
     };
+    if a.weights.is_none() {
+        eprintln!("note: no --weights given: these are the features of randomly initialised weights");
+    }
     let msg = features::<B>(
         a.model.as_deref(),
         a.weights.as_deref(),
@@ -214,9 +217,9 @@ pub fn features<B: Backend>(
     let x = match input {
         FeatureInput::Tensor(path) => {
             let (shape, values) = io::read_safetensors_f32(&path, "input")?;
-            if shape.len() != 4 || shape[1] != 3 {
+            if shape.len() != 4 || shape[0] == 0 || shape[1] != 3 {
                 bail!(
-                    "'input' in {} has shape {shape:?}; expected B×3×H×W",
+                    "'input' in {} has shape {shape:?}; expected B×3×H×W with at least one image",
                     path.display()
                 );
             }

@@ -128,6 +128,9 @@ pub struct TrainArgs {
     /// Data decoding threads (default: all cores).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Leave out images that cannot be decoded (each is named in a warning) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
     /// Run directory (default: runs/<model>-<time>).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -262,6 +265,7 @@ impl TrainArgs {
             c.ema = (v > 0.0).then_some(v);
         }
         c.budget_s = self.budget;
+        c.skip_bad = self.skip_bad;
         c.stop_at_step = self.stop_at_step;
         c.debug_nan_at_step = self.debug_nan_at_step;
         c.validate()?;
@@ -272,7 +276,6 @@ impl TrainArgs {
     fn ignored_on_resume(&self) -> Vec<&'static str> {
         [
             (self.model.is_some(), "--model"),
-            (self.data.is_some(), "--data"),
             (self.recipe.is_some(), "--recipe"),
             (self.batch.is_some(), "--batch"),
             (self.epochs.is_some(), "--epochs"),
@@ -327,6 +330,12 @@ fn report(outcome: &TrainOutcome) {
             outcome.run_dir.display()
         );
     }
+    // A pause asked for by a signal ends like a process stopped by it (the checkpoint is saved).
+    if matches!(outcome.stop, Stop::Paused(_))
+        && let Some(sig) = crate::train::signals::interrupting_signal()
+    {
+        std::process::exit(128 + sig);
+    }
 }
 
 /// `vicinity train` on backend `B`.
@@ -341,6 +350,8 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
             );
         }
         let opts = ResumeOptions {
+            data: args.data.clone(),
+            skip_bad: args.skip_bad,
             workers: args.workers,
             log_every: args.log_every,
             stop_at_step: args.stop_at_step,

@@ -4,10 +4,12 @@
 //! happens later on the loader's worker threads, so opening even 50k images is fast and the
 //! per-image cost is paid in parallel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use image::RgbImage;
@@ -47,11 +49,7 @@ impl Sample {
     /// Decodes to 8-bit RGB; a grey image is replicated to three channels. Errors name the source.
     pub fn decode(&self) -> Result<RgbImage> {
         match &self.data {
-            SampleData::File(path) => {
-                let bytes =
-                    std::fs::read(path).map_err(|e| anyhow!("unreadable image {}: {e}", self.source))?;
-                decode_bytes(&bytes, &self.source)
-            }
+            SampleData::File(path) => read_image(path),
             SampleData::Encoded(bytes) => decode_bytes(bytes, &self.source),
             SampleData::Raw {
                 width,
@@ -71,11 +69,31 @@ impl Sample {
     }
 }
 
+/// Reads and decodes an image file to 8-bit RGB. The format is told by the content, not the
+/// name, so a PNG named `.jpg` reads as what it is.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("unreadable image {}: {e}", path.display()))?;
+    decode_bytes(&bytes, &path.display().to_string())
+}
+
 fn decode_bytes(bytes: &[u8], source: &str) -> Result<RgbImage> {
     image::load_from_memory(bytes)
         .map(|img| img.into_rgb8())
         .map_err(|e| anyhow!("corrupt or unreadable image {source}: {e}"))
 }
+
+/// The error when a dataset has no split of the requested name (as opposed to a split that
+/// exists but cannot be read), so that a caller may try another name.
+#[derive(Debug)]
+pub struct MissingSplit(pub String);
+
+impl std::fmt::Display for MissingSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MissingSplit {}
 
 /// A labelled split: samples plus the class names that labels index into.
 #[derive(Clone, Debug, Default)]
@@ -124,7 +142,7 @@ impl ImageDataset {
         if !skip_bad {
             let (_, first) = bad.into_iter().next().expect("non-empty");
             return Err(first.context(format!(
-                "{}: bad image (set skip_bad to skip such images)",
+                "{}: bad image (pass --skip-bad to leave such images out)",
                 self.name
             )));
         }
@@ -241,14 +259,24 @@ fn is_hidden(p: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.'))
 }
 
-/// Image files under `dir`, recursively, in sorted order.
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Image files under `dir`, recursively, in sorted order. A folder reached twice (through a
+/// symbolic link) is an error: its images would count more than once, or without end.
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    ensure!(
+        seen.insert(real.clone()),
+        "{} is the folder {} a second time (a symbolic link?): each image must be found once",
+        dir.display(),
+        real.display()
+    );
     for p in sorted_dir(dir)? {
         if is_hidden(&p) {
             continue;
         }
         if p.is_dir() {
-            collect_images(&p, out)?;
+            collect_images(&p, out, seen)?;
         } else if p.to_str().is_some_and(has_image_extension) {
             out.push(p);
         }
@@ -283,11 +311,14 @@ fn read_folder(path: &Path, split: &str) -> Result<ImageDataset> {
             .collect();
         match nested.len() {
             1 => split_dir = nested[0].clone(),
-            0 => bail!(
-                "no '{split}' split in {} (found folders: {:?}); expected <root>/{split}/<class>/<images>",
-                path.display(),
-                names(&children)
-            ),
+            0 => {
+                return Err(MissingSplit(format!(
+                    "no '{split}' split in {} (found folders: {:?}); expected <root>/{split}/<class>/<images>",
+                    path.display(),
+                    names(&children)
+                ))
+                .into());
+            }
             _ => bail!("ambiguous '{split}' split in {}: {:?}", path.display(), nested),
         }
     }
@@ -301,9 +332,10 @@ fn read_folder(path: &Path, split: &str) -> Result<ImageDataset> {
     }
     let classes = names(&class_dirs);
     let mut samples = Vec::new();
+    let mut seen = HashSet::new();
     for (label, dir) in class_dirs.iter().enumerate() {
         let mut files = Vec::new();
-        collect_images(dir, &mut files)?;
+        collect_images(dir, &mut files, &mut seen)?;
         if files.is_empty() {
             bail!(
                 "class '{}' of split {name} has no images (extensions {:?})",
@@ -349,6 +381,25 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
     Ok(n)
 }
 
+/// The largest archive member read as an image.
+const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// A reader that records whether it reached the end of its stream.
+struct EofWatch<R> {
+    inner: R,
+    eof: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for EofWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof.set(true);
+        }
+        Ok(n)
+    }
+}
+
 /// Per-split state while streaming an archive.
 #[derive(Default)]
 struct ArchiveSplit {
@@ -361,7 +412,11 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
     let mut found: BTreeMap<&str, ArchiveSplit> =
         splits.iter().map(|s| (*s, ArchiveSplit::default())).collect();
     let mut seen_tops = BTreeSet::new();
-    let mut archive = tar::Archive::new(decompressed(path)?);
+    let ended = Rc::new(Cell::new(false));
+    let mut archive = tar::Archive::new(EofWatch {
+        inner: decompressed(path)?,
+        eof: ended.clone(),
+    });
     let ctx = || format!("reading archive {}", path.display());
     for entry in archive.entries().with_context(ctx)? {
         let mut entry = entry.with_context(ctx)?;
@@ -392,15 +447,39 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
         if kind.is_dir() {
             slot.classes.insert(class.clone());
         } else if kind.is_file() && comps.len() > p + 2 && has_image_extension(&comps[comps.len() - 1]) {
-            let mut bytes = Vec::with_capacity(entry.size() as usize);
-            entry
+            let size = entry.size();
+            ensure!(
+                size <= MAX_IMAGE_BYTES,
+                "{} in {} claims {size} bytes, more than any image ({} MiB at most): the archive is damaged",
+                member.display(),
+                path.display(),
+                MAX_IMAGE_BYTES >> 20
+            );
+            let mut bytes = Vec::with_capacity(size as usize);
+            (&mut entry)
+                .take(size)
                 .read_to_end(&mut bytes)
                 .with_context(|| format!("reading {} in {}", member.display(), path.display()))?;
+            ensure!(
+                bytes.len() as u64 == size,
+                "{} in {} is cut short ({} of {size} bytes): the archive is truncated",
+                member.display(),
+                path.display(),
+                bytes.len()
+            );
             slot.classes.insert(class.clone());
             slot.images
                 .push((class.clone(), member.display().to_string(), bytes));
         }
     }
+    // tar ends with zero blocks; running into the end of the stream instead means the archive
+    // was cut at a member boundary, which the format does not notice by itself.
+    ensure!(
+        !ended.get(),
+        "archive {} ends without tar's end-of-archive blocks: it is truncated (an interrupted \
+         download or copy?); fetch it again",
+        path.display()
+    );
     let archive_name = path.display().to_string();
     splits
         .iter()
@@ -408,10 +487,10 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
             let s = found.remove(split).unwrap_or_default();
             let name = format!("{archive_name} [{split}]");
             if s.classes.is_empty() {
-                bail!(
-                    "no '{split}' split in archive {archive_name} (top-level folders: {:?}); expected [<root>/]{split}/<class>/<images>",
-                    seen_tops
-                );
+                return Err(MissingSplit(format!(
+                    "no '{split}' split in archive {archive_name} (top-level folders: {seen_tops:?}); expected [<root>/]{split}/<class>/<images>"
+                ))
+                .into());
             }
             let classes: Vec<String> = s.classes.into_iter().collect();
             let index: BTreeMap<&str, usize> = classes

@@ -257,7 +257,9 @@ impl Inner {
                 }
                 Err(e) => {
                     return Err(e.context(format!(
-                        "batch {index} of epoch {epoch} (set skip_bad to skip bad images)"
+                        "batch {} of epoch {} (pass --skip-bad to leave bad images out)",
+                        index + 1,
+                        epoch + 1
                     )));
                 }
             }

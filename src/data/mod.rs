@@ -38,8 +38,8 @@ pub mod synth;
 
 pub use augment::{AugmentConfig, Crop, EraseMode, Interpolation, Mixing, Normalize, RandomErasing};
 pub use dataset::{
-    CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES, ImageDataset, Sample, SampleData,
-    check_same_classes, open_split, open_splits,
+    CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES, ImageDataset, MissingSplit, Sample, SampleData,
+    check_same_classes, open_split, open_splits, read_image,
 };
 pub use download::{CIFAR_BASE_URL, Cifar, download_and_unpack, download_cifar};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig, Throughput, measure_throughput};

@@ -193,7 +193,15 @@ pub fn resolve_config(name_or_path: &str) -> Result<ModelConfig> {
 
 impl<B: Backend> Model<B> {
     /// Logits and every stage's tokens for a `B×3×H×W` batch.
+    ///
+    /// # Panics
+    /// On an empty batch, which no kernel is written for.
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
+        assert!(
+            x.dims()[0] > 0,
+            "the model was given an empty batch ({:?})",
+            x.dims()
+        );
         match self {
             Self::Vvt(m) => m.forward_features(x),
             Self::Lsagt(m) => m.forward_features(x),
@@ -202,6 +210,11 @@ impl<B: Backend> Model<B> {
 
     /// Logits only.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        assert!(
+            x.dims()[0] > 0,
+            "the model was given an empty batch ({:?})",
+            x.dims()
+        );
         match self {
             Self::Vvt(m) => m.forward(x),
             Self::Lsagt(m) => m.forward(x),

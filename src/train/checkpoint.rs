@@ -223,6 +223,47 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Fails early, with a clear message, when the run directory cannot be written.
+/// Holds a run directory for one process: a second `train` or `--resume` into the same folder
+/// while this one runs is refused instead of both writing it. An advisory `flock`, so the
+/// kernel releases it when the process ends in any way (even `kill -9`): no stale lock to clear.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock of `run` (created if needed).
+pub fn lock_run(run: &Path) -> Result<RunLock> {
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create the run directory {}", run.display()))?;
+    let path = run.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "another vicinity process (pid {}) is training in {}; wait for it, or pick another --out",
+                holder.trim(),
+                run.display()
+            );
+        }
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        write!(file, "{}", std::process::id())?;
+    }
+    Ok(RunLock { _file: file })
+}
+
 pub fn check_writable(run: &Path) -> Result<()> {
     std::fs::create_dir_all(run)
         .with_context(|| format!("cannot create the run directory {}", run.display()))?;

@@ -51,6 +51,7 @@ pub struct TrainConfig {
     /// Learning rate, per 512 images when `lr_per_512` is set.
     pub lr: f64,
     pub lr_per_512: bool,
+    /// Cosine floor, scaled like `lr` (so the papers' 1e-5 at batch 512 stays under any peak).
     pub min_lr: f64,
     pub warmup: Warmup,
     pub optimizer: AdamWConfig,
@@ -68,6 +69,9 @@ pub struct TrainConfig {
     pub save_every: u64,
     /// Data decoding threads (0: all cores).
     pub workers: usize,
+    /// Leave out images that cannot be decoded (counted and reported) instead of stopping.
+    #[serde(default)]
+    pub skip_bad: bool,
     pub out: PathBuf,
     /// Pause after this global step (checkpoint written; continue with `--resume`).
     #[serde(skip)]
@@ -110,6 +114,7 @@ impl TrainConfig {
             log_every: 10,
             save_every: 0,
             workers: 0,
+            skip_bad: false,
             out,
             stop_at_step: None,
             debug_nan_at_step: None,
@@ -142,6 +147,15 @@ impl TrainConfig {
         }
     }
 
+    /// The cosine schedule's floor: `min_lr`, scaled like [`Self::peak_lr`].
+    pub fn floor_lr(&self) -> f64 {
+        if self.lr_per_512 {
+            self.min_lr * self.batch_size as f64 / 512.0
+        } else {
+            self.min_lr
+        }
+    }
+
     /// Normalisation of train and eval images.
     pub fn normalize(&self) -> Normalize {
         self.augment.normalize
@@ -157,12 +171,8 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be positive, got {}", self.lr);
         }
-        if self.min_lr < 0.0 || self.min_lr > self.peak_lr() {
-            bail!(
-                "--min-lr {} must lie between 0 and the peak lr {}",
-                self.min_lr,
-                self.peak_lr()
-            );
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!("--min-lr {} must lie between 0 and --lr {}", self.min_lr, self.lr);
         }
         if let Some(d) = self.ema
             && !(0.0..1.0).contains(&d)

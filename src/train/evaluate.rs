@@ -28,6 +28,15 @@ pub fn evaluate<B: Backend>(
             bail!("the model has {out_k} outputs but the dataset has {k} classes");
         }
         let (_, values) = crate::io::to_host(logits)?;
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the model's output for image {} of {} is {} (NaN or infinite): its weights or the \
+                 data are damaged, or the run diverged",
+                bad / k + 1,
+                b.labels.len(),
+                values[bad]
+            );
+        }
         acc.add(&values, &b.labels);
     }
     Ok(acc)

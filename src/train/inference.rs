@@ -330,9 +330,7 @@ pub fn predict<B: Backend>(
     let per = 3 * res * res;
     let mut values = vec![0f32; opts.images.len() * per];
     for (path, out) in opts.images.iter().zip(values.chunks_mut(per)) {
-        let img = image::open(path)
-            .with_context(|| format!("cannot decode image {} (is it a valid JPEG/PNG?)", path.display()))?
-            .to_rgb8();
+        let img = crate::data::read_image(path)?;
         let mut rng = Rng::for_item(0, 0, Stream::Sample, 0);
         crate::data::augment::transform_sample(img, &aug, [res, res], &mut rng, out);
     }

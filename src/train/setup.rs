@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 
 use super::config::TrainConfig;
-use crate::data::{ImageDataset, Loader, LoaderConfig, check_same_classes, open_splits};
+use crate::data::{ImageDataset, Loader, LoaderConfig, MissingSplit, check_same_classes, open_splits};
 use crate::models::ModelConfig;
 
 /// Opens the train and validation splits (`auto`: `val`, else `test`) and checks they agree.
@@ -19,23 +19,36 @@ pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, Strin
         Ok((train_ds, val_ds))
     };
     let (train, val, split) = if cfg.val_split == "auto" {
+        // Only a missing 'val' split falls back to 'test'; a damaged one is reported as it is.
         match open("val") {
             Ok((t, v)) => (t, v, "val".to_string()),
-            Err(first) => match open("test") {
+            Err(first) if first.downcast_ref::<MissingSplit>().is_some() => match open("test") {
                 Ok((t, v)) => (t, v, "test".to_string()),
-                Err(second) => {
-                    return Err(second.context(format!(
-                        "no validation split found in {} (tried 'val': {first:#}; then 'test'); name one with --val-split",
+                Err(second) if second.downcast_ref::<MissingSplit>().is_some() => {
+                    bail!(
+                        "no validation split found in {}: neither 'val' nor 'test' exists ({first:#}); \
+                         name one with --val-split",
                         cfg.data.display()
-                    )));
+                    );
                 }
+                Err(second) => return Err(second),
             },
+            Err(first) => return Err(first),
         }
     } else {
         let (t, v) = open(&cfg.val_split)?;
         (t, v, cfg.val_split.clone())
     };
     check_same_classes(&train, &val)?;
+    // Every validation image is decoded now rather than after the first epoch of training.
+    let mut val = val;
+    let left_out = val.verify(cfg.skip_bad)?;
+    if left_out > 0 {
+        eprintln!(
+            "warning: left {left_out} unreadable images out of {} (--skip-bad)",
+            val.name
+        );
+    }
     Ok((train, val, split))
 }
 
@@ -77,6 +90,7 @@ pub(super) fn loaders(
     let mut tc = LoaderConfig::train(cfg.batch_size, [res, res], cfg.augment.clone());
     tc.seed = cfg.seed;
     tc.workers = cfg.workers;
+    tc.skip_bad = cfg.skip_bad;
     let mut vc = LoaderConfig::eval(cfg.eval_batch_size, [res, res], cfg.normalize());
     vc.workers = cfg.workers;
     let train_loader = Loader::new(Arc::new(train), tc).context("training data")?;

@@ -1,20 +1,21 @@
 //! Ctrl-C, SIGTERM and SIGHUP (a closed terminal) pause a run: the loop finishes its step,
 //! writes `last` and stops. A second signal exits at once (checkpoints are atomic, so even that
-//! leaves no torn file).
+//! leaves no torn file). The command then exits with 128 + the signal's number, as a shell
+//! expects of a process stopped by a signal, so that scripts can tell a pause from a finish.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
-/// Set by Ctrl-C / SIGTERM (see [`install_interrupt_handler`]): the loop checkpoints and pauses.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that asked for a pause (0: none), see [`install_interrupt_handler`].
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Installs the handler (once per process is enough; again is harmless).
 pub fn install_interrupt_handler() {
     #[cfg(unix)]
     {
-        extern "C" fn on_signal(_: libc::c_int) {
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        extern "C" fn on_signal(sig: libc::c_int) {
+            if SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
                 // SAFETY: _exit is async-signal-safe.
-                unsafe { libc::_exit(130) };
+                unsafe { libc::_exit(128 + sig) };
             }
         }
         // SAFETY: installing a handler that only touches an atomic and calls _exit.
@@ -28,5 +29,10 @@ pub fn install_interrupt_handler() {
 
 /// Whether a pause was asked for.
 pub(super) fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+    interrupting_signal().is_some()
+}
+
+/// The signal that asked for a pause, if one did.
+pub fn interrupting_signal() -> Option<i32> {
+    Some(SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
 }

@@ -70,6 +70,7 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
     let start = Instant::now();
     cfg.validate()?;
     let run_dir = cfg.out.clone();
+    let _lock = checkpoint::lock_run(&run_dir)?;
     if checkpoint::resolve(&run_dir, "last").is_some() {
         bail!(
             "{} already holds a run; continue it with --resume {} or pick another --out",
@@ -77,7 +78,23 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
             run_dir.display()
         );
     }
+    // A new run never writes over another's results (a `best/` or metrics without `last/`).
+    let held: Vec<String> = std::fs::read_dir(&run_dir)
+        .with_context(|| format!("cannot list {}", run_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    if !held.is_empty() {
+        bail!(
+            "{} is not empty (it holds {}); a new run starts in an empty or new folder: pick another --out",
+            run_dir.display(),
+            held.join(", ")
+        );
+    }
     checkpoint::check_writable(&run_dir)?;
+    // The data path is kept absolute, so the run can be resumed from any folder.
+    cfg.data = std::path::absolute(&cfg.data)
+        .with_context(|| format!("cannot resolve the data path {}", cfg.data.display()))?;
     let mut progress = Progress::new(cfg.quiet);
     let (train_ds, val_ds, val_split) = open_data(&cfg)?;
     cfg.val_split = val_split;
@@ -117,7 +134,7 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         steps_per_epoch,
         schedule: Schedule {
             peak: cfg.peak_lr(),
-            min: cfg.min_lr,
+            min: cfg.floor_lr(),
             warmup_steps: cfg.warmup.steps(total, steps_per_epoch),
             total_steps: total,
         },
@@ -155,6 +172,9 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
 /// What may change when a run is resumed (everything else comes from the run).
 #[derive(Debug, Clone, Default)]
 pub struct ResumeOptions {
+    /// Where the run's data is now, if it moved (or the run is resumed from another folder).
+    pub data: Option<PathBuf>,
+    pub skip_bad: bool,
     pub workers: Option<usize>,
     pub log_every: Option<usize>,
     pub stop_at_step: Option<u64>,
@@ -176,9 +196,14 @@ pub fn resume<B: AutodiffBackend>(
             run_dir.display()
         )
     })?;
+    let _lock = checkpoint::lock_run(run_dir)?;
     let mut state = RunState::read(&ck)?;
     let cfg = &mut state.config;
     cfg.out = run_dir.to_path_buf();
+    if let Some(d) = opts.data {
+        cfg.data = d;
+    }
+    cfg.skip_bad |= opts.skip_bad;
     if let Some(w) = opts.workers {
         cfg.workers = w;
     }
@@ -204,7 +229,12 @@ pub fn resume<B: AutodiffBackend>(
         });
     }
     checkpoint::check_writable(run_dir)?;
-    let (train_ds, val_ds, _) = open_data(cfg)?;
+    let (train_ds, val_ds, _) = open_data(cfg).with_context(|| {
+        format!(
+            "opening the run's data {} (if it has moved, give its new place with --data)",
+            cfg.data.display()
+        )
+    })?;
     if train_ds.classes != state.classes {
         bail!("the dataset's classes are not the ones this run was trained on");
     }
@@ -446,9 +476,14 @@ impl<B: AutodiffBackend> Session<B> {
                     },
                     None => "no checkpoint had been written yet".into(),
                 };
+                let f32_hint = if self.cfg().dtype == Dtype::Bf16 {
+                    ", or --dtype f32"
+                } else {
+                    ""
+                };
                 bail!(
                     "training diverged: {what} at step {} (epoch {}, batch {} of {}); the run stopped without saving; {last}. \
-                     Try a lower --lr, --clip, a longer --warmup, or --dtype f32",
+                     Try a lower --lr, --clip, a longer --warmup{f32_hint}",
                     p.step + 1,
                     p.epoch + 1,
                     p.batch + 1,

@@ -76,8 +76,9 @@ where
     let mut official_of = HashMap::new();
     for (name, tensor) in tensors {
         let ours = to_norm_name(rename(&name));
-        snapshots
-            .push(snapshot(&ours, tensor.shape, tensor.values).with_context(|| path.display().to_string())?);
+        let snap = snapshot(&ours, tensor.shape, tensor.values)
+            .with_context(|| format!("{}: official tensor '{name}'", path.display()))?;
+        snapshots.push(snap);
         official_of.insert(ours, name);
     }
     let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);

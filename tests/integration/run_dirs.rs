@@ -1,0 +1,236 @@
+//! Runs are never lost: a new run does not write over another's results, two processes do not
+//! share a run directory, a run resumes from any folder and from moved data, bad data is found
+//! before training, and a signal or `kill -9` leaves a checkpoint that resumes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vicinity::data::synth::{Encoding, write_image_folder};
+use vicinity::train::checkpoint::{RunState, lock_run};
+use vicinity::train::schedule::Warmup;
+use vicinity::train::{Recipe, ResumeOptions, Stop, TrainConfig, demo, resume, train};
+
+use crate::hostile::TempDir;
+
+type AB = burn::backend::Autodiff<burn::backend::Flex>;
+
+fn data(root: &Path, splits: &[&str]) -> PathBuf {
+    let d = root.join("data");
+    write_image_folder(&d, splits, &["a", "b"], 4, [16, 16], Encoding::Png).unwrap();
+    d
+}
+
+fn config(data: PathBuf, out: PathBuf) -> TrainConfig {
+    let mut c = TrainConfig::new(Recipe::CifarFast, "micro", demo::micro_vvt(2), data, out);
+    c.resolution = Some(32);
+    c.batch_size = 4;
+    c.eval_batch_size = 4;
+    c.epochs = 1;
+    c.warmup = Warmup::Epochs(0.0);
+    c.workers = 1;
+    c.quiet = true;
+    c
+}
+
+fn err_text<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn a_new_run_never_writes_over_another_or_shares_its_folder() {
+    let t = TempDir::new("runs-over");
+    let d = data(&t.0, &["train", "test"]);
+    let out = t.0.join("run");
+    std::fs::create_dir_all(out.join("best")).unwrap();
+    std::fs::write(out.join("best/model.safetensors"), b"earlier results").unwrap();
+    std::fs::write(out.join("metrics.csv"), b"epoch\n1\n").unwrap();
+    let err = err_text(train::<AB>(config(d.clone(), out.clone()), &Default::default()));
+    assert!(
+        err.contains("is not empty") && err.contains("best") && err.contains("metrics.csv"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("best/model.safetensors")).unwrap(),
+        b"earlier results"
+    );
+
+    // A folder another process trains in is refused while it holds the lock.
+    let busy = t.0.join("busy");
+    let lock = lock_run(&busy).unwrap();
+    let err = err_text(train::<AB>(config(d.clone(), busy.clone()), &Default::default()));
+    assert!(
+        err.contains("another vicinity process") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    drop(lock);
+    let done = train::<AB>(config(d, busy), &Default::default()).unwrap();
+    assert_eq!(done.stop, Stop::Finished);
+}
+
+#[test]
+fn a_run_resumes_with_its_data_moved() {
+    let t = TempDir::new("runs-moved");
+    let d = data(&t.0, &["train", "test"]);
+    let out = t.0.join("run");
+    let mut cfg = config(d.clone(), out.clone());
+    cfg.epochs = 2;
+    cfg.stop_at_step = Some(1);
+    assert_eq!(
+        train::<AB>(cfg, &Default::default()).unwrap().stop,
+        Stop::Paused(1)
+    );
+    let state = RunState::read(&out.join("last")).unwrap();
+    assert!(
+        state.config.data.is_absolute(),
+        "the stored data path is absolute"
+    );
+
+    let moved = t.0.join("elsewhere");
+    std::fs::rename(&d, &moved).unwrap();
+    let opts = |data| ResumeOptions {
+        data,
+        quiet: true,
+        ..Default::default()
+    };
+    let err = err_text(resume::<AB>(&out, opts(None), &Default::default()));
+    assert!(err.contains("--data") && err.contains("does not exist"), "{err}");
+    let done = resume::<AB>(&out, opts(Some(moved)), &Default::default()).unwrap();
+    assert_eq!(done.stop, Stop::Finished);
+}
+
+#[test]
+fn bad_validation_images_and_missing_splits_are_found_before_training() {
+    let t = TempDir::new("runs-bad-val");
+    let d = data(&t.0, &["train", "val"]);
+    std::fs::write(d.join("val/b/0001.png"), b"not a png").unwrap();
+    let out = t.0.join("run");
+    let err = err_text(train::<AB>(config(d.clone(), out.clone()), &Default::default()));
+    assert!(err.contains("0001.png") && err.contains("--skip-bad"), "{err}");
+    assert!(!out.join("last").exists(), "no training happened");
+    let mut cfg = config(d.clone(), t.0.join("run2"));
+    cfg.skip_bad = true;
+    assert_eq!(
+        train::<AB>(cfg, &Default::default()).unwrap().stop,
+        Stop::Finished
+    );
+
+    // A damaged 'val' split is reported as it is, not as "no validation split".
+    std::fs::remove_dir_all(d.join("val/a")).unwrap();
+    std::fs::create_dir_all(d.join("val/a")).unwrap();
+    let err = err_text(train::<AB>(
+        config(d.clone(), t.0.join("run3")),
+        &Default::default(),
+    ));
+    assert!(
+        err.contains("class 'a'") && !err.contains("no validation split"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(d.join("val")).unwrap();
+    let err = err_text(train::<AB>(config(d, t.0.join("run4")), &Default::default()));
+    assert!(err.contains("neither 'val' nor 'test'"), "{err}");
+}
+
+#[test]
+fn the_papers_recipe_starts_at_any_batch_size() {
+    let mut c = TrainConfig::new(Recipe::Papers, "m", demo::micro_vvt(2), "d".into(), "o".into());
+    for batch in [1, 8, 512, 4096] {
+        c.batch_size = batch;
+        c.validate().unwrap_or_else(|e| panic!("batch {batch}: {e:#}"));
+        assert!(c.floor_lr() < c.peak_lr());
+        assert!((c.floor_lr() / c.peak_lr() - 1e-5 / 5e-4).abs() < 1e-12);
+    }
+}
+
+// ------------------------------------------------------------------ signals, as a user sends them
+
+fn spawn_training(root: &Path, d: &Path, out: &Path) -> Child {
+    let model = root.join("micro.json");
+    std::fs::write(&model, serde_json::to_string(&demo::micro_vvt(2)).unwrap()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_vicinity"))
+        .args([
+            "--backend",
+            "flex",
+            "train",
+            "--recipe",
+            "cifar-fast",
+            "--resolution",
+            "32",
+        ])
+        .args([
+            "--batch",
+            "4",
+            "--epochs",
+            "500",
+            "--save-every",
+            "2",
+            "--workers",
+            "1",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(d)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs")
+}
+
+/// Waits until the run has written its first `last` checkpoint.
+fn wait_for_checkpoint(child: &mut Child, out: &Path) {
+    let start = Instant::now();
+    while RunState::read(&out.join("last")).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training ended before its first checkpoint"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[cfg(unix)]
+fn signals_pause_with_a_checkpoint_and_kill_leaves_one_that_resumes() {
+    let t = TempDir::new("runs-signals");
+    let d = data(&t.0, &["train", "test"]);
+    for (sig, name) in [
+        (libc::SIGHUP, "hup"),
+        (libc::SIGINT, "int"),
+        (libc::SIGTERM, "term"),
+        (libc::SIGKILL, "kill"),
+    ] {
+        let out = t.0.join(name);
+        let mut child = spawn_training(&t.0, &d, &out);
+        wait_for_checkpoint(&mut child, &out);
+        // SAFETY: signalling a child this test started.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait_with_output().unwrap();
+        let code = std::os::unix::process::ExitStatusExt::signal(&status.status);
+        if sig == libc::SIGKILL {
+            assert_eq!(code, Some(libc::SIGKILL));
+        } else {
+            let stderr = String::from_utf8_lossy(&status.stderr);
+            assert_eq!(status.status.code(), Some(128 + sig), "{name}: {stderr}");
+            assert!(stderr.contains("paused at step"), "{name}: {stderr}");
+        }
+        // Whatever the signal, `last` is whole and the run continues from it.
+        let state = RunState::read(&out.join("last")).unwrap();
+        let opts = ResumeOptions {
+            stop_at_step: Some(state.global_step + 1),
+            quiet: true,
+            ..Default::default()
+        };
+        let resumed = resume::<AB>(&out, opts, &Default::default()).unwrap();
+        assert_eq!(resumed.stop, Stop::Paused(state.global_step + 1), "{name}");
+    }
+}
