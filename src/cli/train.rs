@@ -429,6 +429,9 @@ pub struct EvalArgs {
     /// Test-time augmentation: average the logits of each image and its mirror image.
     #[arg(long)]
     pub tta_flip: bool,
+    /// Leave images that cannot be decoded out (counted in a warning) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
 }
 
 /// `vicinity predict`.
@@ -483,6 +486,7 @@ pub fn eval_command<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<(
         out: Some(out),
         workers: args.workers,
         tta_flip: args.tta_flip,
+        skip_bad: args.skip_bad,
     };
     print!("{}", inference::eval_checkpoint::<B>(&opts, device)?.text());
     Ok(())

@@ -57,6 +57,9 @@ pub struct ModelOutput<B: Backend> {
     pub stages: Vec<Tensor<B, 3>>,
 }
 
+/// The most parameters a configuration may describe (4 × 2³⁰: 16 GiB of f32).
+const MAX_PARAMS: u64 = 4 << 30;
+
 /// Any configuration of either family.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "lowercase")]
@@ -85,10 +88,62 @@ impl ModelConfig {
 
     /// Fails with a message naming the impossible part of the configuration.
     pub fn validate(&self) -> Result<()> {
+        self.check_sizes()?;
         match self {
-            Self::Vvt(c) => c.validate(),
-            Self::Lsagt(c) => c.validate(),
+            Self::Vvt(c) => c.validate()?,
+            Self::Lsagt(c) => c.validate()?,
         }
+        let r = self.default_resolution();
+        if self.check_input(r, r).is_ok() {
+            let params: u64 = self.costs(r, r).iter().map(|c| c.params).sum();
+            anyhow::ensure!(
+                params <= MAX_PARAMS,
+                "the configuration describes {params} parameters, more than the {MAX_PARAMS} (16 GB of \
+                 f32) vicinity builds: is a width or depth mistyped?"
+            );
+        }
+        Ok(())
+    }
+
+    /// Bounds on every size, generous for any vision transformer, so that a configuration file
+    /// (or the one inside a weights file) cannot ask for terabytes or overflow a cost.
+    fn check_sizes(&self) -> Result<()> {
+        let mut sizes: Vec<(&str, usize, usize)> = Vec::new();
+        match self {
+            Self::Vvt(c) => {
+                sizes.extend(c.embed_dims.iter().map(|&d| ("an embed_dim", d, 1 << 16)));
+                sizes.extend(c.depths.iter().map(|&d| ("a depth", d, 1 << 10)));
+                sizes.extend(c.mlp_ratios.iter().map(|&d| ("an mlp_ratio", d, 64)));
+                sizes.extend(c.heads.iter().map(|&d| ("a head count", d, 1 << 12)));
+                sizes.extend([
+                    ("the number of stages", c.embed_dims.len(), 8),
+                    ("num_classes", c.num_classes, 1 << 24),
+                    ("img_size", c.img_size, 1 << 14),
+                    ("in_chans", c.in_chans, 64),
+                ]);
+            }
+            Self::Lsagt(c) => {
+                sizes.extend(c.dims.iter().flatten().map(|&d| ("a dim", d, 1 << 16)));
+                sizes.extend(c.layers.iter().map(|&d| ("a layer count", d, 1 << 10)));
+                sizes.extend(c.heads.iter().map(|&d| ("a head count", d, 1 << 12)));
+                sizes.extend([
+                    ("the number of stages", c.layers.len(), 8),
+                    ("num_classes", c.num_classes, 1 << 24),
+                    ("image_size", c.image_size, 1 << 14),
+                    ("mlp_ratio", c.mlp_ratio, 64),
+                    ("kernel", c.kernel, 64),
+                    ("stride", c.stride, 64),
+                    ("padding", c.padding, 64),
+                ]);
+            }
+        }
+        for (what, value, most) in sizes {
+            anyhow::ensure!(
+                value <= most,
+                "{what} of {value} is beyond any model vicinity builds (at most {most})"
+            );
+        }
+        Ok(())
     }
 
     /// Fails unless the model can take a `height×width` image.
@@ -238,4 +293,39 @@ pub(crate) fn ensure_divisible(what: &str, value: usize, by_what: &str, by: usiz
         bail!("{what} = {value} is not divisible by {by_what} = {by}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations_that_would_ask_for_terabytes_are_refused() {
+        let base = config_by_name("vvt_tiny").unwrap();
+        base.validate().unwrap();
+        let mut wide = base.clone();
+        let ModelConfig::Vvt(c) = &mut wide else {
+            unreachable!()
+        };
+        c.embed_dims[3] = 1 << 20;
+        let err = wide.validate().unwrap_err().to_string();
+        assert!(err.contains("embed_dim of 1048576"), "{err}");
+        // Within each bound, yet 16 GB of parameters in all.
+        let mut deep = base.clone();
+        let ModelConfig::Vvt(c) = &mut deep else {
+            unreachable!()
+        };
+        c.embed_dims = vec![64, 128, 320, 16_384];
+        c.heads = vec![1, 2, 5, 8];
+        c.depths = vec![2, 2, 2, 1024];
+        let err = deep.validate().unwrap_err().to_string();
+        assert!(err.contains("parameters, more than"), "{err}");
+        let mut stages = config_by_name("lsagt_cifar_tiny").unwrap();
+        let ModelConfig::Lsagt(c) = &mut stages else {
+            unreachable!()
+        };
+        c.layers = vec![1; 40];
+        let err = stages.validate().unwrap_err().to_string();
+        assert!(err.contains("number of stages of 40"), "{err}");
+    }
 }

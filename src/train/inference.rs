@@ -95,6 +95,8 @@ pub struct EvalOptions {
     pub workers: usize,
     /// Average the logits of each image and its mirror image.
     pub tta_flip: bool,
+    /// Leave undecodable images out (counted in a warning) instead of stopping.
+    pub skip_bad: bool,
 }
 
 /// The result of `vicinity eval`.
@@ -199,8 +201,15 @@ pub fn eval_checkpoint<B: Backend>(opts: &EvalOptions, device: &B::Device) -> Re
     let classes = dataset.classes.clone();
     let mut cfg = LoaderConfig::eval(opts.batch, [res, res], norm);
     cfg.workers = opts.workers;
+    cfg.skip_bad = opts.skip_bad;
     let loader = Loader::new(Arc::new(dataset), cfg)?;
     let acc = evaluate(&model, &loader, device, opts.tta_flip)?;
+    if loader.skipped() > 0 {
+        eprintln!(
+            "warning: {} images could not be decoded and were left out (--skip-bad)",
+            loader.skipped()
+        );
+    }
     let report = EvalReport {
         weights: opts.checkpoint.weights.clone(),
         data: opts.data.clone(),

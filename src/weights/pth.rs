@@ -482,7 +482,10 @@ impl Machine {
 }
 
 fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>> {
-    ensure!(items.len() % 2 == 0, "dictionary items come in an odd number");
+    ensure!(
+        items.len().is_multiple_of(2),
+        "dictionary items come in an odd number"
+    );
     Ok(items.chunks_exact(2).map(|p| (p[0], p[1])).collect())
 }
 
@@ -545,7 +548,7 @@ fn materialise(
         ));
     }
     let size = dtype.size();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(format!(
             "its storage holds {} bytes, not a whole number of {size}-byte elements",
             bytes.len()

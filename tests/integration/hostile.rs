@@ -38,6 +38,11 @@ fn err_text<T>(r: anyhow::Result<T>) -> String {
 
 // ------------------------------------------------------------------ a .pth writer
 
+/// Storage blobs of a crafted file: (key, bytes).
+pub type Blobs = Vec<(String, Vec<u8>)>;
+/// A change made to a crafted file's entries and blobs.
+type Damage<'a> = Box<dyn Fn(&mut Vec<Entry>, &mut Blobs) + 'a>;
+
 /// One tensor entry of a crafted state dict.
 #[derive(Clone)]
 pub struct Entry {
@@ -106,7 +111,7 @@ pub fn write_pth(path: &Path, pickle: &[u8], blobs: &[(String, Vec<u8>)]) {
 }
 
 /// The tensors of `vvt_mini.pth` as contiguous f32 entries with one storage each.
-pub fn mini_entries() -> (Vec<Entry>, Vec<(String, Vec<u8>)>, Vec<(String, PthTensor)>) {
+pub fn mini_entries() -> (Vec<Entry>, Blobs, Vec<(String, PthTensor)>) {
     let tensors = weights::read_pytorch(&fixtures_dir().join("vvt_mini.pth")).unwrap();
     let mut entries = Vec::new();
     let mut blobs = Vec::new();
@@ -178,11 +183,7 @@ fn crafted_pth_files_read_exactly_or_fail_by_name() {
 
     // Each damage names the file, the tensor and the problem.
     let name = &entries[m].name;
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Vec<Entry>, &mut Vec<(String, Vec<u8>)>)>,
-        &str,
-    )> = vec![
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "missing storage",
             Box::new(|_, b| {

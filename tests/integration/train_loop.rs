@@ -139,6 +139,7 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
         out: Some(root.join("eval")),
         workers: 1,
         tta_flip: false,
+        skip_bad: false,
     };
     let report = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap();
     let expected = h[best_epoch - 1].val_top1.unwrap();
@@ -155,6 +156,7 @@ fn a_small_model_learns_and_the_run_directory_is_complete() {
     let tta = inference::eval_checkpoint::<B>(
         &EvalOptions {
             tta_flip: true,
+            skip_bad: false,
             out: None,
             ..opts
         },
@@ -242,6 +244,7 @@ fn eval_reads_an_official_checkpoint_with_its_model() {
         out: None,
         workers: 1,
         tta_flip: false,
+        skip_bad: false,
     };
     let err = inference::eval_checkpoint::<B>(&opts, &Default::default()).unwrap_err();
     assert!(format!("{err:#}").contains("--model"), "{err:#}");
