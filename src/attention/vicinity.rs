@@ -77,6 +77,9 @@ pub struct VicinityAttentionConfig {
     /// Apply the released code's magnitude clamps (needed for parity with official weights).
     #[config(default = true)]
     pub clamp: bool,
+    /// The Feature Preserving Connection (off: the attention output alone, VVT Table X).
+    #[config(default = true)]
+    pub fpc: bool,
 }
 
 #[derive(Module, Debug)]
@@ -85,10 +88,10 @@ pub struct VicinityAttention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub out_proj: Linear<B>,
-    /// FPC squeeze (official `se_fc.0`).
-    pub se_fc1: Linear<B>,
+    /// FPC squeeze (official `se_fc.0`); `None` without the connection.
+    pub se_fc1: Option<Linear<B>>,
     /// FPC excitation (official `se_fc.2`).
-    pub se_fc2: Linear<B>,
+    pub se_fc2: Option<Linear<B>>,
     pub sr: Option<Conv2d<B>>,
     pub norm: Option<LayerNorm<B>>,
     pub heads: usize,
@@ -116,12 +119,16 @@ impl VicinityAttentionConfig {
             k_proj: LinearConfig::new(self.dim, inner).init(device),
             v_proj: LinearConfig::new(self.dim, inner).init(device),
             out_proj: LinearConfig::new(inner, self.dim).init(device),
-            se_fc1: LinearConfig::new(self.dim, squeezed)
-                .with_bias(false)
-                .init(device),
-            se_fc2: LinearConfig::new(squeezed, self.dim)
-                .with_bias(false)
-                .init(device),
+            se_fc1: self.fpc.then(|| {
+                LinearConfig::new(self.dim, squeezed)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            se_fc2: self.fpc.then(|| {
+                LinearConfig::new(squeezed, self.dim)
+                    .with_bias(false)
+                    .init(device)
+            }),
             sr,
             norm,
             heads: self.heads,
@@ -348,8 +355,13 @@ impl<B: Backend> VicinityAttention<B> {
     fn forward_core(&self, x: Tensor<B, 3>, h: usize, w: usize, core: Core) -> Tensor<B, 3> {
         let [batch, n, c] = x.dims();
         // Feature Preserving Connection gate from the mean token.
-        let pooled = x.clone().mean_dim(1).reshape([batch, c]);
-        let gate = sigmoid(self.se_fc2.forward(relu(self.se_fc1.forward(pooled))));
+        let gate = match (&self.se_fc1, &self.se_fc2) {
+            (Some(fc1), Some(fc2)) => {
+                let pooled = x.clone().mean_dim(1).reshape([batch, c]);
+                Some(sigmoid(fc2.forward(relu(fc1.forward(pooled)))))
+            }
+            _ => None,
+        };
 
         // Keys/values from a spatially reduced grid when r > 1.
         let (src, kh, kw) = match (&self.sr, &self.norm) {
@@ -390,8 +402,10 @@ impl<B: Backend> VicinityAttention<B> {
             }
         };
         let out = self.maybe_clamp(self.out_proj.forward(merged));
-        let fused = out.clone() + out * gate.reshape([batch, 1, c]);
-        self.maybe_clamp(fused)
+        match gate {
+            Some(gate) => self.maybe_clamp(out.clone() + out * gate.reshape([batch, 1, c])),
+            None => out,
+        }
     }
 }
 

@@ -97,6 +97,8 @@ pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> R
     for name in &a.model {
         let config = crate::models::resolve_config(name)?;
         for res in sides(config.default_resolution()) {
+            // Built for each resolution, as a model trained there would be.
+            let config = config.clone().at_resolution(res);
             for &mode in &a.mode {
                 let spec = BenchSpec {
                     name,

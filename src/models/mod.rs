@@ -170,6 +170,16 @@ impl ModelConfig {
         }
     }
 
+    /// The same model built for `res`×`res` input: LSAGT's position embeddings and a Linformer
+    /// attention's projections are sized for it.
+    pub fn at_resolution(mut self, res: usize) -> Self {
+        match &mut self {
+            Self::Vvt(c) => c.img_size = res,
+            Self::Lsagt(c) => c.image_size = res,
+        }
+        self
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Self::Vvt(c) => c.num_classes,
@@ -203,8 +213,9 @@ impl ModelConfig {
     }
 }
 
-/// Every registered model name, in display order.
-pub const MODEL_NAMES: [&str; 9] = [
+/// Every registered model name, in display order: the released models, then VVT-Tiny's
+/// ablations ([`VvtConfig::tiny_ablation`]).
+pub const MODEL_NAMES: [&str; 19] = [
     "vvt_tiny",
     "vvt_small",
     "vvt_medium",
@@ -214,9 +225,19 @@ pub const MODEL_NAMES: [&str; 9] = [
     "lsagt_cifar_base",
     "lsagt_imagenet_tiny",
     "lsagt_imagenet_small",
+    "vvt_tiny_1d",
+    "vvt_tiny_nolocality",
+    "vvt_tiny_no_fpc",
+    "vvt_tiny_softmax",
+    "vvt_tiny_pvt",
+    "vvt_tiny_pvt_linear",
+    "vvt_tiny_performer",
+    "vvt_tiny_linformer",
+    "vvt_tiny_cosformer",
+    "vvt_tiny_gcnet",
 ];
 
-/// The released configuration of that name.
+/// The registered configuration of that name.
 pub fn config_by_name(name: &str) -> Result<ModelConfig> {
     Ok(match name {
         "vvt_tiny" => ModelConfig::Vvt(VvtConfig::tiny()),
@@ -228,10 +249,13 @@ pub fn config_by_name(name: &str) -> Result<ModelConfig> {
         "lsagt_cifar_base" => ModelConfig::Lsagt(LsagtConfig::cifar_base()),
         "lsagt_imagenet_tiny" => ModelConfig::Lsagt(LsagtConfig::imagenet_tiny()),
         "lsagt_imagenet_small" => ModelConfig::Lsagt(LsagtConfig::imagenet_small()),
-        _ => bail!(
-            "unknown model '{name}'; valid names: {} (or pass a .json/.toml config file)",
-            MODEL_NAMES.join(", ")
-        ),
+        _ => match name.strip_prefix("vvt_tiny_").and_then(VvtConfig::tiny_ablation) {
+            Some(c) if MODEL_NAMES.contains(&name) => ModelConfig::Vvt(c),
+            _ => bail!(
+                "unknown model '{name}'; valid names: {} (or pass a .json/.toml config file)",
+                MODEL_NAMES.join(", ")
+            ),
+        },
     })
 }
 

@@ -9,7 +9,11 @@ use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelOutput, PerStage, ensure_divisible};
-use crate::attention::{Attention, AttentionKind, Locality, SoftmaxAttentionConfig, VicinityAttentionConfig};
+use crate::attention::{
+    Attention, AttentionKind, GlobalContextConfig, LinformerAttentionConfig, Locality,
+    PerformerAttentionConfig, PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig, gcnet,
+    linformer, performer,
+};
 use crate::flops::LayerCost;
 use crate::nn::{
     Conv2d, Conv2dConfig, ConvInit, DropPathNoise, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -24,6 +28,9 @@ fn default_img_size() -> usize {
 }
 fn default_drop_path() -> f64 {
     0.1
+}
+fn default_features() -> usize {
+    64
 }
 
 /// A VVT configuration; the four released ones are [`VvtConfig::tiny`] … [`VvtConfig::large`].
@@ -52,6 +59,15 @@ pub struct VvtConfig {
     /// The released code's magnitude clamps (needed for parity with official weights).
     #[serde(default = "default_true")]
     pub clamp: bool,
+    /// Vicinity attention's Feature Preserving Connection (off: VVT Table X's ablation).
+    #[serde(default = "default_true")]
+    pub fpc: bool,
+    /// Random features m of `performer` attention.
+    #[serde(default = "default_features")]
+    pub performer_features: usize,
+    /// Projected token count k of `linformer` attention (at most a stage's token count).
+    #[serde(default = "default_features")]
+    pub linformer_k: usize,
     #[serde(default = "default_drop_path")]
     pub drop_path: f64,
     /// Default input resolution (square).
@@ -82,6 +98,9 @@ impl VvtConfig {
             attention: PerStage::All(AttentionKind::Vicinity),
             locality: Locality::TwoD,
             clamp: true,
+            fpc: true,
+            performer_features: 64,
+            linformer_k: 64,
             drop_path: 0.1,
             img_size: 224,
             in_chans: 3,
@@ -96,6 +115,26 @@ impl VvtConfig {
     pub fn medium() -> Self {
         Self::released([8, 8, 4, 4], [3, 3, 27, 3])
     }
+    /// VVT-Tiny as one of the papers' ablations (Tables VI–XI): `1d` / `nolocality` (Table VI),
+    /// `no_fpc` (Table X), or every stage's attention replaced by a competitor; PVTv2's attention
+    /// keeps PVTv2's spatial reductions 8, 4, 2, 1.
+    pub fn tiny_ablation(variant: &str) -> Option<Self> {
+        let mut c = Self::tiny();
+        match variant {
+            "1d" => c.locality = Locality::OneD,
+            "nolocality" => c.locality = Locality::None,
+            "no_fpc" => c.fpc = false,
+            kind => {
+                let kind: AttentionKind = kind.parse().ok().filter(|k| *k != AttentionKind::Vicinity)?;
+                c.attention = PerStage::All(kind);
+                if kind == AttentionKind::Pvt {
+                    c.sr_ratios = vec![8, 4, 2, 1];
+                }
+            }
+        }
+        Some(c)
+    }
+
     pub fn large() -> Self {
         Self::released([4, 4, 4, 4], [4, 4, 36, 4])
     }
@@ -173,7 +212,21 @@ impl VvtConfig {
         if h == 0 || w == 0 || !h.is_multiple_of(factor) || !w.is_multiple_of(factor) {
             bail!("VVT takes images whose height and width are multiples of {factor}; got {h}x{w}");
         }
+        if (0..self.num_stages()).any(|i| self.attention.at(i) == AttentionKind::Linformer)
+            && (h, w) != (self.img_size, self.img_size)
+        {
+            bail!(
+                "this VVT has Linformer attention, whose projections are built for {0}x{0} input; got {h}x{w} \
+                 (set img_size, or --resolution when training)",
+                self.img_size
+            );
+        }
         for (i, (&(gh, gw), &r)) in self.grids(h, w).iter().zip(&self.sr_ratios).enumerate() {
+            let r = if self.attention.at(i) == AttentionKind::PvtLinear {
+                1
+            } else {
+                r
+            };
             if gh % r != 0 || gw % r != 0 {
                 bail!(
                     "VVT stage {} has a {gh}x{gw} grid that spatial reduction r={r} does not divide; use an input that is a multiple of {}",
@@ -185,20 +238,50 @@ impl VvtConfig {
         Ok(())
     }
 
-    /// The attention layer of a block of stage `i`.
-    fn attention_layer<B: Backend>(&self, i: usize, device: &B::Device) -> Attention<B> {
+    /// The attention layer of block `j` of stage `i`.
+    fn attention_layer<B: Backend>(&self, i: usize, j: usize, device: &B::Device) -> Attention<B> {
         let (c, heads) = (self.embed_dims[i], self.heads[i]);
+        let vicinity = || {
+            VicinityAttentionConfig::new(c, heads)
+                .with_feature_reduction(self.fr_ratios[i])
+                .with_spatial_reduction(self.sr_ratios[i])
+                .with_se_ratio(self.se_ratio)
+                .with_locality(self.locality)
+                .with_clamp(self.clamp)
+                .with_fpc(self.fpc)
+        };
         match self.attention.at(i) {
-            AttentionKind::Vicinity => Attention::Vicinity(
-                VicinityAttentionConfig::new(c, heads)
-                    .with_feature_reduction(self.fr_ratios[i])
-                    .with_spatial_reduction(self.sr_ratios[i])
-                    .with_se_ratio(self.se_ratio)
-                    .with_locality(self.locality)
-                    .with_clamp(self.clamp)
+            AttentionKind::Vicinity => Attention::Vicinity(vicinity().init(device)),
+            AttentionKind::Cosformer => Attention::Vicinity(
+                vicinity()
+                    .with_feature_reduction(1)
+                    .with_locality(Locality::OneD)
+                    .with_fpc(false)
+                    .with_clamp(false)
                     .init(device),
             ),
             AttentionKind::Softmax => Attention::Softmax(SoftmaxAttentionConfig::new(c, heads).init(device)),
+            AttentionKind::Pvt | AttentionKind::PvtLinear => Attention::Pvt(
+                PvtAttentionConfig::new(c, heads)
+                    .with_sr_ratio(self.sr_ratios[i])
+                    .with_linear(self.attention.at(i) == AttentionKind::PvtLinear)
+                    .init(device),
+            ),
+            AttentionKind::Performer => Attention::Performer(
+                PerformerAttentionConfig::new(c, heads)
+                    .with_features(self.performer_features)
+                    .with_seed((i * 1000 + j) as u64)
+                    .init(device),
+            ),
+            AttentionKind::Linformer => {
+                let (gh, gw) = self.grids(self.img_size, self.img_size)[i];
+                Attention::Linformer(
+                    LinformerAttentionConfig::new(c, heads, gh * gw)
+                        .with_projected(self.linformer_k)
+                        .init(device),
+                )
+            }
+            AttentionKind::Gcnet => Attention::Gcnet(GlobalContextConfig::new(c).init(device)),
         }
     }
 
@@ -224,7 +307,7 @@ impl VvtConfig {
                 norm: norm(c, 1e-5),
             };
             let blocks = (0..self.depths[i])
-                .map(|_| {
+                .map(|j| {
                     let rate = if total_blocks > 1 {
                         self.drop_path * block_index as f64 / (total_blocks - 1) as f64
                     } else {
@@ -234,7 +317,7 @@ impl VvtConfig {
                     let hidden = c * self.mlp_ratios[i];
                     Block {
                         norm1: norm(c, 1e-6),
-                        attn: self.attention_layer(i, device),
+                        attn: self.attention_layer(i, j, device),
                         norm2: norm(c, 1e-6),
                         mlp: Mlp {
                             fc1: LinearConfig::new(c, hidden).init(device),
@@ -412,15 +495,7 @@ impl VvtConfig {
             for j in 0..self.depths[i] {
                 let p = format!("block{s}.{j}");
                 out.push(LayerCost::norm(format!("{p}.norm1"), c));
-                match self.attention.at(i) {
-                    AttentionKind::Vicinity => self.vicinity_costs(i, &p, grid, &mut out),
-                    AttentionKind::Softmax => {
-                        out.push(LayerCost::linear(format!("{p}.attn.wq"), n, c, c, true));
-                        out.push(LayerCost::linear(format!("{p}.attn.wkv"), n, c, 2 * c, true));
-                        out.push(LayerCost::new(format!("{p}.attn.softmax"), 2 * n * n * c, 0));
-                        out.push(LayerCost::linear(format!("{p}.attn.proj"), n, c, c, true));
-                    }
-                }
+                self.attention_costs(i, &p, grid, &mut out);
                 out.push(LayerCost::norm(format!("{p}.norm2"), c));
                 out.push(LayerCost::linear(format!("{p}.mlp.fc1"), n, c, hidden, true));
                 out.push(LayerCost::conv2d(
@@ -439,15 +514,79 @@ impl VvtConfig {
         out
     }
 
-    /// The vicinity attention of a block of stage `i` on a `grid`, named `{p}.attn.*`.
-    fn vicinity_costs(&self, i: usize, p: &str, [gh, gw]: [u64; 2], out: &mut Vec<LayerCost>) {
+    /// The attention of a block of stage `i` on a `grid`, named `{p}.attn.*`: per layer where the
+    /// layout is VVT's, one line per block for the competitors.
+    fn attention_costs(&self, i: usize, p: &str, [gh, gw]: [u64; 2], out: &mut Vec<LayerCost>) {
+        let (c, heads, n) = (self.embed_dims[i] as u64, self.heads[i], (gh * gw) as usize);
+        let linear = |i: u64, o: u64| i * o + o;
+        let kind = self.attention.at(i);
+        let (macs, params) = match kind {
+            AttentionKind::Vicinity => return self.vicinity_costs(i, p, [gh, gw], self.fr_ratios[i], out),
+            AttentionKind::Cosformer => return self.vicinity_costs(i, p, [gh, gw], 1, out),
+            AttentionKind::Softmax => {
+                out.push(LayerCost::linear(format!("{p}.attn.wq"), n as u64, c, c, true));
+                out.push(LayerCost::linear(
+                    format!("{p}.attn.wkv"),
+                    n as u64,
+                    c,
+                    2 * c,
+                    true,
+                ));
+                out.push(LayerCost::new(
+                    format!("{p}.attn.softmax"),
+                    2 * (n * n) as u64 * c,
+                    0,
+                ));
+                out.push(LayerCost::linear(format!("{p}.attn.proj"), n as u64, c, c, true));
+                return;
+            }
+            AttentionKind::Pvt | AttentionKind::PvtLinear => {
+                let cfg = PvtAttentionConfig::new(c as usize, heads)
+                    .with_sr_ratio(self.sr_ratios[i])
+                    .with_linear(kind == AttentionKind::PvtLinear);
+                let k = if cfg.linear { 1 } else { cfg.sr_ratio as u64 };
+                let reduce = if cfg.linear || k > 1 {
+                    linear(c * k * k, c) + 2 * c
+                } else {
+                    0
+                };
+                (cfg.macs(gh as usize, gw as usize), 4 * c * c + 4 * c + reduce)
+            }
+            AttentionKind::Performer => {
+                let m = self.performer_features;
+                (performer::macs(c as usize, heads, m, n), 4 * c * c + 4 * c)
+            }
+            AttentionKind::Linformer => {
+                let k = self.linformer_k.min(n) as u64;
+                (
+                    linformer::macs(c as usize, heads, n, k as usize),
+                    4 * c * c + 4 * c + 2 * n as u64 * k,
+                )
+            }
+            AttentionKind::Gcnet => {
+                let hidden = GlobalContextConfig::new(c as usize).hidden() as u64;
+                (
+                    gcnet::macs(c as usize, 4, n),
+                    linear(c, 1) + linear(c, hidden) + 2 * hidden + linear(hidden, c),
+                )
+            }
+        };
+        out.push(LayerCost::new(format!("{p}.attn.{}", kind.name()), macs, params));
+    }
+
+    /// The vicinity attention of a block of stage `i` on a `grid` with feature reduction `f`.
+    fn vicinity_costs(&self, i: usize, p: &str, [gh, gw]: [u64; 2], f: usize, out: &mut Vec<LayerCost>) {
         let c = self.embed_dims[i] as u64;
-        let f = self.fr_ratios[i] as u64;
+        let f = f as u64;
         let r = self.sr_ratios[i] as u64;
         let heads = self.heads[i] as u64;
         let inner = c / f;
         let d = inner / heads;
-        let e = self.locality.expansion() as u64;
+        let locality = match self.attention.at(i) {
+            AttentionKind::Cosformer => Locality::OneD,
+            _ => self.locality,
+        };
+        let e = locality.expansion() as u64;
         let n = gh * gw;
         let m = n / (r * r);
         if r > 1 {
@@ -467,12 +606,14 @@ impl VvtConfig {
         let core = heads * (m * e * d * d + n * e * d * d + n * e * d);
         out.push(LayerCost::new(format!("{p}.attn.vicinity"), core, 0));
         out.push(LayerCost::linear(format!("{p}.attn.out_proj"), n, inner, c, true));
-        let squeezed = c / self.se_ratio as u64;
-        out.push(LayerCost::new(
-            format!("{p}.attn.se_fc"),
-            2 * c * squeezed,
-            2 * c * squeezed,
-        ));
+        if self.fpc && self.attention.at(i) == AttentionKind::Vicinity {
+            let squeezed = c / self.se_ratio as u64;
+            out.push(LayerCost::new(
+                format!("{p}.attn.se_fc"),
+                2 * c * squeezed,
+                2 * c * squeezed,
+            ));
+        }
     }
 }
 
@@ -558,6 +699,67 @@ mod tests {
         let err = wrong.validate().unwrap_err().to_string();
         assert!(err.contains("attention names 3 kinds"), "{err}");
         assert_eq!(VvtConfig::tiny().attention.at(2), AttentionKind::Vicinity);
+    }
+
+    /// Every attention kind, and the FPC switch, builds, runs forward and backward, and has the
+    /// parameter count its cost model says.
+    #[test]
+    fn every_attention_kind_trains_and_counts_its_parameters() {
+        use burn::module::Module;
+        type A = burn::backend::Autodiff<burn::backend::Flex>;
+        let device = Default::default();
+        let base = |attention| VvtConfig {
+            embed_dims: vec![16, 32, 32, 32],
+            heads: vec![1, 2, 2, 2],
+            mlp_ratios: vec![2; 4],
+            depths: vec![1; 4],
+            sr_ratios: vec![2, 1, 1, 1],
+            num_classes: 3,
+            img_size: 64,
+            performer_features: 8,
+            linformer_k: 20,
+            attention: PerStage::All(attention),
+            ..VvtConfig::tiny()
+        };
+        let mut configs: Vec<VvtConfig> = AttentionKind::ALL.into_iter().map(base).collect();
+        configs.push(VvtConfig {
+            fpc: false,
+            ..base(AttentionKind::Vicinity)
+        });
+        for config in configs {
+            config.validate().unwrap();
+            config.check_input(64, 64).unwrap();
+            let model = config.init::<A>(&device);
+            let params: u64 = config.costs(64, 64).iter().map(|c| c.params).sum();
+            assert_eq!(
+                params as usize,
+                model.num_params(),
+                "{:?} fpc {}",
+                config.attention,
+                config.fpc
+            );
+            let x = Tensor::<A, 4>::random(
+                [2, 3, 64, 64],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let y = model.forward(x);
+            let v: Vec<f32> = y.clone().into_data().to_vec().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{:?}", config.attention);
+            let grads = y.sum().backward();
+            let head = model
+                .head
+                .weight
+                .grad(&grads)
+                .expect("a gradient reaches the head");
+            assert!(head.abs().sum().into_scalar() > 0.0);
+        }
+        // Linformer models run at their own resolution only.
+        let err = base(AttentionKind::Linformer)
+            .check_input(96, 96)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("built for 64x64"), "{err}");
     }
 
     #[test]

@@ -58,20 +58,12 @@ pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelCon
     if classes != data_classes {
         bail!("--num-classes {classes} does not match the dataset, which has {data_classes} classes");
     }
-    let mut model = cfg.model.clone().with_num_classes(classes);
-    let res = cfg.resolution.unwrap_or_else(|| model.default_resolution());
-    match &mut model {
-        ModelConfig::Vvt(c) => {
-            c.img_size = res;
-            if let Some(p) = cfg.drop_path {
-                c.drop_path = p;
-            }
-        }
-        ModelConfig::Lsagt(c) => {
-            c.image_size = res;
-            if let Some(p) = cfg.drop_path {
-                c.drop_path = p;
-            }
+    let res = cfg.resolution.unwrap_or_else(|| cfg.model.default_resolution());
+    let mut model = cfg.model.clone().with_num_classes(classes).at_resolution(res);
+    if let Some(p) = cfg.drop_path {
+        match &mut model {
+            ModelConfig::Vvt(c) => c.drop_path = p,
+            ModelConfig::Lsagt(c) => c.drop_path = p,
         }
     }
     model.validate()?;
