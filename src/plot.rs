@@ -50,6 +50,70 @@ pub fn two_panels_png(title: &str, left: &Panel, right: &Panel) -> Result<Vec<u8
     Ok(bytes)
 }
 
+/// The PNG bytes of a titled horizontal bar chart: one bar per label, its value written beside
+/// it, and each label's individual points (seeds) as black ticks across the bar's end.
+pub fn bars_png(title: &str, xlabel: &str, bars: &[(String, f64, Vec<f64>)]) -> Result<Vec<u8>> {
+    let row = 22i64;
+    let height = (70 + row * bars.len() as i64 + 40).max(160) as u32;
+    let mut img = RgbImage::from_pixel(W, height, WHITE);
+    text(&mut img, 20, 8, &truncate(title, 70), BLACK, 2);
+    let label_w = 6 * bars.iter().map(|b| b.0.len()).max().unwrap_or(0) as i64;
+    let (x0, y0) = (30 + label_w, 50i64);
+    let w = W as i64 - x0 - 110;
+    let hi = bars
+        .iter()
+        .flat_map(|b| std::iter::once(b.1).chain(b.2.iter().copied()))
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let step = nice_step(hi / 5.0);
+    let top = (hi / step).ceil() * step;
+    let px = |v: f64| x0 + (v.max(0.0) / top * w as f64).round() as i64;
+    let bottom = y0 + row * bars.len() as i64;
+    let mut v = 0.0;
+    while v <= top + step * 0.5 {
+        line(&mut img, (px(v), y0 - 4), (px(v), bottom), GRID, 1);
+        let label = format_tick(v, step);
+        text(
+            &mut img,
+            px(v) - 3 * label.len() as i64,
+            bottom + 6,
+            &label,
+            BLACK,
+            1,
+        );
+        v += step;
+    }
+    text(
+        &mut img,
+        x0 + w / 2 - 3 * xlabel.len() as i64,
+        bottom + 20,
+        xlabel,
+        BLACK,
+        1,
+    );
+    for (i, (label, value, points)) in bars.iter().enumerate() {
+        let y = y0 + row * i as i64;
+        text(&mut img, x0 - 8 - 6 * label.len() as i64, y + 6, label, BLACK, 1);
+        rect(
+            &mut img,
+            x0,
+            y + 2,
+            px(*value) - x0,
+            row - 6,
+            PALETTE[i % PALETTE.len()],
+        );
+        for &p in points {
+            rect(&mut img, px(p) - 1, y, 3, row - 2, BLACK);
+        }
+        let end = points.iter().copied().fold(*value, f64::max);
+        text(&mut img, px(end) + 6, y + 6, &format!("{value:.2}"), BLACK, 1);
+    }
+    line(&mut img, (x0, y0 - 4), (x0, bottom), BLACK, 1);
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }

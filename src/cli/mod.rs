@@ -4,6 +4,7 @@
 //! it and the machine has the driver, `flex` (CPU) otherwise. `models`, `flops` and `compare`
 //! touch no device.
 
+mod ablate;
 mod bench;
 mod check;
 mod models;
@@ -98,6 +99,8 @@ pub enum Command {
     Bench(Box<BenchArgs>),
     /// Train a model (`--quick`: a short CPU demo on synthetic shapes). See docs/TRAINING.md.
     Train(Box<TrainArgs>),
+    /// Train several models under one recipe and write one table (the papers' ablations).
+    Ablate(Box<ablate::AblateArgs>),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a checkpoint on a dataset split.
     Eval(EvalArgs),
     /// Top-5 classes (with probabilities) of image files.
@@ -158,6 +161,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Convert(a) => models::convert_command::<Inner<B>>(a, &device)?,
                 Command::Bench(a) => bench::bench_command::<B>(a, &device)?,
                 Command::Train(a) => train::train_command::<B>(a, &device)?,
+                Command::Ablate(a) => ablate::ablate_command::<B>(a, &device)?,
                 Command::Eval(a) => train::eval_command::<Inner<B>>(a, &device)?,
                 Command::Predict(a) => train::predict_command::<Inner<B>>(a, &device)?,
                 Command::Models | Command::Flops(_) | Command::Compare(_) | Command::CheckKernels(_) => {
@@ -193,7 +197,7 @@ mod tests {
                 sub.get_name()
             );
         }
-        assert_eq!(seen.len(), 10);
+        assert_eq!(seen.len(), 11);
         let convert = cli.find_subcommand("convert").expect("convert");
         assert!(convert.get_about().unwrap().to_string().contains("official .pth"));
         let check = cli.find_subcommand("check-kernels").expect("check-kernels");

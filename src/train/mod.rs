@@ -18,6 +18,7 @@
 //! The command-line flags live in [`crate::cli`]. See `docs/TRAINING.md` for the user-facing
 //! description.
 
+pub mod ablate;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;

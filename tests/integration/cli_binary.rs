@@ -20,7 +20,7 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-const COMMANDS: [&str; 10] = [
+const COMMANDS: [&str; 11] = [
     "models",
     "flops",
     "features",
@@ -28,6 +28,7 @@ const COMMANDS: [&str; 10] = [
     "compare",
     "bench",
     "train",
+    "ablate",
     "eval",
     "predict",
     "check-kernels",

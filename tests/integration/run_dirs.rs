@@ -234,3 +234,94 @@ fn signals_pause_with_a_checkpoint_and_kill_leaves_one_that_resumes() {
         assert_eq!(resumed.stop, Stop::Paused(state.global_step + 1), "{name}");
     }
 }
+
+/// `vicinity ablate`: two configurations × two seeds into one table; run again, it reads the
+/// finished runs back instead of training them again.
+#[test]
+fn an_ablation_trains_each_configuration_and_seed_once_and_writes_one_table() {
+    let t = TempDir::new("ablate");
+    let d = data(&t.0, &["train", "test"]);
+    let mut models = Vec::new();
+    for kind in ["vicinity", "softmax"] {
+        let vicinity::models::ModelConfig::Vvt(mut c) = demo::micro_vvt(2) else {
+            unreachable!()
+        };
+        c.attention = vicinity::models::PerStage::All(kind.parse().unwrap());
+        let path = t.0.join(format!("micro_{kind}.json"));
+        std::fs::write(
+            &path,
+            serde_json::to_string(&vicinity::models::ModelConfig::Vvt(c)).unwrap(),
+        )
+        .unwrap();
+        models.push(path.display().to_string());
+    }
+    let out = t.0.join("ablation");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_vicinity"))
+            .args([
+                "--backend",
+                "flex",
+                "ablate",
+                "--recipe",
+                "cifar-fast",
+                "--resolution",
+                "32",
+            ])
+            .args([
+                "--batch",
+                "4",
+                "--epochs",
+                "1",
+                "--workers",
+                "1",
+                "--seeds",
+                "0,1",
+            ])
+            .arg("--models")
+            .arg(models.join(","))
+            .arg("--data")
+            .arg(&d)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("the binary runs")
+    };
+    let first = run();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    let table = std::fs::read_to_string(out.join("ablation.md")).unwrap();
+    for kind in ["micro_vicinity", "micro_softmax"] {
+        let line = table
+            .lines()
+            .find(|l| l.contains(kind))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(line.contains("| 2 |"), "two seeds: {line}");
+    }
+    let csv = std::fs::read_to_string(out.join("ablation.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(
+        std::fs::read(out.join("ablation.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    let stamp = |p: &Path| {
+        std::fs::metadata(p.join("last/state.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let runs: Vec<PathBuf> = ["micro_vicinity-seed0", "micro_softmax-seed1"]
+        .iter()
+        .map(|r| out.join(r))
+        .collect();
+    let before: Vec<_> = runs.iter().map(|r| stamp(r)).collect();
+    let second = run();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let after: Vec<_> = runs.iter().map(|r| stamp(r)).collect();
+    assert_eq!(before, after, "finished runs are read back, not trained again");
+    assert_eq!(std::fs::read_to_string(out.join("ablation.csv")).unwrap(), csv);
+}
