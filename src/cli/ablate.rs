@@ -62,6 +62,17 @@ pub fn ablate_command<B: AutodiffBackend>(a: &AblateArgs, device: &B::Device) ->
             configs.push((model.clone(), args.to_config()?));
         }
     }
+    let mut dirs = std::collections::HashSet::new();
+    for (model, cfg) in &configs {
+        if !dirs.insert(cfg.out.clone()) {
+            bail!(
+                "{model} (seed {}) would share the run folder {} with another entry: name each model \
+                 and seed once (config files need distinct file names)",
+                cfg.seed,
+                cfg.out.display()
+            );
+        }
+    }
     let total = configs.len();
     eprintln!(
         "ablation of {} models × {} seeds into {}",
@@ -93,7 +104,15 @@ pub fn ablate_command<B: AutodiffBackend>(a: &AblateArgs, device: &B::Device) ->
         if let Err(e) = ablate::write_report(&dir, &done, &title) {
             eprintln!("warning: could not write the table: {e:#}");
         }
-    })?;
+    });
+    // A pause asked for by a signal ends like a process stopped by it (see `train`).
+    if rows.is_err()
+        && let Some(sig) = crate::train::signals::interrupting_signal()
+    {
+        eprintln!("ablation paused; run the same command again to continue");
+        std::process::exit(128 + sig);
+    }
+    let rows = rows?;
     ablate::write_report(&dir, &rows, &title)?;
     print!("{}", ablate::markdown(&rows, &title));
     eprintln!("wrote {}/ablation.{{md,csv,png}}", dir.display());

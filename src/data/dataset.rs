@@ -85,11 +85,15 @@ fn decode_bytes(bytes: &[u8], source: &str) -> Result<RgbImage> {
 /// The error when a dataset has no split of the requested name (as opposed to a split that
 /// exists but cannot be read), so that a caller may try another name.
 #[derive(Debug)]
-pub struct MissingSplit(pub String);
+pub struct MissingSplit {
+    /// The split's name.
+    pub split: String,
+    pub message: String,
+}
 
 impl std::fmt::Display for MissingSplit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -145,6 +149,9 @@ impl ImageDataset {
                 "{}: bad image (pass --skip-bad to leave such images out)",
                 self.name
             )));
+        }
+        for (_, e) in &bad {
+            eprintln!("warning: left out {e:#}");
         }
         let drop: BTreeSet<usize> = bad.iter().map(|(i, _)| *i).collect();
         let mut i = 0;
@@ -312,11 +319,14 @@ fn read_folder(path: &Path, split: &str) -> Result<ImageDataset> {
         match nested.len() {
             1 => split_dir = nested[0].clone(),
             0 => {
-                return Err(MissingSplit(format!(
-                    "no '{split}' split in {} (found folders: {:?}); expected <root>/{split}/<class>/<images>",
-                    path.display(),
-                    names(&children)
-                ))
+                return Err(MissingSplit {
+                    split: split.to_string(),
+                    message: format!(
+                        "no '{split}' split in {} (found folders: {:?}); expected <root>/{split}/<class>/<images>",
+                        path.display(),
+                        names(&children)
+                    ),
+                }
                 .into());
             }
             _ => bail!("ambiguous '{split}' split in {}: {:?}", path.display(), nested),
@@ -381,6 +391,25 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
     Ok(n)
 }
 
+/// Half the machine's memory: an archive's images are kept in memory, and a small compressed
+/// file may unpack to far more.
+fn memory_budget() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system parameters.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages > 0 && size > 0 {
+            return pages as u64 * size as u64 / 2;
+        }
+    }
+    u64::MAX
+}
+
 /// The largest archive member read as an image.
 const MAX_IMAGE_BYTES: u64 = 256 << 20;
 
@@ -418,6 +447,7 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
         eof: ended.clone(),
     });
     let ctx = || format!("reading archive {}", path.display());
+    let mut kept = 0u64;
     for entry in archive.entries().with_context(ctx)? {
         let mut entry = entry.with_context(ctx)?;
         let member = entry.path().with_context(ctx)?.into_owned();
@@ -455,6 +485,13 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
                 path.display(),
                 MAX_IMAGE_BYTES >> 20
             );
+            kept += size;
+            ensure!(
+                kept <= memory_budget(),
+                "archive {} holds more image data than half this machine's memory; unpack it and \
+                 pass the folder instead (images in a folder are read as they are used)",
+                path.display()
+            );
             let mut bytes = Vec::with_capacity(size as usize);
             (&mut entry)
                 .take(size)
@@ -487,9 +524,12 @@ fn read_archive(path: &Path, splits: &[&str]) -> Result<Vec<ImageDataset>> {
             let s = found.remove(split).unwrap_or_default();
             let name = format!("{archive_name} [{split}]");
             if s.classes.is_empty() {
-                return Err(MissingSplit(format!(
-                    "no '{split}' split in archive {archive_name} (top-level folders: {seen_tops:?}); expected [<root>/]{split}/<class>/<images>"
-                ))
+                return Err(MissingSplit {
+                    split: split.to_string(),
+                    message: format!(
+                        "no '{split}' split in archive {archive_name} (top-level folders: {seen_tops:?}); expected [<root>/]{split}/<class>/<images>"
+                    ),
+                }
                 .into());
             }
             let classes: Vec<String> = s.classes.into_iter().collect();

@@ -93,15 +93,18 @@ impl ModelConfig {
             Self::Vvt(c) => c.validate()?,
             Self::Lsagt(c) => c.validate()?,
         }
+        // The model must take its own resolution (position embeddings and Linformer projections
+        // are sized for it), which is also where its parameters are counted.
         let r = self.default_resolution();
-        if self.check_input(r, r).is_ok() {
-            let params: u64 = self.costs(r, r).iter().map(|c| c.params).sum();
-            anyhow::ensure!(
-                params <= MAX_PARAMS,
-                "the configuration describes {params} parameters, more than the {MAX_PARAMS} (16 GB of \
-                 f32) vicinity builds: is a width or depth mistyped?"
-            );
-        }
+        self.check_input(r, r).with_context(|| {
+            format!("the configuration's own resolution {r}x{r} is not one the model takes")
+        })?;
+        let params: u64 = self.costs(r, r).iter().map(|c| c.params).sum();
+        anyhow::ensure!(
+            params <= MAX_PARAMS,
+            "the configuration describes {params} parameters, more than the {MAX_PARAMS} (16 GB of \
+             f32) vicinity builds: is a width or depth mistyped?"
+        );
         Ok(())
     }
 
@@ -111,25 +114,33 @@ impl ModelConfig {
         let mut sizes: Vec<(&str, usize, usize)> = Vec::new();
         match self {
             Self::Vvt(c) => {
-                sizes.extend(c.embed_dims.iter().map(|&d| ("an embed_dim", d, 1 << 16)));
+                sizes.extend(c.embed_dims.iter().map(|&d| ("an embed_dim", d, 1 << 14)));
                 sizes.extend(c.depths.iter().map(|&d| ("a depth", d, 1 << 10)));
                 sizes.extend(c.mlp_ratios.iter().map(|&d| ("an mlp_ratio", d, 64)));
                 sizes.extend(c.heads.iter().map(|&d| ("a head count", d, 1 << 12)));
                 sizes.extend([
                     ("the number of stages", c.embed_dims.len(), 8),
                     ("num_classes", c.num_classes, 1 << 24),
-                    ("img_size", c.img_size, 1 << 14),
+                    ("img_size", c.img_size, 1 << 13),
+                    ("performer_features", c.performer_features, 1 << 12),
+                    ("linformer_k", c.linformer_k, 1 << 12),
                     ("in_chans", c.in_chans, 64),
                 ]);
             }
             Self::Lsagt(c) => {
-                sizes.extend(c.dims.iter().flatten().map(|&d| ("a dim", d, 1 << 16)));
+                sizes.extend(c.dims.iter().flatten().map(|&d| ("a dim", d, 1 << 14)));
                 sizes.extend(c.layers.iter().map(|&d| ("a layer count", d, 1 << 10)));
                 sizes.extend(c.heads.iter().map(|&d| ("a head count", d, 1 << 12)));
                 sizes.extend([
                     ("the number of stages", c.layers.len(), 8),
                     ("num_classes", c.num_classes, 1 << 24),
-                    ("image_size", c.image_size, 1 << 14),
+                    ("image_size", c.image_size, 1 << 13),
+                    // Stage 1's tokens, whose square the global attention's cost holds.
+                    (
+                        "the first stage's token count",
+                        (c.image_size / c.stride.max(1) + 1).pow(2),
+                        1 << 24,
+                    ),
                     ("mlp_ratio", c.mlp_ratio, 64),
                     ("kernel", c.kernel, 64),
                     ("stride", c.stride, 64),
@@ -214,8 +225,8 @@ impl ModelConfig {
 }
 
 /// Every registered model name, in display order: the released models, then VVT-Tiny's
-/// ablations ([`VvtConfig::tiny_ablation`]).
-pub const MODEL_NAMES: [&str; 19] = [
+/// ablations ([`VvtConfig::tiny_ablation`]) and LSAGT-CIFAR-Tiny's ([`LsagtConfig::table5`]).
+pub const MODEL_NAMES: [&str; 24] = [
     "vvt_tiny",
     "vvt_small",
     "vvt_medium",
@@ -235,6 +246,20 @@ pub const MODEL_NAMES: [&str; 19] = [
     "vvt_tiny_linformer",
     "vvt_tiny_cosformer",
     "vvt_tiny_gcnet",
+    "lsagt_cifar_tiny_noshift",
+    "lsagt_cifar_tiny_9shifts",
+    "lsagt_cifar_tiny_translated_sharedpos",
+    "lsagt_cifar_tiny_translated",
+    "lsagt_cifar_tiny_sharedpos",
+];
+
+/// The LSAGT paper's Table 5 variants of `lsagt_cifar_tiny` by registered suffix.
+const LSAGT_TABLE5: [(&str, &str); 5] = [
+    ("noshift", "A"),
+    ("9shifts", "B"),
+    ("translated_sharedpos", "C"),
+    ("translated", "D"),
+    ("sharedpos", "E"),
 ];
 
 /// The registered configuration of that name.
@@ -249,12 +274,18 @@ pub fn config_by_name(name: &str) -> Result<ModelConfig> {
         "lsagt_cifar_base" => ModelConfig::Lsagt(LsagtConfig::cifar_base()),
         "lsagt_imagenet_tiny" => ModelConfig::Lsagt(LsagtConfig::imagenet_tiny()),
         "lsagt_imagenet_small" => ModelConfig::Lsagt(LsagtConfig::imagenet_small()),
+        _ if !MODEL_NAMES.contains(&name) => bail!(
+            "unknown model '{name}'; valid names: {} (or pass a .json/.toml config file)",
+            MODEL_NAMES.join(", ")
+        ),
         _ => match name.strip_prefix("vvt_tiny_").and_then(VvtConfig::tiny_ablation) {
-            Some(c) if MODEL_NAMES.contains(&name) => ModelConfig::Vvt(c),
-            _ => bail!(
-                "unknown model '{name}'; valid names: {} (or pass a .json/.toml config file)",
-                MODEL_NAMES.join(", ")
-            ),
+            Some(c) => ModelConfig::Vvt(c),
+            None => {
+                let suffix = name.strip_prefix("lsagt_cifar_tiny_").unwrap_or_default();
+                let letter = LSAGT_TABLE5.iter().find(|(s, _)| *s == suffix).map(|(_, l)| *l);
+                let config = letter.and_then(|l| LsagtConfig::cifar_tiny().table5(l));
+                ModelConfig::Lsagt(config.with_context(|| format!("'{name}' is listed but not built"))?)
+            }
         },
     })
 }

@@ -159,6 +159,9 @@ impl VvtConfig {
                 bail!("VVT config: {name} has {len} entries but embed_dims has {n} (one per stage)");
             }
         }
+        if self.performer_features == 0 || self.linformer_k == 0 {
+            bail!("VVT config: performer_features and linformer_k must be at least 1");
+        }
         if let PerStage::Each(kinds) = &self.attention
             && kinds.len() != n
         {
@@ -747,12 +750,12 @@ mod tests {
             let v: Vec<f32> = y.clone().into_data().to_vec().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{:?}", config.attention);
             let grads = y.sum().backward();
-            let head = model
-                .head
-                .weight
+            // norm1 feeds only the attention: a gradient there went through the attention.
+            let norm1 = &model.stages[0].blocks[0].norm1.gamma;
+            let g = norm1
                 .grad(&grads)
-                .expect("a gradient reaches the head");
-            assert!(head.abs().sum().into_scalar() > 0.0);
+                .expect("a gradient reaches through the attention");
+            assert!(g.abs().sum().into_scalar() > 0.0, "{:?}", config.attention);
         }
         // Linformer models run at their own resolution only.
         let err = base(AttentionKind::Linformer)

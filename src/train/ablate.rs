@@ -78,7 +78,16 @@ pub fn run_all<B: AutodiffBackend>(
     let mut rows = Vec::new();
     for (model, cfg) in configs {
         let (dir, seed, quiet) = (cfg.out.clone(), cfg.seed, cfg.quiet);
-        let outcome = match resolve(&dir, "last").map(|ck| RunState::read(&ck)).transpose()? {
+        let earlier = resolve(&dir, "last").map(|ck| RunState::read(&ck)).transpose()?;
+        if let Some(state) = &earlier
+            && let Some(diff) = recipe_difference(&state.config, &cfg)?
+        {
+            anyhow::bail!(
+                "{} holds a run of {model} trained with other settings ({diff}); give the ablation another --out",
+                dir.display()
+            );
+        }
+        let outcome = match earlier {
             Some(state) if state.finished => None,
             Some(_) => Some(resume::<B>(
                 &dir,
@@ -106,6 +115,31 @@ pub fn run_all<B: AutodiffBackend>(
     Ok(rows)
 }
 
+/// The first setting in which an earlier run's configuration differs from `new` (what only
+/// changes how a run is watched, or where it lives, is not compared).
+fn recipe_difference(earlier: &TrainConfig, new: &TrainConfig) -> Result<Option<String>> {
+    let mut new = new.clone();
+    new.data = std::path::absolute(&new.data)?;
+    // `auto` became the split the run found.
+    if new.val_split == "auto" {
+        new.val_split = earlier.val_split.clone();
+    }
+    let (a, b) = (serde_json::to_value(earlier)?, serde_json::to_value(&new)?);
+    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (a, b) else {
+        return Ok(None);
+    };
+    const IGNORED: [&str; 5] = ["out", "workers", "log_every", "quiet", "skip_bad"];
+    Ok(b.iter()
+        .filter(|(k, _)| !IGNORED.contains(&k.as_str()))
+        .find(|(k, v)| a.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {} then, {v} now",
+                a.get(k).map(|x| x.to_string()).unwrap_or_default()
+            )
+        }))
+}
+
 /// Per model (in first-seen order): mean final top-1 and the seeds' values.
 fn by_model(rows: &[AblationRow]) -> Vec<(String, f64, Vec<f64>)> {
     let mut out: Vec<(String, f64, Vec<f64>)> = Vec::new();
@@ -124,7 +158,7 @@ fn by_model(rows: &[AblationRow]) -> Vec<(String, f64, Vec<f64>)> {
 /// The table as markdown: one line per model, top-1 as mean ± standard deviation over seeds.
 pub fn markdown(rows: &[AblationRow], title: &str) -> String {
     let mut s = format!(
-        "# {title}\n\n| model | seeds | top-1 % (mean ± sd) | top-5 % | params | GFLOPs | img/s | train s |\n|---|---|---|---|---|---|---|---|\n"
+        "# {title}\n\n| model | seeds | top-1 % (mean ± sd) | best top-1 % | top-5 % | params | GFLOPs | img/s | train s |\n|---|---|---|---|---|---|---|---|---|\n"
     );
     for (model, mean, values) in by_model(rows) {
         let mine: Vec<&AblationRow> = rows.iter().filter(|r| r.model == model).collect();
@@ -136,8 +170,9 @@ pub fn markdown(rows: &[AblationRow], title: &str) -> String {
         };
         let avg = |f: fn(&AblationRow) -> f64| mine.iter().map(|r| f(r)).sum::<f64>() / n;
         s += &format!(
-            "| {model} | {} | {mean:.2} ± {sd:.2} | {:.2} | {:.2} M | {:.3} | {:.0} | {:.0} |\n",
+            "| {model} | {} | {mean:.2} ± {sd:.2} | {:.2} | {:.2} | {:.2} M | {:.3} | {:.0} | {:.0} |\n",
             values.len(),
+            avg(|r| r.best_top1),
             avg(|r| r.top5),
             mine[0].params as f64 / 1e6,
             mine[0].gflops,

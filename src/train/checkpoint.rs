@@ -222,7 +222,6 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Fails early, with a clear message, when the run directory cannot be written.
 /// Holds a run directory for one process: a second `train` or `--resume` into the same folder
 /// while this one runs is refused instead of both writing it. An advisory `flock`, so the
 /// kernel releases it when the process ends in any way (even `kill -9`): no stale lock to clear.
@@ -249,11 +248,23 @@ pub fn lock_run(run: &Path) -> Result<RunLock> {
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                // A file system without locks (some network mounts): run unguarded, and say so.
+                eprintln!(
+                    "warning: cannot lock {} ({err}); make sure no other run uses this folder",
+                    path.display()
+                );
+                return Ok(RunLock { _file: file });
+            }
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
             bail!(
-                "another vicinity process (pid {}) is training in {}; wait for it, or pick another --out",
-                holder.trim(),
+                "another vicinity process{holder} is training in {}; wait for it, or pick another --out",
                 run.display()
             );
         }
@@ -264,6 +275,7 @@ pub fn lock_run(run: &Path) -> Result<RunLock> {
     Ok(RunLock { _file: file })
 }
 
+/// Fails early, with a clear message, when the run directory cannot be written.
 pub fn check_writable(run: &Path) -> Result<()> {
     std::fs::create_dir_all(run)
         .with_context(|| format!("cannot create the run directory {}", run.display()))?;

@@ -10,6 +10,12 @@ use super::config::TrainConfig;
 use crate::data::{ImageDataset, Loader, LoaderConfig, MissingSplit, check_same_classes, open_splits};
 use crate::models::ModelConfig;
 
+/// Whether `err` says that the split `name` does not exist.
+fn is_missing(err: &anyhow::Error, name: &str) -> bool {
+    err.downcast_ref::<MissingSplit>()
+        .is_some_and(|m| m.split == name)
+}
+
 /// Opens the train and validation splits (`auto`: `val`, else `test`) and checks they agree.
 pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, String)> {
     let open = |val: &str| -> Result<(ImageDataset, ImageDataset)> {
@@ -22,9 +28,9 @@ pub fn open_data(cfg: &TrainConfig) -> Result<(ImageDataset, ImageDataset, Strin
         // Only a missing 'val' split falls back to 'test'; a damaged one is reported as it is.
         match open("val") {
             Ok((t, v)) => (t, v, "val".to_string()),
-            Err(first) if first.downcast_ref::<MissingSplit>().is_some() => match open("test") {
+            Err(first) if is_missing(&first, "val") => match open("test") {
                 Ok((t, v)) => (t, v, "test".to_string()),
-                Err(second) if second.downcast_ref::<MissingSplit>().is_some() => {
+                Err(second) if is_missing(&second, "test") => {
                     bail!(
                         "no validation split found in {}: neither 'val' nor 'test' exists ({first:#}); \
                          name one with --val-split",

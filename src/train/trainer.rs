@@ -82,7 +82,9 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
     let held: Vec<String> = std::fs::read_dir(&run_dir)
         .with_context(|| format!("cannot list {}", run_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| !n.starts_with('.'))
+        // A run that failed before its first checkpoint leaves only its config.json: retrying
+        // in the same folder is allowed.
+        .filter(|n| !n.starts_with('.') && n != "config.json")
         .collect();
     if !held.is_empty() {
         bail!(
@@ -201,7 +203,8 @@ pub fn resume<B: AutodiffBackend>(
     let cfg = &mut state.config;
     cfg.out = run_dir.to_path_buf();
     if let Some(d) = opts.data {
-        cfg.data = d;
+        cfg.data = std::path::absolute(&d)
+            .with_context(|| format!("cannot resolve the data path {}", d.display()))?;
     }
     cfg.skip_bad |= opts.skip_bad;
     if let Some(w) = opts.workers {

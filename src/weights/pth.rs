@@ -43,10 +43,19 @@ pub fn read(path: &Path) -> Result<Vec<(String, PthTensor)>> {
     })?;
     let pkl = zip
         .file_names()
-        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
+        .find(|n| (*n == "data.pkl" || n.ends_with("/data.pkl")) && n.matches('/').count() <= 1)
         .map(str::to_string)
         .with_context(|| format!("{source} is a zip file without a data.pkl: not a PyTorch checkpoint"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    // Storages are little-endian unless the file says otherwise (torch writes `byteorder`).
+    if let Ok(mut f) = zip.by_name(&format!("{prefix}byteorder")) {
+        let mut order = String::new();
+        let _ = (&mut f).take(16).read_to_string(&mut order);
+        ensure!(
+            order.trim() != "big",
+            "{source} was saved on a big-endian machine; load and save it again on a little-endian one"
+        );
+    }
     let mut bytes = Vec::new();
     zip.by_name(&pkl)?
         .take(MAX_PICKLE_BYTES + 1)
@@ -187,6 +196,18 @@ impl Dtype {
 #[derive(Default)]
 struct Machine {
     objs: Vec<Obj>,
+    /// Container entries copied rather than moved (an `OrderedDict` built from a list), bounded
+    /// by the pickle's length: a memoised list referenced again and again must not multiply.
+    copied: usize,
+}
+
+/// The highest tensor rank read (weights have at most 5 dimensions).
+const MAX_RANK: usize = 32;
+
+/// What a call made: a new object, or one that exists (a parameter is its tensor).
+enum Made {
+    New(Obj),
+    Existing(Id),
 }
 
 impl Machine {
@@ -350,7 +371,13 @@ impl Machine {
                 b'R' | 0x81 => {
                     let args = pop(&mut stack)?;
                     let callable = pop(&mut stack)?;
-                    Some(self.reduce(callable, args)?)
+                    match self.reduce(callable, args, data.len())? {
+                        Made::New(obj) => Some(obj),
+                        Made::Existing(id) => {
+                            stack.push(id);
+                            None
+                        }
+                    }
                 }
                 b'b' => {
                     pop(&mut stack)?; // BUILD: the state is not applied
@@ -433,30 +460,40 @@ impl Machine {
 
     fn ints(&self, id: Id, what: &str) -> Result<Vec<usize>> {
         match &self.objs[id] {
+            Obj::Tuple(v) | Obj::List(v) if v.len() > MAX_RANK => {
+                bail!("a {what} of {} dimensions (at most {MAX_RANK})", v.len())
+            }
             Obj::Tuple(v) | Obj::List(v) => v.iter().map(|&x| self.int(x, what)).collect(),
             _ => bail!("{what} is not a tuple"),
         }
     }
 
     /// The classes whose construction is plain data; every other call becomes [`Obj::Opaque`].
-    fn reduce(&self, callable: Id, args: Id) -> Result<Obj> {
+    fn reduce(&mut self, callable: Id, args: Id, pickle_len: usize) -> Result<Made> {
         let Obj::Global(module, name) = &self.objs[callable] else {
-            return Ok(Obj::Opaque);
+            return Ok(Made::New(Obj::Opaque));
         };
         let Obj::Tuple(a) = &self.objs[args] else {
             bail!("{module}.{name} called without an argument tuple")
         };
-        Ok(match (module.as_str(), name.as_str()) {
+        Ok(Made::New(match (module.as_str(), name.as_str()) {
             ("collections", "OrderedDict") => match a.first().map(|&x| &self.objs[x]) {
-                Some(Obj::List(items)) => Obj::Dict(
-                    items
-                        .iter()
-                        .map(|&kv| match &self.objs[kv] {
-                            Obj::Tuple(p) if p.len() == 2 => Ok((p[0], p[1])),
-                            _ => bail!("OrderedDict item is not a pair"),
-                        })
-                        .collect::<Result<_>>()?,
-                ),
+                Some(Obj::List(items)) => {
+                    self.copied += items.len();
+                    ensure!(
+                        self.copied <= pickle_len,
+                        "the pickle builds dictionaries from the same items over and over"
+                    );
+                    Obj::Dict(
+                        items
+                            .iter()
+                            .map(|&kv| match &self.objs[kv] {
+                                Obj::Tuple(p) if p.len() == 2 => Ok((p[0], p[1])),
+                                _ => bail!("OrderedDict item is not a pair"),
+                            })
+                            .collect::<Result<_>>()?,
+                    )
+                }
                 _ => Obj::Dict(vec![]),
             },
             ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => {
@@ -473,11 +510,11 @@ impl Machine {
                 }
             }
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match a.first() {
-                Some(&t) => self.objs[t].clone(),
+                Some(&t) => return Ok(Made::Existing(t)),
                 None => bail!("{name} without a tensor"),
             },
             _ => Obj::Opaque,
-        })
+        }))
     }
 }
 
@@ -692,6 +729,16 @@ mod tests {
         deep.extend(std::iter::repeat_n(0x85u8, 1_000_000));
         deep.push(b'.');
         Machine::default().run(&deep).unwrap();
+        // A memoised list of 1000 pairs made into a dictionary 100 times: copies bounded.
+        let mut bomb = b"\x80\x02](".to_vec();
+        bomb.extend(std::iter::repeat_n(&b"))\x86"[..], 1000).flatten());
+        bomb.extend(b"eq\x00");
+        for _ in 0..100 {
+            bomb.extend(b"ccollections\nOrderedDict\nh\x00\x85R0");
+        }
+        bomb.extend(b"N.");
+        let err = format!("{:#}", Machine::default().run(&bomb).unwrap_err());
+        assert!(err.contains("over and over"), "{err}");
         for (bad, why) in [
             (&b"\x80\x02("[..], "ends early"),
             (b"\x80\x02t.", "mark missing"),

@@ -4,9 +4,10 @@
 //! reader answers: a value or an error, never a panic, an abort or a huge allocation (the test
 //! binary's allocator refuses any single allocation over 1 GiB, see `main.rs`).
 //!
-//! `VICINITY_FUZZ_SECONDS` sets the time per target (default 8); `VICINITY_FUZZ_SEED` replays a
-//! run. Each target prints how many inputs it tried, and a failing input is kept under
-//! `target/fuzz-failures/`.
+//! `VICINITY_FUZZ_SECONDS` sets the time per target (default 5); `VICINITY_FUZZ_SEED` replays a
+//! run. Each target prints how many inputs it tried. The input being tried is kept in
+//! `target/tmp/fuzz-failures/<target>-current` while it runs, so an abort (which no test can
+//! catch) leaves it behind; a panicking input is kept under its seed and number.
 
 use std::io::{Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,7 +26,7 @@ fn seconds() -> Duration {
     let s = std::env::var("VICINITY_FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8.0);
+        .unwrap_or(5.0);
     Duration::from_secs_f64(s)
 }
 
@@ -93,17 +94,24 @@ fn fuzz(target: &str, seed_input: &[u8], mut attempt: impl FnMut(&[u8]) -> bool)
     let (mut rng, seed) = rng(target);
     let (start, limit) = (Instant::now(), seconds());
     let (mut tried, mut accepted) = (0u64, 0u64);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let current = dir.join(format!("{target}-current"));
+    // The unmutated file must read: a reader refusing everything would pass the loop below.
+    assert!(
+        attempt(seed_input),
+        "fuzz {target}: the valid seed input is refused"
+    );
     while start.elapsed() < limit {
         let mut input = seed_input.to_vec();
         mutate(&mut rng, &mut input);
         tried += 1;
+        std::fs::write(&current, &input).unwrap();
         match catch_unwind(AssertUnwindSafe(|| attempt(&input))) {
             Ok(ok) => accepted += ok as u64,
             Err(_) => {
-                let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
-                std::fs::create_dir_all(&dir).unwrap();
                 let kept = dir.join(format!("{target}-{seed}-{tried}"));
-                std::fs::write(&kept, &input).unwrap();
+                std::fs::rename(&current, &kept).unwrap();
                 panic!(
                     "fuzz {target}: input {tried} panicked (seed {seed}); kept in {}",
                     kept.display()
@@ -111,6 +119,7 @@ fn fuzz(target: &str, seed_input: &[u8], mut attempt: impl FnMut(&[u8]) -> bool)
             }
         }
     }
+    let _ = std::fs::remove_file(&current);
     // Straight to stderr, past the test harness's capture, so that CI's log shows the counts.
     let line = format!(
         "fuzz {target}: {tried} inputs in {:.1} s, {accepted} read, {} refused with an error, 0 crashes (seed {seed})\n",
@@ -118,7 +127,10 @@ fn fuzz(target: &str, seed_input: &[u8], mut attempt: impl FnMut(&[u8]) -> bool)
         tried - accepted
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
-    assert!(tried > 0);
+    assert!(
+        tried > 0 && accepted > 0,
+        "fuzz {target}: no mutated input was read"
+    );
 }
 
 /// The members of a zip file, in order.
@@ -201,8 +213,18 @@ fn fuzz_dataset_archives() {
 fn fuzz_model_configs() {
     let t = TempDir::new("fuzz-config");
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-    for file in ["vvt_mini.json", "lsagt_cifar_mini.toml"] {
-        let text = std::fs::read(configs.join(file)).unwrap();
+    // The fixture models as written by hand, and two ablation models with every optional field
+    // written out (attention kinds, Performer and Linformer sizes, LSAGT's variant switches).
+    let mut seeds: Vec<(String, Vec<u8>)> = ["vvt_mini.json", "lsagt_cifar_mini.toml"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(configs.join(f)).unwrap()))
+        .collect();
+    for name in ["vvt_tiny_linformer", "lsagt_cifar_tiny_translated"] {
+        let c = vicinity::models::config_by_name(name).unwrap();
+        seeds.push((format!("{name}.json"), serde_json::to_vec_pretty(&c).unwrap()));
+    }
+    for (file, text) in seeds {
+        let file = file.as_str();
         let path = t.0.join(file);
         fuzz(file, &text, |bytes| {
             std::fs::write(&path, bytes).unwrap();

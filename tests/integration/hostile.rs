@@ -225,6 +225,11 @@ fn crafted_pth_files_read_exactly_or_fail_by_name() {
             "negative",
         ),
         (
+            "rank 40",
+            Box::new(|e, _| (e[m].shape, e[m].stride) = (vec![1; 40], vec![1; 40])),
+            "at most 32",
+        ),
+        (
             "integer tensor",
             Box::new(|e, _| e[m].storage = "IntStorage"),
             "int32",
@@ -242,7 +247,7 @@ fn crafted_pth_files_read_exactly_or_fail_by_name() {
         write_pth(&path, &state_dict_pickle(&e), &b);
         let err = err_text(weights::read_pytorch(&path));
         assert!(err.contains(expected) && err.contains("m.pth"), "{what}: {err}");
-        if !matches!(what, "unknown storage type" | "negative stride") {
+        if !matches!(what, "unknown storage type" | "negative stride" | "rank 40") {
             assert!(err.contains(name.as_str()), "{what} names the tensor: {err}");
         }
     }

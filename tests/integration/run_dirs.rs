@@ -111,7 +111,8 @@ fn bad_validation_images_and_missing_splits_are_found_before_training() {
     let err = err_text(train::<AB>(config(d.clone(), out.clone()), &Default::default()));
     assert!(err.contains("0001.png") && err.contains("--skip-bad"), "{err}");
     assert!(!out.join("last").exists(), "no training happened");
-    let mut cfg = config(d.clone(), t.0.join("run2"));
+    // Retried in the same folder (a failed start leaves at most its config.json).
+    let mut cfg = config(d.clone(), out.clone());
     cfg.skip_bad = true;
     assert_eq!(
         train::<AB>(cfg, &Default::default()).unwrap().stop,
@@ -130,8 +131,18 @@ fn bad_validation_images_and_missing_splits_are_found_before_training() {
         "{err}"
     );
     std::fs::remove_dir_all(d.join("val")).unwrap();
-    let err = err_text(train::<AB>(config(d, t.0.join("run4")), &Default::default()));
+    let err = err_text(train::<AB>(
+        config(d.clone(), t.0.join("run4")),
+        &Default::default(),
+    ));
     assert!(err.contains("neither 'val' nor 'test'"), "{err}");
+    // A missing training split is named as such.
+    std::fs::rename(d.join("train"), d.join("val")).unwrap();
+    let err = err_text(train::<AB>(config(d, t.0.join("run5")), &Default::default()));
+    assert!(
+        err.contains("no 'train' split") && !err.contains("neither"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -324,4 +335,50 @@ fn an_ablation_trains_each_configuration_and_seed_once_and_writes_one_table() {
     let after: Vec<_> = runs.iter().map(|r| stamp(r)).collect();
     assert_eq!(before, after, "finished runs are read back, not trained again");
     assert_eq!(std::fs::read_to_string(out.join("ablation.csv")).unwrap(), csv);
+    // Another recipe into the same folder, or a model named twice, is refused.
+    let other = Command::new(env!("CARGO_BIN_EXE_vicinity"))
+        .args([
+            "--backend",
+            "flex",
+            "ablate",
+            "--recipe",
+            "cifar-fast",
+            "--resolution",
+            "32",
+        ])
+        .args(["--batch", "4", "--epochs", "2", "--workers", "1", "--seeds", "0"])
+        .arg("--models")
+        .arg(&models[0])
+        .arg("--data")
+        .arg(&d)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && err.contains("epochs: 1 then, 2 now"),
+        "{err}"
+    );
+    let twice = Command::new(env!("CARGO_BIN_EXE_vicinity"))
+        .args([
+            "--backend",
+            "flex",
+            "ablate",
+            "--seeds",
+            "0,0",
+            "--models",
+            "vvt_tiny",
+            "--data",
+        ])
+        .arg(&d)
+        .arg("--out")
+        .arg(t.0.join("twice"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        !twice.status.success() && err.contains("would share the run folder"),
+        "{err}"
+    );
 }

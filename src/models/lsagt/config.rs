@@ -54,6 +54,16 @@ pub struct LsagtConfig {
     pub drop_path: f64,
     /// Dropout after attention projections and in the MLPs (training only).
     pub dropout: f64,
+    /// T, the image and its first T − 1 shifts (LSAGT Table 5 "#Shifting"; default all of the
+    /// scheme's). With T = 1 there is no local attention: stage 1's first layer is global too.
+    pub variants: usize,
+    /// Each variant made by its own convolution of the rolled image (the released models), or
+    /// (false) the image translated with reflection padding and one shared convolution
+    /// (Table 5 "Conv. Variations").
+    pub conv_variants: bool,
+    /// One position embedding per variant (the released models), or one shared by all
+    /// (Table 5 "Pos. Embed.").
+    pub variant_pos_emb: bool,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +86,16 @@ struct RawLsagtConfig {
     drop_path: f64,
     #[serde(default)]
     dropout: f64,
+    #[serde(default)]
+    variants: Option<usize>,
+    #[serde(default = "default_true")]
+    conv_variants: bool,
+    #[serde(default = "default_true")]
+    variant_pos_emb: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl From<RawLsagtConfig> for LsagtConfig {
@@ -95,6 +115,9 @@ impl From<RawLsagtConfig> for LsagtConfig {
             mlp_ratio: r.mlp_ratio,
             drop_path: r.drop_path,
             dropout: r.dropout,
+            variants: r.variants.unwrap_or(r.scheme.num_variants()),
+            conv_variants: r.conv_variants,
+            variant_pos_emb: r.variant_pos_emb,
         }
     }
 }
@@ -129,7 +152,27 @@ impl LsagtConfig {
             mlp_ratio: 4,
             drop_path: 0.1,
             dropout: 0.0,
+            variants: scheme.num_variants(),
+            conv_variants: true,
+            variant_pos_emb: true,
         }
+    }
+
+    /// An LSAGT paper Table 5 variant of this model: `A` (no shifting), `B` (9 variants), `C`
+    /// (translated variants, one shared convolution and position embedding), `D` (translated
+    /// variants, one position embedding each), `E` (own convolutions, one shared position
+    /// embedding); `Full` is the model itself.
+    pub fn table5(mut self, variant: &str) -> Option<Self> {
+        match variant {
+            "A" => self.variants = 1,
+            "B" => self.variants = 9,
+            "C" => (self.conv_variants, self.variant_pos_emb) = (false, false),
+            "D" => self.conv_variants = false,
+            "E" => self.variant_pos_emb = false,
+            "Full" => {}
+            _ => return None,
+        }
+        Some(self)
     }
 
     fn cifar(d: usize, heads: usize, layers: &[usize]) -> Self {
@@ -249,7 +292,7 @@ impl LsagtConfig {
     }
 
     pub fn num_variants(&self) -> usize {
-        self.scheme.num_variants()
+        self.variants
     }
 
     /// Token grid `(rows, cols)` that the patch embedding makes of an `h×w` image, if every
@@ -258,7 +301,11 @@ impl LsagtConfig {
         let (k, s, p) = (self.kernel, self.stride.max(1), self.padding);
         let grid = (conv_out(h, k, s, p)?, conv_out(w, k, s, p)?);
         for t in 1..self.num_variants() {
-            let (gw, gh) = self.scheme.growth(t);
+            let (gw, gh) = if self.conv_variants {
+                self.scheme.growth(t)
+            } else {
+                (0, 0)
+            };
             if (conv_out(h + gh, k, s, p)?, conv_out(w + gw, k, s, p)?) != grid {
                 return None;
             }
@@ -323,6 +370,14 @@ impl LsagtConfig {
         }
         if self.num_classes == 0 {
             bail!("LSAGT config: num_classes must be at least 1");
+        }
+        let most = self.scheme.num_variants();
+        if !(1..=most).contains(&self.variants) {
+            bail!(
+                "LSAGT config: variants = {} but the {:?} scheme has 1 to {most} (the image and its shifts)",
+                self.variants,
+                self.scheme
+            );
         }
         if self.mlp_ratio == 0 {
             bail!("LSAGT config: mlp_ratio must be at least 1");
@@ -393,7 +448,9 @@ impl LsagtConfig {
         let d0 = self.dims[0][0];
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let patch_embed = ShiftedPatchEmbed {
-            projections: (0..t)
+            variants: t,
+            reflect: !self.conv_variants,
+            projections: (0..if self.conv_variants { t } else { 1 })
                 .map(|_| {
                     Conv2dConfig::new([3, d0], k)
                         .with_stride(s)
@@ -416,7 +473,7 @@ impl LsagtConfig {
                 let pos = Initializer::Normal { mean: 0.0, std: 0.02 };
                 let blocks = (0..self.layers[i])
                     .map(|j| Block {
-                        attn: if i == 0 && j == 0 {
+                        attn: if i == 0 && j == 0 && t > 1 {
                             LayerAttention::Local(attn.init_local(device))
                         } else {
                             LayerAttention::Global(attn.init(device))
@@ -429,7 +486,8 @@ impl LsagtConfig {
                     })
                     .collect();
                 Stage {
-                    variant_pos_emb: (i == 0).then(|| pos.init([t, n, d], device)),
+                    variant_pos_emb: (i == 0)
+                        .then(|| pos.init([if self.variant_pos_emb { t } else { 1 }, n, d], device)),
                     pos_emb: (i > 0).then(|| pos.init([n, d], device)),
                     norm1: layer_norm(d, device),
                     norm2: layer_norm(d, device),
@@ -479,7 +537,7 @@ impl LsagtConfig {
         out.push(LayerCost::new(
             format!("patch_embed ({t} variants)"),
             t * embed.macs,
-            t * embed.params,
+            if config.conv_variants { t } else { 1 } * embed.params,
         ));
         for (i, &(gh, gw)) in grids.iter().enumerate() {
             let s = i + 1;
@@ -491,7 +549,8 @@ impl LsagtConfig {
             let kvh = if config.shared_kv { 1 } else { heads };
             let kv_dim = 2 * kvh * dh;
             let hidden = d * config.mlp_ratio as u64;
-            let pos = if i == 0 { t * n * d } else { n * d };
+            let pos_t = if config.variant_pos_emb { t } else { 1 };
+            let pos = if i == 0 { pos_t * n * d } else { n * d };
             out.push(LayerCost::new(format!("stage{s}.pos_emb"), 0, pos));
             out.push(LayerCost::new(format!("stage{s}.norm1+norm2 (shared)"), 0, 4 * d));
             for j in 0..config.layers[i] {
@@ -503,7 +562,7 @@ impl LsagtConfig {
                 let (mut macs, mut params) = projections
                     .iter()
                     .fold((0, 0), |(m, p), c| (m + c.macs, p + c.params));
-                let (kind, keys) = if i == 0 && j == 0 {
+                let (kind, keys) = if i == 0 && j == 0 && t > 1 {
                     // Keys/values of all T variants; scores and mixing over T per token and head.
                     let kv = LayerCost::linear("wkv", t * n, d, kv_dim, true);
                     ("local_attn", (kv, 2 * n * t * d))
