@@ -15,6 +15,9 @@
 #   peers    the authors' code (eager, torch.compile, reduce-overhead) and timm's pvt_v2_b1:
 #            `python3 peers.py $PEERS` (default "eager timm lsagt-ro")
 #   train    CIFAR-10, TRAIN_MODEL (vvt_tiny) with the cifar-fast recipe at 32², bf16, TRAIN_BUDGET (4m)
+#   kinds    VVT-Tiny with each attention kind (KINDS), a training step at batch 16 in f32 at each of
+#            KINDS_RES (224): images/s and peak memory (VVT paper Table VIII); one bench per model,
+#            so that one running out of memory does not stop the others
 # Everything printed also lands in $OUT/log.txt; rows as JSON lines in $OUT/*.jsonl.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -104,4 +107,12 @@ if has train; then
     "$BIN" --backend cuda eval --weights /tmp/run/last/model.safetensors --data "$data" --split test \
       --tta-flip --out /tmp/eval-tta &&
     cp /tmp/run/metrics.csv /tmp/run/curves.png /tmp/run/config.json /tmp/eval-tta/summary.json "$OUT/"
+fi
+
+if has kinds; then
+  echo "== attention kinds in VVT-Tiny: training step, batch 16, f32, ${KINDS_RES:-224}"
+  for model in ${KINDS:-vvt_tiny vvt_tiny_softmax vvt_tiny_pvt vvt_tiny_pvt_linear vvt_tiny_performer vvt_tiny_linformer vvt_tiny_cosformer vvt_tiny_gcnet}; do
+    "$BIN" --backend cuda bench --model "$model" --mode train --batch 16 --sweep-res "${KINDS_RES:-224}" \
+      --warmup 2 --iters 10 --json "$OUT/kinds.jsonl" 2>&1 | grep -E '^(model|vvt)|error' || echo "$model: failed"
+  done
 fi
