@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -10,22 +10,7 @@ use md5::{Digest, Md5};
 use vicinity::data::synth::{Compression, pack_tar};
 use vicinity::data::{CIFAR10_CLASSES, Cifar, download_and_unpack, download_cifar, open_split};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vicinity-dl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::common::TempDir;
 
 /// Serves `body` at `/<name>` (404 elsewhere) on a loopback port for up to `requests`
 /// requests or 20 seconds, whichever comes first. Returns the base URL.

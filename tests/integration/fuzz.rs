@@ -19,8 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use vicinity::data::synth::{Compression, Encoding, pack_tar, write_image_folder};
 
-use crate::common::{B, fixtures_dir};
-use crate::hostile::TempDir;
+use crate::common::{B, TempDir, fixtures_dir};
 
 fn seconds() -> Duration {
     let s = std::env::var("VICINITY_FUZZ_SECONDS")

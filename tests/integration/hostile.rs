@@ -2,32 +2,14 @@
 //! give: weights (`.pth`, safetensors), archives, folder trees, run directories, inputs.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vicinity::cli::{FeatureInput, features};
 use vicinity::data::synth::{Compression, Encoding, pack_tar, write_image_folder};
 use vicinity::data::{open_split, open_splits};
 use vicinity::weights::{self, pth::PthTensor};
 
-use crate::common::{B, fixtures_dir};
-
-/// A fresh temporary folder, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vicinity-hostile-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::common::{B, TempDir, fixtures_dir};
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
     match r {
@@ -394,7 +376,7 @@ fn tar_claiming(size: u64) -> Vec<u8> {
 
 #[test]
 fn damaged_archives_are_refused() {
-    let t = TempDir::new("archives");
+    let t = TempDir::new("damaged-archives");
     // A 2 KB archive claiming a 2^40-byte member: refused before any allocation.
     let bomb = t.0.join("bomb.tar");
     std::fs::write(&bomb, tar_claiming(1 << 40)).unwrap();

@@ -11,7 +11,7 @@ use vicinity::train::checkpoint::{RunState, lock_run};
 use vicinity::train::schedule::Warmup;
 use vicinity::train::{Recipe, ResumeOptions, Stop, TrainConfig, demo, resume, train};
 
-use crate::hostile::TempDir;
+use crate::common::TempDir;
 
 type AB = burn::backend::Autodiff<burn::backend::Flex>;
 
@@ -267,7 +267,7 @@ fn an_ablation_trains_each_configuration_and_seed_once_and_writes_one_table() {
         models.push(path.display().to_string());
     }
     let out = t.0.join("ablation");
-    let run = || {
+    let ablate = |epochs: &str, seeds: &str, models: &str, out: &Path| {
         Command::new(env!("CARGO_BIN_EXE_vicinity"))
             .args([
                 "--backend",
@@ -281,22 +281,23 @@ fn an_ablation_trains_each_configuration_and_seed_once_and_writes_one_table() {
             .args([
                 "--batch",
                 "4",
-                "--epochs",
-                "1",
                 "--workers",
                 "1",
+                "--epochs",
+                epochs,
                 "--seeds",
-                "0,1",
+                seeds,
+                "--models",
+                models,
             ])
-            .arg("--models")
-            .arg(models.join(","))
             .arg("--data")
             .arg(&d)
             .arg("--out")
-            .arg(&out)
+            .arg(out)
             .output()
             .expect("the binary runs")
     };
+    let run = || ablate("1", "0,1", &models.join(","), &out);
     let first = run();
     let stderr = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success(), "{stderr}");
@@ -336,46 +337,13 @@ fn an_ablation_trains_each_configuration_and_seed_once_and_writes_one_table() {
     assert_eq!(before, after, "finished runs are read back, not trained again");
     assert_eq!(std::fs::read_to_string(out.join("ablation.csv")).unwrap(), csv);
     // Another recipe into the same folder, or a model named twice, is refused.
-    let other = Command::new(env!("CARGO_BIN_EXE_vicinity"))
-        .args([
-            "--backend",
-            "flex",
-            "ablate",
-            "--recipe",
-            "cifar-fast",
-            "--resolution",
-            "32",
-        ])
-        .args(["--batch", "4", "--epochs", "2", "--workers", "1", "--seeds", "0"])
-        .arg("--models")
-        .arg(&models[0])
-        .arg("--data")
-        .arg(&d)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let other = ablate("2", "0", &models[0], &out);
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(
         !other.status.success() && err.contains("epochs: 1 then, 2 now"),
         "{err}"
     );
-    let twice = Command::new(env!("CARGO_BIN_EXE_vicinity"))
-        .args([
-            "--backend",
-            "flex",
-            "ablate",
-            "--seeds",
-            "0,0",
-            "--models",
-            "vvt_tiny",
-            "--data",
-        ])
-        .arg(&d)
-        .arg("--out")
-        .arg(t.0.join("twice"))
-        .output()
-        .unwrap();
+    let twice = ablate("1", "0,0", "vvt_tiny", &t.0.join("twice"));
     let err = String::from_utf8_lossy(&twice.stderr);
     assert!(
         !twice.status.success() && err.contains("would share the run folder"),

@@ -180,3 +180,22 @@ pub fn check_gradients<M: burn::module::Module<A>>(
     println!("{name}: {checked} parameter gradients and the input's, worst rel L2 {worst:.2e}");
     worst
 }
+
+/// A fresh temporary folder for one test, removed on drop (names must differ between tests:
+/// they run in parallel in one process).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vicinity-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
