@@ -226,7 +226,7 @@ impl ModelConfig {
 
 /// Every registered model name, in display order: the released models, then VVT-Tiny's
 /// ablations ([`VvtConfig::tiny_ablation`]) and LSAGT-CIFAR-Tiny's ([`LsagtConfig::table5`]).
-pub const MODEL_NAMES: [&str; 24] = [
+pub const MODEL_NAMES: [&str; 25] = [
     "vvt_tiny",
     "vvt_small",
     "vvt_medium",
@@ -239,6 +239,7 @@ pub const MODEL_NAMES: [&str; 24] = [
     "vvt_tiny_1d",
     "vvt_tiny_nolocality",
     "vvt_tiny_no_fpc",
+    "vvt_tiny_plain",
     "vvt_tiny_softmax",
     "vvt_tiny_pvt",
     "vvt_tiny_pvt_linear",

@@ -68,6 +68,14 @@ pub struct VvtConfig {
     /// Projected token count k of `linformer` attention (at most a stage's token count).
     #[serde(default = "default_features")]
     pub linformer_k: usize,
+    /// Overlapping patch embedding (k7/s4, then k3/s2); off: plain non-overlapping patches
+    /// (k4/s4, then k2/s2), VVT-Tiny* of the VVT paper's Table XIII.
+    #[serde(default = "default_true")]
+    pub overlap_patch_embed: bool,
+    /// The convolutional feed-forward (a depth-wise 3×3 conv between the MLP's linears); off: a
+    /// plain MLP (Table XIII).
+    #[serde(default = "default_true")]
+    pub conv_mlp: bool,
     #[serde(default = "default_drop_path")]
     pub drop_path: f64,
     /// Default input resolution (square).
@@ -101,6 +109,8 @@ impl VvtConfig {
             fpc: true,
             performer_features: 64,
             linformer_k: 64,
+            overlap_patch_embed: true,
+            conv_mlp: true,
             drop_path: 0.1,
             img_size: 224,
             in_chans: 3,
@@ -115,8 +125,9 @@ impl VvtConfig {
     pub fn medium() -> Self {
         Self::released([8, 8, 4, 4], [3, 3, 27, 3])
     }
-    /// VVT-Tiny as one of the papers' ablations (Tables VI–XI): `1d` / `nolocality` (Table VI),
-    /// `no_fpc` (Table X), or every stage's attention replaced by a competitor; PVTv2's attention
+    /// VVT-Tiny as one of the papers' ablations (Tables VI–XIII): `1d` / `nolocality` (Table VI),
+    /// `no_fpc` (Table X), `plain` (VVT-Tiny*, Table XIII), or every stage's attention replaced by
+    /// a competitor; PVTv2's attention
     /// keeps PVTv2's spatial reductions 8, 4, 2, 1.
     pub fn tiny_ablation(variant: &str) -> Option<Self> {
         let mut c = Self::tiny();
@@ -124,6 +135,7 @@ impl VvtConfig {
             "1d" => c.locality = Locality::OneD,
             "nolocality" => c.locality = Locality::None,
             "no_fpc" => c.fpc = false,
+            "plain" => (c.overlap_patch_embed, c.conv_mlp) = (false, false),
             kind => {
                 let kind: AttentionKind = kind.parse().ok().filter(|k| *k != AttentionKind::Vicinity)?;
                 c.attention = PerStage::All(kind);
@@ -202,9 +214,9 @@ impl VvtConfig {
         let mut grids = Vec::new();
         let (mut gh, mut gw) = (h, w);
         for i in 0..self.num_stages() {
-            let (k, s) = patch_geometry(i);
-            gh = (gh + 2 * (k / 2) - k) / s + 1;
-            gw = (gw + 2 * (k / 2) - k) / s + 1;
+            let (k, s, p) = self.patch_geometry(i);
+            gh = (gh + 2 * p).saturating_sub(k) / s + 1;
+            gw = (gw + 2 * p).saturating_sub(k) / s + 1;
             grids.push((gh, gw));
         }
         grids
@@ -300,11 +312,11 @@ impl VvtConfig {
                 self.embed_dims[i - 1]
             };
             let c = self.embed_dims[i];
-            let (k, s) = patch_geometry(i);
+            let (k, s, p) = self.patch_geometry(i);
             let patch_embed = PatchEmbed {
                 proj: Conv2dConfig::new([c_in, c], k)
                     .with_stride(s)
-                    .with_padding(k / 2)
+                    .with_padding(p)
                     .with_init(ConvInit::FanOut)
                     .init(device),
                 norm: norm(c, 1e-5),
@@ -324,11 +336,13 @@ impl VvtConfig {
                         norm2: norm(c, 1e-6),
                         mlp: Mlp {
                             fc1: LinearConfig::new(c, hidden).init(device),
-                            dwconv: Conv2dConfig::new([hidden, hidden], 3)
-                                .with_padding(1)
-                                .with_groups(hidden)
-                                .with_init(ConvInit::FanOut)
-                                .init(device),
+                            dwconv: self.conv_mlp.then(|| {
+                                Conv2dConfig::new([hidden, hidden], 3)
+                                    .with_padding(1)
+                                    .with_groups(hidden)
+                                    .with_init(ConvInit::FanOut)
+                                    .init(device)
+                            }),
                             fc2: LinearConfig::new(hidden, c).init(device),
                         },
                         drop_path: rate,
@@ -350,8 +364,16 @@ impl VvtConfig {
 }
 
 /// Kernel and stride of stage `i`'s overlapping patch embedding (padding `k/2`).
-fn patch_geometry(i: usize) -> (usize, usize) {
-    if i == 0 { (7, 4) } else { (3, 2) }
+impl VvtConfig {
+    /// Kernel, stride and padding of stage `i`'s patch embedding.
+    fn patch_geometry(&self, i: usize) -> (usize, usize, usize) {
+        match (self.overlap_patch_embed, i) {
+            (true, 0) => (7, 4, 3),
+            (true, _) => (3, 2, 1),
+            (false, 0) => (4, 4, 0),
+            (false, _) => (2, 2, 0),
+        }
+    }
 }
 
 /// Overlapping patch embedding: strided conv + LayerNorm.
@@ -361,19 +383,25 @@ pub struct PatchEmbed<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-/// Convolutional feed-forward: Linear → depth-wise 3×3 conv on the grid → GELU → Linear.
+/// Convolutional feed-forward: Linear → depth-wise 3×3 conv on the grid → GELU → Linear (without
+/// `dwconv`: a plain MLP).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub fc1: Linear<B>,
-    pub dwconv: Conv2d<B>,
+    pub dwconv: Option<Conv2d<B>>,
     pub fc2: Linear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
         let x = self.fc1.forward(x);
-        let [b, n, c] = x.dims();
-        let x = self.dwconv.forward(x.reshape([b, h, w, c])).reshape([b, n, c]);
+        let x = match &self.dwconv {
+            Some(dwconv) => {
+                let [b, n, c] = x.dims();
+                dwconv.forward(x.reshape([b, h, w, c])).reshape([b, n, c])
+            }
+            None => x,
+        };
         self.fc2.forward(gelu(x))
     }
 }
@@ -484,7 +512,7 @@ impl VvtConfig {
                 self.embed_dims[i - 1]
             } as u64;
             let grid = [gh as u64, gw as u64];
-            let k = patch_geometry(i).0 as u64;
+            let k = self.patch_geometry(i).0 as u64;
             let n = (gh * gw) as u64;
             out.push(LayerCost::conv2d(
                 format!("patch_embed{s}.proj"),
@@ -501,13 +529,15 @@ impl VvtConfig {
                 self.attention_costs(i, &p, grid, &mut out);
                 out.push(LayerCost::norm(format!("{p}.norm2"), c));
                 out.push(LayerCost::linear(format!("{p}.mlp.fc1"), n, c, hidden, true));
-                out.push(LayerCost::conv2d(
-                    format!("{p}.mlp.dwconv"),
-                    [hidden, hidden],
-                    3,
-                    hidden,
-                    grid,
-                ));
+                if self.conv_mlp {
+                    out.push(LayerCost::conv2d(
+                        format!("{p}.mlp.dwconv"),
+                        [hidden, hidden],
+                        3,
+                        hidden,
+                        grid,
+                    ));
+                }
                 out.push(LayerCost::linear(format!("{p}.mlp.fc2"), n, hidden, c, true));
             }
             out.push(LayerCost::norm(format!("norm{s}"), c));
@@ -727,6 +757,11 @@ mod tests {
         let mut configs: Vec<VvtConfig> = AttentionKind::ALL.into_iter().map(base).collect();
         configs.push(VvtConfig {
             fpc: false,
+            ..base(AttentionKind::Vicinity)
+        });
+        configs.push(VvtConfig {
+            overlap_patch_embed: false,
+            conv_mlp: false,
             ..base(AttentionKind::Vicinity)
         });
         for config in configs {

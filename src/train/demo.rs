@@ -110,6 +110,8 @@ fn small_vvt(embed_dims: [usize; 4], heads: [usize; 4], drop_path: f64, classes:
         fpc: true,
         performer_features: 64,
         linformer_k: 64,
+        overlap_patch_embed: true,
+        conv_mlp: true,
         drop_path,
         img_size: 32,
         in_chans: 3,
