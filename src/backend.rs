@@ -167,3 +167,32 @@ pub fn is_cuda<B: burn::prelude::Backend>() -> bool {
     #[cfg(not(feature = "cuda"))]
     false
 }
+
+/// A constant tensor (position features, fixed random features) built once per backend, device
+/// and `key`, and kept for the process: rebuilding it cost host work and kernel launches in every
+/// forward.
+pub fn cached_constant<B: burn::prelude::Backend, const D: usize>(
+    key: String,
+    device: &B::Device,
+    make: impl FnOnce() -> burn::prelude::Tensor<B, D>,
+) -> burn::prelude::Tensor<B, D> {
+    use std::any::{Any, TypeId};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (TypeId, String, String);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
+    let key = (TypeId::of::<B>(), key, format!("{device:?}"));
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache
+        .get(&key)
+        .and_then(|t| t.downcast_ref::<burn::prelude::Tensor<B, D>>())
+    {
+        return t.clone();
+    }
+    let t = make();
+    cache.insert(key, Box::new(t.clone()));
+    t
+}

@@ -81,11 +81,7 @@ impl<B: Backend> GlobalContext<B> {
         let [b, n, d] = x.dims();
         let device = x.device();
         let xs = host(x);
-        let (wm, wd, wu) = (
-            HostLinear::of(&self.mask),
-            HostLinear::of(&self.down),
-            HostLinear::of(&self.up),
-        );
+        let [wm, wd, wu] = HostLinear::all([&self.mask, &self.down, &self.up]);
         let (gamma, beta) = (host(self.norm.gamma.val()), host(self.norm.beta.val()));
         let eps = self.norm.epsilon as f32;
         let mut out = Vec::with_capacity(b * n * d);

@@ -41,6 +41,11 @@ impl HostLinear {
         }
     }
 
+    /// Several layers at once (the loop references copy all of a module's layers).
+    pub fn all<B: Backend, const K: usize>(linears: [&Linear<B>; K]) -> [Self; K] {
+        linears.map(Self::of)
+    }
+
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
         let mut y = self.b.clone();
         for (i, xi) in x.iter().enumerate() {

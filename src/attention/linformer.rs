@@ -126,13 +126,7 @@ impl<B: Backend> LinformerAttention<B> {
         let (h, dh, k) = (self.heads, d / self.heads, self.projected_tokens());
         let device = x.device();
         let xs = host(x);
-        let (wq, wkv, we, wf, wp) = (
-            HostLinear::of(&self.q),
-            HostLinear::of(&self.kv),
-            HostLinear::of(&self.e),
-            HostLinear::of(&self.f),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, we, wf, wp] = HostLinear::all([&self.q, &self.kv, &self.e, &self.f, &self.proj]);
         let mut out = Vec::with_capacity(b * n * d);
         for bi in 0..b {
             let tok = |ni: usize| &xs[(bi * n + ni) * d..(bi * n + ni + 1) * d];

@@ -84,11 +84,7 @@ impl<B: Backend> LocalShiftAttention<B> {
         let device = x.device();
         let xs = host(x);
         let vs = host(variants);
-        let (wq, wkv, wp) = (
-            HostLinear::of(&self.wq),
-            HostLinear::of(&self.wkv),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, wp] = HostLinear::all([&self.wq, &self.wkv, &self.proj]);
         let mut out = Vec::with_capacity(b * n * d);
         for bi in 0..b {
             for ni in 0..n {

@@ -166,22 +166,9 @@ fn features_tensor<B: Backend>(m: usize, d: usize, seed: u64, device: &B::Device
 /// The evaluation features, built once per backend, device and shape: a constant, which would
 /// otherwise cost a host draw and an upload per layer and forward.
 fn fixed_features<B: Backend>(m: usize, d: usize, seed: u64, device: &B::Device) -> Tensor<B, 2> {
-    use std::any::{Any, TypeId};
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Key = (TypeId, usize, usize, u64, String);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
-    let key = (TypeId::of::<B>(), m, d, seed, format!("{device:?}"));
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
-        return t.clone();
-    }
-    let t = features_tensor::<B>(m, d, seed, device);
-    cache.insert(key, Box::new(t.clone()));
-    t
+    crate::backend::cached_constant(format!("performer features {m}x{d} seed {seed}"), device, || {
+        features_tensor::<B>(m, d, seed, device)
+    })
 }
 
 /// `φ(x)` of queries or keys `x: B×h×N×d` with features `omega: m×d` → `B×h×N×m`. This is
@@ -286,11 +273,7 @@ impl<B: Backend> PerformerAttention<B> {
         let (h, d) = (self.heads, c / self.heads);
         let device = x.device();
         let xs = host(x);
-        let (wq, wkv, wp) = (
-            HostLinear::of(&self.q),
-            HostLinear::of(&self.kv),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, wp] = HostLinear::all([&self.q, &self.kv, &self.proj]);
         let omega: Vec<f64> = orthogonal_features(self.features, d, self.seed)
             .into_iter()
             .map(f64::from)
@@ -334,11 +317,7 @@ impl<B: Backend> PerformerAttention<B> {
         let (h, d) = (self.heads, c / self.heads);
         let device = x.device();
         let xs = host(x);
-        let (wq, wkv, wp) = (
-            HostLinear::of(&self.q),
-            HostLinear::of(&self.kv),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, wp] = HostLinear::all([&self.q, &self.kv, &self.proj]);
         let mut out = Vec::with_capacity(b * n * c);
         for bi in 0..b {
             let tok = |ni: usize| &xs[(bi * n + ni) * c..(bi * n + ni + 1) * c];

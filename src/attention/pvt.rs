@@ -146,11 +146,7 @@ impl<B: Backend> PvtAttention<B> {
         let src = host(self.reduced(x.clone().reshape([b, h, w, c]), true));
         let m = src.len() / (b * c);
         let xs = host(x);
-        let (wq, wkv, wp) = (
-            HostLinear::of(&self.q),
-            HostLinear::of(&self.kv),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, wp] = HostLinear::all([&self.q, &self.kv, &self.proj]);
         let mut out = Vec::with_capacity(b * n * c);
         for bi in 0..b {
             let kv: Vec<Vec<f32>> = (0..m)

@@ -147,11 +147,7 @@ impl<B: Backend> SoftmaxAttention<B> {
         let (h, kvh, dh) = (self.heads, self.kv_heads, d / self.heads);
         let device = x.device();
         let xs = host(x);
-        let (wq, wkv, wp) = (
-            HostLinear::of(&self.wq),
-            HostLinear::of(&self.wkv),
-            HostLinear::of(&self.proj),
-        );
+        let [wq, wkv, wp] = HostLinear::all([&self.wq, &self.wkv, &self.proj]);
         let mut out = Vec::with_capacity(b * n * d);
         for bi in 0..b {
             let tok = |ni: usize| &xs[(bi * n + ni) * d..(bi * n + ni + 1) * d];

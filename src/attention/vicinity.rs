@@ -267,22 +267,11 @@ pub fn vicinity_core<B: Backend>(
 /// constants, and rebuilding them took ~8 kernel launches per attention layer and step, where the
 /// host's time per launch is most of a training step on the GPU.
 fn cached_features<B: Backend>(locality: Locality, grid: (usize, usize), device: &B::Device) -> Tensor<B, 2> {
-    use std::any::{Any, TypeId};
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Key = (TypeId, Locality, (usize, usize), String);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Box<dyn Any + Send>>>> = OnceLock::new();
-    let key = (TypeId::of::<B>(), locality, grid, format!("{device:?}"));
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = cache.get(&key).and_then(|t| t.downcast_ref::<Tensor<B, 2>>()) {
-        return t.clone();
-    }
-    let t = position_features::<B>(locality, grid, device).cast(burn::tensor::FloatDType::F32);
-    cache.insert(key, Box::new(t.clone()));
-    t
+    crate::backend::cached_constant(
+        format!("vicinity position features {locality:?} {grid:?}"),
+        device,
+        || position_features::<B>(locality, grid, device).cast(burn::tensor::FloatDType::F32),
+    )
 }
 
 /// `B×L×(h·d)` → `B×h×L×d`.
