@@ -105,12 +105,8 @@ pub fn ablate_command<B: AutodiffBackend>(a: &AblateArgs, device: &B::Device) ->
             eprintln!("warning: could not write the table: {e:#}");
         }
     });
-    // A pause asked for by a signal ends like a process stopped by it (see `train`).
-    if rows.is_err()
-        && let Some(sig) = crate::train::signals::interrupting_signal()
-    {
-        eprintln!("ablation paused; run the same command again to continue");
-        std::process::exit(128 + sig);
+    if rows.is_err() {
+        crate::train::signals::exit_if_paused_by_signal("the ablation");
     }
     let rows = rows?;
     ablate::write_report(&dir, &rows, &title)?;

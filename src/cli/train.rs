@@ -330,11 +330,8 @@ fn report(outcome: &TrainOutcome) {
             outcome.run_dir.display()
         );
     }
-    // A pause asked for by a signal ends like a process stopped by it (the checkpoint is saved).
-    if matches!(outcome.stop, Stop::Paused(_))
-        && let Some(sig) = crate::train::signals::interrupting_signal()
-    {
-        std::process::exit(128 + sig);
+    if matches!(outcome.stop, Stop::Paused(_)) {
+        crate::train::signals::exit_if_paused_by_signal("the run");
     }
 }
 

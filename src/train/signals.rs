@@ -33,6 +33,15 @@ pub(super) fn interrupted() -> bool {
 }
 
 /// The signal that asked for a pause, if one did.
-pub fn interrupting_signal() -> Option<i32> {
+fn interrupting_signal() -> Option<i32> {
     Some(SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+/// Ends the process with 128 + the signal's number if a signal asked for the pause that stopped
+/// the command (its checkpoint is written by then): the commands' one exit for a pause.
+pub fn exit_if_paused_by_signal(what: &str) {
+    if let Some(sig) = interrupting_signal() {
+        eprintln!("{what} paused by signal {sig}; run the same command (train: --resume) to continue");
+        std::process::exit(128 + sig);
+    }
 }
