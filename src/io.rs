@@ -23,15 +23,33 @@ pub fn read_safetensors_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<
             st.names().into_iter().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;
-    let values: Vec<f32> = match view.dtype() {
-        safetensors::Dtype::F32 => view
-            .data()
+    let values = floats(&view).with_context(|| format!("tensor '{name}' in {}", path.display()))?;
+    Ok((view.shape().to_vec(), values))
+}
+
+/// The values of a safetensors tensor as f32: f32, f64, f16 and bf16 are read (converted); any
+/// other dtype is an error naming it.
+pub fn floats(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        safetensors::Dtype::F32 => data
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
-        other => bail!("tensor '{name}' in {} is {other:?}; expected F32", path.display()),
-    };
-    Ok((view.shape().to_vec(), values))
+        safetensors::Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("it is {other:?}; a tensor here must be floating point"),
+    })
 }
 
 /// Loads image files into a normalised `B×3×size×size` batch (resized with a bilinear filter).

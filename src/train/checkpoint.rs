@@ -308,14 +308,7 @@ pub fn read_all_f32(path: &Path) -> Result<HostTensors> {
         .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
     let mut out = std::collections::BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            bail!("{name} in {} is {:?}, expected F32", path.display(), view.dtype());
-        }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values = crate::io::floats(&view).with_context(|| format!("{name} in {}", path.display()))?;
         out.insert(name, (view.shape().to_vec(), values));
     }
     Ok(out)

@@ -250,26 +250,7 @@ pub fn load_native_bytes<B: Backend>(mut model: Model<B>, bytes: Vec<u8>, source
         .map_err(|e| anyhow::anyhow!("{source} is not a readable safetensors file: {e}"))?;
     let mut snapshots = Vec::new();
     for (name, view) in file.tensors() {
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            safetensors::Dtype::F64 => data
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => bail!("{source}: tensor '{name}' is {other:?}; weights must be floating point"),
-        };
+        let values = crate::io::floats(&view).with_context(|| format!("{source}: tensor '{name}'"))?;
         snapshots
             .push(snapshot(&current_name(&name), view.shape().to_vec(), values).context(source.to_string())?);
     }
