@@ -18,6 +18,11 @@
 #   kinds    VVT-Tiny with each attention kind (KINDS), a training step at batch 16 in f32 at each of
 #            KINDS_RES (224): images/s and peak memory (VVT paper Table VIII); one bench per model,
 #            so that one running out of memory does not stop the others
+#   ablate   `vicinity ablate` on CIFAR-10 at 32², bf16: ABLATE_MODELS (default the command's own, VVT
+#            Tables VI–VII), ABLATE_SEEDS (0,1), ABLATE_ARGS (the recipe: "--epochs 8 --batch 512 --lr
+#            3e-3 --drop-path 0 --eval-every 100"); the report, and every run folder without its
+#            weights as $OUT/ablate-runs.tgz (unpacked next to the others, `vicinity ablate` on the
+#            CPU with the same flags then writes one report of them all without training)
 # Everything printed also lands in $OUT/log.txt; rows as JSON lines in $OUT/*.jsonl.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -115,4 +120,15 @@ if has kinds; then
     "$BIN" --backend cuda bench --model "$model" --mode train --batch 16 --sweep-res "${KINDS_RES:-224}" \
       --warmup 2 --iters 10 --json "$OUT/kinds.jsonl" 2>&1 | grep -E '^(model|vvt)|error' || echo "$model: failed"
   done
+fi
+
+if has ablate; then
+  echo "== ablate: CIFAR-10, ${ABLATE_MODELS:-default models}, seeds ${ABLATE_SEEDS:-0,1}"
+  models=()
+  [ -n "${ABLATE_MODELS:-}" ] && models=(--models "$ABLATE_MODELS")
+  "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
+    --recipe cifar-fast --resolution 32 --dtype bf16 \
+    ${ABLATE_ARGS:---epochs 8 --batch 512 --lr 3e-3 --drop-path 0 --eval-every 100} --out /tmp/ablate
+  cp /tmp/ablate/ablation.md /tmp/ablate/ablation.csv /tmp/ablate/ablation.png "$OUT/" 2>/dev/null
+  tar czf "$OUT/ablate-runs.tgz" --exclude='*.safetensors' -C /tmp/ablate .
 fi

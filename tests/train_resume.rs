@@ -1,11 +1,14 @@
 //! An interrupted and resumed run takes exactly the steps of an uninterrupted one: same losses
-//! (bit for bit on the CPU), same final weights, EMA and optimizer state. Alone in its test binary
+//! (bit for bit on the CPU), same final weights, EMA and optimizer state, also with a Performer
+//! stage, whose random features are redrawn every training step. Alone in its test binary
 //! because the CPU backend's random generator (drop-path) is global to the process.
 
 use std::path::{Path, PathBuf};
 
+use vicinity::attention::AttentionKind;
 use vicinity::data::synth::{Encoding, write_image_folder};
 use vicinity::data::{Mixing, RandAugment};
+use vicinity::models::{ModelConfig, PerStage};
 use vicinity::train::schedule::Warmup;
 use vicinity::train::{Recipe, ResumeOptions, Stop, TrainConfig, demo, resume, train};
 
@@ -19,13 +22,15 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn config(data: &Path, out: PathBuf) -> TrainConfig {
-    let mut c = TrainConfig::new(
-        Recipe::CifarFast,
-        "micro",
-        demo::micro_vvt(3),
-        data.to_path_buf(),
-        out,
-    );
+    // Stage 2 has Performer attention, whose training forwards redraw their random features.
+    let mut model = demo::micro_vvt(3);
+    let ModelConfig::Vvt(vvt) = &mut model else {
+        unreachable!("micro_vvt is a VVT")
+    };
+    let mut kinds = vec![AttentionKind::Vicinity; vvt.num_stages()];
+    kinds[1] = AttentionKind::Performer;
+    vvt.attention = PerStage::Each(kinds);
+    let mut c = TrainConfig::new(Recipe::CifarFast, "micro", model, data.to_path_buf(), out);
     // Every random part on: drop-path (backend RNG), Mixup/CutMix, RandAugment, flips, crops.
     c.augment.mixing = Some(Mixing::timm());
     c.augment.rand_augment = Some(RandAugment::m9_mstd05_inc1());

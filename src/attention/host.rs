@@ -58,6 +58,26 @@ impl HostLinear {
     }
 }
 
+/// The Feature Preserving Connection by loops, on one image: `xs` its `n×c` input tokens,
+/// `out` the attention's `n×c` output, which becomes `out + out·sigmoid(fc2·relu(fc1·mean(xs)))`.
+pub fn fpc_host(fc1: &HostLinear, fc2: &HostLinear, xs: &[f32], out: &mut [f32]) {
+    let c = fc2.o;
+    let n = xs.len() / c;
+    let mut mean = vec![0.0f32; c];
+    for row in xs.chunks(c) {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / n as f32);
+    }
+    let hidden: Vec<f32> = fc1.apply(&mean).into_iter().map(|v| v.max(0.0)).collect();
+    let gate: Vec<f32> = fc2
+        .apply(&hidden)
+        .into_iter()
+        .map(|v| 1.0 / (1.0 + (-v).exp()))
+        .collect();
+    for row in out.chunks_mut(c) {
+        row.iter_mut().zip(&gate).for_each(|(o, g)| *o += *o * g);
+    }
+}
+
 /// Softmax attention of one token's queries `q` (`heads` heads of `dh`) over `kv` rows (the keys
 /// of `kv_heads` heads, then their values): query head `i` uses key/value head
 /// `i / (heads / kv_heads)`, scores scaled by `1/√dh`. The heads' outputs, concatenated.

@@ -6,8 +6,13 @@
 //! heads concatenated and projected by `proj: Linear(C, C)`. All heads share one `m×d` feature
 //! matrix `ω`.
 //!
+//! With `feature_reduction` f > 1 and `fpc`, the layer sits inside VVT's Vicinity Attention Block
+//! (VVT paper Table XI): `q`, `kv` project to `C/f` channels, `proj` back from `C/f`, and the
+//! Feature Preserving Connection of [`super::vicinity`] gates the output.
+//!
 //! The paper redraws `ω` during training so that the model does not fit one draw: under autodiff
-//! every forward draws fresh features; evaluation uses the features of the layer's `seed`, so
+//! every forward draws fresh features (a function of the layer's seed and of the draw the trainer
+//! set for the step, [`seed_draws`]); evaluation uses the features of the layer's `seed`, so
 //! inference is deterministic.
 //!
 //! [`PerformerAttention::forward_reference`] computes the same with plain loops over host memory
@@ -20,15 +25,23 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::host::{HostLinear, attend, host};
+use super::host::{HostLinear, attend, fpc_host, host};
 use super::softmax::split_kv;
+use super::vicinity::{FeaturePreserving, FeaturePreservingConfig};
 use crate::nn::{Linear, LinearConfig};
 
 /// Added to every feature after the exponential (lucidrains' `eps`): keeps `D` away from zero.
 pub const KERNEL_EPS: f64 = 1e-4;
 
-/// Feature draws of training forwards so far, in this process: each draw gets its own seed.
+/// The next training draw: each training forward takes one and gets its own features. The trainer
+/// sets it from its seed and step ([`seed_draws`]), so a resumed run draws what the uninterrupted
+/// one would have.
 static DRAWS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the next training forwards draw from `seed` on (the trainer calls this before each step).
+pub fn seed_draws(seed: u64) {
+    DRAWS.store(seed, Ordering::Relaxed);
+}
 
 /// Shapes of a Performer attention.
 #[derive(Config, Debug)]
@@ -42,18 +55,38 @@ pub struct PerformerAttentionConfig {
     /// so that layers do not share one draw.
     #[config(default = 0)]
     pub seed: u64,
+    /// Feature Reduction Attention: queries, keys and values have `dim / feature_reduction`
+    /// channels.
+    #[config(default = 1)]
+    pub feature_reduction: usize,
+    /// The Feature Preserving Connection (squeeze `dim → dim / se_ratio`, excitation back).
+    #[config(default = false)]
+    pub fpc: bool,
+    #[config(default = 1)]
+    pub se_ratio: usize,
 }
 
 impl PerformerAttentionConfig {
+    /// Channels of queries, keys and values: `dim / feature_reduction`.
+    pub fn inner(&self) -> usize {
+        self.dim / self.feature_reduction.max(1)
+    }
+
     pub fn head_dim(&self) -> usize {
-        self.dim / self.heads
+        self.inner() / self.heads
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> PerformerAttention<B> {
         assert!(
-            self.heads > 0 && self.dim.is_multiple_of(self.heads),
-            "performer attention: dim {} is not divisible by {} heads",
+            self.feature_reduction > 0 && self.dim.is_multiple_of(self.feature_reduction),
+            "performer attention: dim {} is not divisible by feature reduction {}",
             self.dim,
+            self.feature_reduction
+        );
+        let inner = self.inner();
+        assert!(
+            self.heads > 0 && inner.is_multiple_of(self.heads),
+            "performer attention: {inner} channels are not divisible by {} heads",
             self.heads
         );
         assert!(
@@ -61,9 +94,14 @@ impl PerformerAttentionConfig {
             "performer attention: needs at least one random feature"
         );
         PerformerAttention {
-            q: LinearConfig::new(self.dim, self.dim).init(device),
-            kv: LinearConfig::new(self.dim, 2 * self.dim).init(device),
-            proj: LinearConfig::new(self.dim, self.dim).init(device),
+            q: LinearConfig::new(self.dim, inner).init(device),
+            kv: LinearConfig::new(self.dim, 2 * inner).init(device),
+            proj: LinearConfig::new(inner, self.dim).init(device),
+            fpc: self.fpc.then(|| {
+                FeaturePreservingConfig::new(self.dim)
+                    .with_se_ratio(self.se_ratio)
+                    .init(device)
+            }),
             heads: self.heads,
             features: self.features,
             seed: self.seed,
@@ -78,6 +116,8 @@ pub struct PerformerAttention<B: Backend> {
     /// Keys then values (the first half of its output are the keys).
     pub kv: Linear<B>,
     pub proj: Linear<B>,
+    /// The Feature Preserving Connection, when the layer has one.
+    pub fpc: Option<FeaturePreserving<B>>,
     pub heads: usize,
     /// Number m of random features per head.
     pub features: usize,
@@ -85,16 +125,38 @@ pub struct PerformerAttention<B: Backend> {
     pub seed: u64,
 }
 
-/// Multiply-accumulates of one image of `n` tokens: the `q`, `kv` and `proj` linears, `ω·x` of
-/// queries and keys, `φ(K)ᵀ·V`, `φ(Q)·(φ(K)ᵀ·V)` and the normaliser `φ(Q)·Σφ(K)`, per head
-/// (exponentials and sums left out, as in [`crate::flops`]). The parameters are those of the
-/// three linears alone (`4·C² + 4·C` with biases): the features are drawn, not learnt.
-pub fn macs(dim: usize, heads: usize, features: usize, n: usize) -> u64 {
-    let (c, h, m, n) = (dim as u64, heads as u64, features as u64, n as u64);
-    let d = c / h;
-    let linears = n * c * c + n * c * 2 * c + n * c * c;
-    let core = h * (2 * n * m * d + 2 * n * m * d + n * m);
-    linears + core
+impl PerformerAttentionConfig {
+    /// Multiply-accumulates of one image of `n` tokens: the `q`, `kv` and `proj` linears, `ω·x` of
+    /// queries and keys, `φ(K)ᵀ·V`, `φ(Q)·(φ(K)ᵀ·V)` and the normaliser `φ(Q)·Σφ(K)`, per head,
+    /// and the Feature Preserving Connection's two linears (exponentials and sums left out, as in
+    /// [`crate::flops`]).
+    pub fn macs(&self, n: usize) -> u64 {
+        let (c, i, h, m, n) = (
+            self.dim as u64,
+            self.inner() as u64,
+            self.heads as u64,
+            self.features as u64,
+            n as u64,
+        );
+        let d = i / h;
+        let linears = n * c * i + n * c * 2 * i + n * i * c;
+        let core = h * (2 * n * m * d + 2 * n * m * d + n * m);
+        linears + core + self.fpc_params()
+    }
+
+    /// Learnt parameters: the three linears with biases and the connection's two (`ω` is drawn,
+    /// not learnt).
+    pub fn params(&self) -> u64 {
+        let (c, i) = (self.dim as u64, self.inner() as u64);
+        (c * i + i) + (c * 2 * i + 2 * i) + (i * c + c) + self.fpc_params()
+    }
+
+    fn fpc_params(&self) -> u64 {
+        match self.fpc {
+            true => 2 * (self.dim * (self.dim / self.se_ratio)) as u64,
+            false => 0,
+        }
+    }
 }
 
 /// A standard normal (Box–Muller).
@@ -232,7 +294,7 @@ impl<B: Backend> PerformerAttention<B> {
     /// `seed` otherwise.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let device = x.device();
-        let d = x.dims()[2] / self.heads;
+        let d = self.head_dim();
         let omega = if B::ad_enabled(&device) {
             let draw = DRAWS.fetch_add(1, Ordering::Relaxed);
             features_tensor::<B>(self.features, d, redraw_seed(self.seed, draw), &device)
@@ -245,8 +307,8 @@ impl<B: Backend> PerformerAttention<B> {
     /// [`Self::forward`] with given features `omega: m×d` (`d` the head width): `φ(K)ᵀ·V` and
     /// `φ(K)ᵀ·1` first, so that nothing of size N×N is formed.
     pub fn forward_with_features(&self, x: Tensor<B, 3>, omega: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [b, n, c] = x.dims();
-        let (h, d) = (self.heads, c / self.heads);
+        let [b, n, _] = x.dims();
+        let (h, d) = (self.heads, self.head_dim());
         assert_eq!(
             omega.dims()[1],
             d,
@@ -255,7 +317,7 @@ impl<B: Backend> PerformerAttention<B> {
         );
         let split = |t: Tensor<B, 3>| t.reshape([b, n, h, d]).swap_dims(1, 2);
         let q = split(self.q.forward(x.clone()));
-        let (k, v) = split_kv(self.kv.forward(x));
+        let (k, v) = split_kv(self.kv.forward(x.clone()));
         let omega = omega.cast(q.dtype());
         let q = softmax_kernel(q, omega.clone(), true);
         let k = softmax_kernel(split(k), omega, false);
@@ -263,14 +325,23 @@ impl<B: Backend> PerformerAttention<B> {
         // φ(Q)·Σφ(K) as a broadcast product and a sum rather than a matrix-vector product.
         let denom = (q.clone() * k.sum_dim(2)).sum_dim(3); // B×h×N×1
         let out = q.matmul(context) / denom;
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
+        let out = self.proj.forward(out.swap_dims(1, 2).reshape([b, n, h * d]));
+        match &self.fpc {
+            Some(fpc) => fpc.forward(x, out),
+            None => out,
+        }
+    }
+
+    /// Channels of each head: those of the queries over the heads.
+    pub fn head_dim(&self) -> usize {
+        self.q.weight.dims()[1] / self.heads
     }
 
     /// The evaluation forward with explicit loops and the N×N kernel matrix `φ(q_i)·φ(k_j)`,
     /// normalised per query: the quadratic form the linear one rearranges.
     pub fn forward_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, c] = x.dims();
-        let (h, d) = (self.heads, c / self.heads);
+        let (h, d) = (self.heads, self.head_dim());
         let device = x.device();
         let xs = host(x);
         let [wq, wkv, wp] = HostLinear::all([&self.q, &self.kv, &self.proj]);
@@ -283,11 +354,11 @@ impl<B: Backend> PerformerAttention<B> {
             let tok = |ni: usize| &xs[(bi * n + ni) * c..(bi * n + ni + 1) * c];
             let q: Vec<Vec<f32>> = (0..n).map(|ni| wq.apply(tok(ni))).collect();
             let kv: Vec<Vec<f32>> = (0..n).map(|ni| wkv.apply(tok(ni))).collect();
-            let mut heads_out = vec![vec![0.0f64; c]; n];
+            let mut heads_out = vec![vec![0.0f64; h * d]; n];
             for hi in 0..h {
                 let qs: Vec<Vec<f64>> = q.iter().map(|t| head_part(t, 0, hi, d)).collect();
                 let ks: Vec<Vec<f64>> = kv.iter().map(|t| head_part(t, 0, hi, d)).collect();
-                let vs: Vec<Vec<f64>> = kv.iter().map(|t| head_part(t, c, hi, d)).collect();
+                let vs: Vec<Vec<f64>> = kv.iter().map(|t| head_part(t, h * d, hi, d)).collect();
                 let (qf, kf) = (
                     host_kernel(&qs, &omega, d, true),
                     host_kernel(&ks, &omega, d, false),
@@ -302,19 +373,30 @@ impl<B: Backend> PerformerAttention<B> {
                     }
                 }
             }
+            let mut image: Vec<f32> = Vec::with_capacity(n * c);
             for row in &heads_out {
                 let row: Vec<f32> = row.iter().map(|&v| v as f32).collect();
-                out.extend(wp.apply(&row));
+                image.extend(wp.apply(&row));
             }
+            self.fpc_reference(&xs[bi * n * c..(bi + 1) * n * c], &mut image);
+            out.extend(image);
         }
         Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
+    }
+
+    /// The Feature Preserving Connection, if any, on one image's output by loops.
+    fn fpc_reference(&self, xs: &[f32], out: &mut [f32]) {
+        if let Some(fpc) = &self.fpc {
+            let [fc1, fc2] = HostLinear::all([&fpc.se_fc1, &fpc.se_fc2]);
+            fpc_host(&fc1, &fc2, xs, out);
+        }
     }
 
     /// The softmax attention the layer estimates, with the same weights (scores `q·k/√d`), by
     /// explicit loops.
     pub fn exact_softmax_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, c] = x.dims();
-        let (h, d) = (self.heads, c / self.heads);
+        let (h, d) = (self.heads, self.head_dim());
         let device = x.device();
         let xs = host(x);
         let [wq, wkv, wp] = HostLinear::all([&self.q, &self.kv, &self.proj]);
@@ -322,9 +404,11 @@ impl<B: Backend> PerformerAttention<B> {
         for bi in 0..b {
             let tok = |ni: usize| &xs[(bi * n + ni) * c..(bi * n + ni + 1) * c];
             let kv: Vec<Vec<f32>> = (0..n).map(|ni| wkv.apply(tok(ni))).collect();
-            for ni in 0..n {
-                out.extend(wp.apply(&attend(&wq.apply(tok(ni)), &kv, h, h, d)));
-            }
+            let mut image: Vec<f32> = (0..n)
+                .flat_map(|ni| wp.apply(&attend(&wq.apply(tok(ni)), &kv, h, h, d)))
+                .collect();
+            self.fpc_reference(&xs[bi * n * c..(bi + 1) * n * c], &mut image);
+            out.extend(image);
         }
         Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
     }
@@ -367,6 +451,36 @@ mod tests {
             let err = max_rel_err(attn.forward(x.clone()), attn.forward_reference(x));
             assert!(err < 1e-4, "N {n}: rel err {err}");
         }
+    }
+
+    /// Inside the Vicinity Attention Block (Table XI): half the channels, and the connection.
+    #[test]
+    fn feature_reduction_and_fpc_follow_the_loops_and_count_their_parameters() {
+        use burn::module::Module;
+        let device = Default::default();
+        let cfg = PerformerAttentionConfig::new(16, 2)
+            .with_features(24)
+            .with_seed(3)
+            .with_feature_reduction(2)
+            .with_fpc(true)
+            .with_se_ratio(2);
+        let mut attn = with_weights(cfg.init::<B>(&device), 0.15);
+        randomise_biases([&mut attn.q, &mut attn.kv, &mut attn.proj]);
+        assert_eq!(attn.head_dim(), 4);
+        assert_eq!(cfg.params() as usize, attn.num_params());
+        let x = Tensor::<B, 3>::random([2, 10, 16], Distribution::Normal(0.0, 1.0), &device);
+        let err = max_rel_err(attn.forward(x.clone()), attn.forward_reference(x.clone()));
+        assert!(err < 1e-4, "rel err {err}");
+        // The connection changes the output: without it the layer computes something else.
+        let mut plain = attn.clone();
+        plain.fpc = None;
+        let change = max_rel_err(plain.forward(x.clone()), attn.forward(x));
+        assert!(change > 0.1, "the connection changed the output by {change} only");
+        let plain_cfg = PerformerAttentionConfig::new(16, 2);
+        assert_eq!(
+            plain_cfg.params() as usize,
+            plain_cfg.init::<B>(&device).num_params()
+        );
     }
 
     #[test]

@@ -59,6 +59,58 @@ pub fn clamp_magnitude<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B,
     t.clone().sign() * t.abs().clamp_min(CLAMP_MIN).clamp_max(CLAMP_MAX)
 }
 
+/// The Feature Preserving Connection's gate (VVT paper §3.3, a squeeze-excitation): `sigmoid(fc2 ·
+/// relu(fc1 · mean token))`, `B×C` from `x: B×N×C`.
+pub fn fpc_gate<B: Backend>(fc1: &Linear<B>, fc2: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [batch, _, c] = x.dims();
+    let pooled = x.mean_dim(1).reshape([batch, c]);
+    sigmoid(fc2.forward(relu(fc1.forward(pooled))))
+}
+
+/// `out + out·gate`: the attention output kept, plus its channels re-weighted by the gate.
+pub fn fpc_apply<B: Backend>(out: Tensor<B, 3>, gate: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [batch, c] = gate.dims();
+    out.clone() + out * gate.reshape([batch, 1, c])
+}
+
+/// Shapes of a Feature Preserving Connection around another attention (VVT paper Table XI).
+#[derive(Config, Debug)]
+pub struct FeaturePreservingConfig {
+    pub dim: usize,
+    /// Squeeze to `dim / se_ratio` channels.
+    #[config(default = 1)]
+    pub se_ratio: usize,
+}
+
+impl FeaturePreservingConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> FeaturePreserving<B> {
+        let squeezed = self.dim / self.se_ratio;
+        FeaturePreserving {
+            se_fc1: LinearConfig::new(self.dim, squeezed)
+                .with_bias(false)
+                .init(device),
+            se_fc2: LinearConfig::new(squeezed, self.dim)
+                .with_bias(false)
+                .init(device),
+        }
+    }
+}
+
+/// The Feature Preserving Connection as a module of its own, for attentions other than vicinity
+/// (whose block keeps the released code's `se_fc` names).
+#[derive(Module, Debug)]
+pub struct FeaturePreserving<B: Backend> {
+    pub se_fc1: Linear<B>,
+    pub se_fc2: Linear<B>,
+}
+
+impl<B: Backend> FeaturePreserving<B> {
+    /// `out` of an attention whose input was `x`, with the connection added.
+    pub fn forward(&self, x: Tensor<B, 3>, out: Tensor<B, 3>) -> Tensor<B, 3> {
+        fpc_apply(out, fpc_gate(&self.se_fc1, &self.se_fc2, x))
+    }
+}
+
 #[derive(Config, Debug)]
 pub struct VicinityAttentionConfig {
     pub dim: usize,
@@ -103,7 +155,15 @@ pub struct VicinityAttention<B: Backend> {
 impl VicinityAttentionConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> VicinityAttention<B> {
         let inner = self.dim / self.feature_reduction;
-        let squeezed = self.dim / self.se_ratio;
+        let (se_fc1, se_fc2) = match self.fpc {
+            true => {
+                let fpc = FeaturePreservingConfig::new(self.dim)
+                    .with_se_ratio(self.se_ratio)
+                    .init(device);
+                (Some(fpc.se_fc1), Some(fpc.se_fc2))
+            }
+            false => (None, None),
+        };
         let r = self.spatial_reduction;
         let (sr, norm) = if r > 1 {
             let conv = Conv2dConfig::new([self.dim, self.dim], r)
@@ -119,16 +179,8 @@ impl VicinityAttentionConfig {
             k_proj: LinearConfig::new(self.dim, inner).init(device),
             v_proj: LinearConfig::new(self.dim, inner).init(device),
             out_proj: LinearConfig::new(inner, self.dim).init(device),
-            se_fc1: self.fpc.then(|| {
-                LinearConfig::new(self.dim, squeezed)
-                    .with_bias(false)
-                    .init(device)
-            }),
-            se_fc2: self.fpc.then(|| {
-                LinearConfig::new(squeezed, self.dim)
-                    .with_bias(false)
-                    .init(device)
-            }),
+            se_fc1,
+            se_fc2,
             sr,
             norm,
             heads: self.heads,
@@ -345,10 +397,7 @@ impl<B: Backend> VicinityAttention<B> {
         let [batch, n, c] = x.dims();
         // Feature Preserving Connection gate from the mean token.
         let gate = match (&self.se_fc1, &self.se_fc2) {
-            (Some(fc1), Some(fc2)) => {
-                let pooled = x.clone().mean_dim(1).reshape([batch, c]);
-                Some(sigmoid(fc2.forward(relu(fc1.forward(pooled)))))
-            }
+            (Some(fc1), Some(fc2)) => Some(fpc_gate(fc1, fc2, x.clone())),
             _ => None,
         };
 
@@ -392,7 +441,7 @@ impl<B: Backend> VicinityAttention<B> {
         };
         let out = self.maybe_clamp(self.out_proj.forward(merged));
         match gate {
-            Some(gate) => self.maybe_clamp(out.clone() + out * gate.reshape([batch, 1, c])),
+            Some(gate) => self.maybe_clamp(fpc_apply(out, gate)),
             None => out,
         }
     }

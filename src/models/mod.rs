@@ -226,7 +226,7 @@ impl ModelConfig {
 
 /// Every registered model name, in display order: the released models, then VVT-Tiny's
 /// ablations ([`VvtConfig::tiny_ablation`]) and LSAGT-CIFAR-Tiny's ([`LsagtConfig::table5`]).
-pub const MODEL_NAMES: [&str; 25] = [
+pub const MODEL_NAMES: [&str; 26] = [
     "vvt_tiny",
     "vvt_small",
     "vvt_medium",
@@ -244,6 +244,7 @@ pub const MODEL_NAMES: [&str; 25] = [
     "vvt_tiny_pvt",
     "vvt_tiny_pvt_linear",
     "vvt_tiny_performer",
+    "vvt_tiny_performer_fra_fpc",
     "vvt_tiny_linformer",
     "vvt_tiny_cosformer",
     "vvt_tiny_gcnet",

@@ -12,7 +12,7 @@ use super::{ModelOutput, PerStage, ensure_divisible};
 use crate::attention::{
     Attention, AttentionKind, GlobalContextConfig, LinformerAttentionConfig, Locality,
     PerformerAttentionConfig, PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig, gcnet,
-    linformer, performer,
+    linformer,
 };
 use crate::flops::LayerCost;
 use crate::nn::{
@@ -59,7 +59,8 @@ pub struct VvtConfig {
     /// The released code's magnitude clamps (needed for parity with official weights).
     #[serde(default = "default_true")]
     pub clamp: bool,
-    /// Vicinity attention's Feature Preserving Connection (off: VVT Table X's ablation).
+    /// The Feature Preserving Connection of vicinity and performer attention (off: VVT Table X's
+    /// ablation). `fr_ratios` likewise reduce the features of both kinds.
     #[serde(default = "default_true")]
     pub fpc: bool,
     /// Random features m of `performer` attention.
@@ -126,9 +127,10 @@ impl VvtConfig {
         Self::released([8, 8, 4, 4], [3, 3, 27, 3])
     }
     /// VVT-Tiny as one of the papers' ablations (Tables VI–XIII): `1d` / `nolocality` (Table VI),
-    /// `no_fpc` (Table X), `plain` (VVT-Tiny*, Table XIII), or every stage's attention replaced by
-    /// a competitor; PVTv2's attention
-    /// keeps PVTv2's spatial reductions 8, 4, 2, 1.
+    /// `no_fpc` (Table X), `plain` (VVT-Tiny*, Table XIII), `performer_fra_fpc` (Table XI: the
+    /// Performer inside the Vicinity Attention Block), or every stage's attention replaced by a
+    /// competitor (the Performer plain, as the paper's baseline); PVTv2's attention keeps PVTv2's
+    /// spatial reductions 8, 4, 2, 1.
     pub fn tiny_ablation(variant: &str) -> Option<Self> {
         let mut c = Self::tiny();
         match variant {
@@ -136,6 +138,11 @@ impl VvtConfig {
             "nolocality" => c.locality = Locality::None,
             "no_fpc" => c.fpc = false,
             "plain" => (c.overlap_patch_embed, c.conv_mlp) = (false, false),
+            "performer_fra_fpc" => c.attention = PerStage::All(AttentionKind::Performer),
+            "performer" => {
+                c.attention = PerStage::All(AttentionKind::Performer);
+                (c.fr_ratios, c.fpc) = (vec![1; 4], false);
+            }
             kind => {
                 let kind: AttentionKind = kind.parse().ok().filter(|k| *k != AttentionKind::Vicinity)?;
                 c.attention = PerStage::All(kind);
@@ -253,6 +260,17 @@ impl VvtConfig {
         Ok(())
     }
 
+    /// The Performer of block `j` of stage `i`, inside the Vicinity Attention Block's feature
+    /// reduction and Feature Preserving Connection when the configuration has them (Table XI).
+    fn performer(&self, i: usize, j: usize) -> PerformerAttentionConfig {
+        PerformerAttentionConfig::new(self.embed_dims[i], self.heads[i])
+            .with_features(self.performer_features)
+            .with_seed((i * 1000 + j) as u64)
+            .with_feature_reduction(self.fr_ratios[i])
+            .with_fpc(self.fpc)
+            .with_se_ratio(self.se_ratio)
+    }
+
     /// The attention layer of block `j` of stage `i`.
     fn attention_layer<B: Backend>(&self, i: usize, j: usize, device: &B::Device) -> Attention<B> {
         let (c, heads) = (self.embed_dims[i], self.heads[i]);
@@ -282,12 +300,7 @@ impl VvtConfig {
                     .with_linear(self.attention.at(i) == AttentionKind::PvtLinear)
                     .init(device),
             ),
-            AttentionKind::Performer => Attention::Performer(
-                PerformerAttentionConfig::new(c, heads)
-                    .with_features(self.performer_features)
-                    .with_seed((i * 1000 + j) as u64)
-                    .init(device),
-            ),
+            AttentionKind::Performer => Attention::Performer(self.performer(i, j).init(device)),
             AttentionKind::Linformer => {
                 let (gh, gw) = self.grids(self.img_size, self.img_size)[i];
                 Attention::Linformer(
@@ -586,8 +599,8 @@ impl VvtConfig {
                 (cfg.macs(gh as usize, gw as usize), 4 * c * c + 4 * c + reduce)
             }
             AttentionKind::Performer => {
-                let m = self.performer_features;
-                (performer::macs(c as usize, heads, m, n), 4 * c * c + 4 * c)
+                let cfg = self.performer(i, 0);
+                (cfg.macs(n), cfg.params())
             }
             AttentionKind::Linformer => {
                 let k = self.linformer_k.min(n) as u64;
@@ -758,6 +771,11 @@ mod tests {
         configs.push(VvtConfig {
             fpc: false,
             ..base(AttentionKind::Vicinity)
+        });
+        configs.push(VvtConfig {
+            fr_ratios: vec![1; 4],
+            fpc: false,
+            ..base(AttentionKind::Performer)
         });
         configs.push(VvtConfig {
             overlap_patch_embed: false,

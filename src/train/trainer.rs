@@ -424,7 +424,9 @@ impl<B: AutodiffBackend> Session<B> {
         if self.cfg().debug_nan_at_step == Some(self.state.global_step) {
             images.iter_mut().for_each(|v| *v = f32::NAN);
         }
-        B::seed(&self.device, mix_seed(self.cfg().seed, self.state.global_step));
+        let step_seed = mix_seed(self.cfg().seed, self.state.global_step);
+        B::seed(&self.device, step_seed);
+        crate::attention::performer::seed_draws(step_seed);
         let x = Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), &self.device);
         let targets = batch.targets.unwrap_or_else(|| one_hot(&batch.labels, k));
         let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
