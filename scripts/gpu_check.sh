@@ -126,7 +126,8 @@ if has ablate; then
   echo "== ablate: CIFAR-10, ${ABLATE_MODELS:-default models}, seeds ${ABLATE_SEEDS:-0,1}"
   models=()
   [ -n "${ABLATE_MODELS:-}" ] && models=(--models "$ABLATE_MODELS")
-  "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
+  # SIGINT pauses the run in flight with its checkpoint (ABLATE_SECONDS): the call returns its rows.
+  timeout -s INT "${ABLATE_SECONDS:-530}" "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
     --recipe cifar-fast --resolution 32 --dtype bf16 \
     ${ABLATE_ARGS:---epochs 8 --batch 512 --lr 3e-3 --drop-path 0 --eval-every 100} --out /tmp/ablate
   cp /tmp/ablate/ablation.md /tmp/ablate/ablation.csv /tmp/ablate/ablation.png "$OUT/" 2>/dev/null
