@@ -114,7 +114,7 @@ pub fn bars_png(title: &str, xlabel: &str, bars: &[(String, f64, Vec<f64>)]) -> 
     Ok(bytes)
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
@@ -266,7 +266,7 @@ fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u
 }
 
 /// Draws `s` (upper-cased) with the 5×7 font at `scale`.
-fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>, scale: i64) {
+pub fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>, scale: i64) {
     let mut cx = x;
     for ch in s.chars() {
         if let Some(rows) = glyph(ch.to_ascii_uppercase()) {

@@ -76,6 +76,14 @@ impl<B: Backend> GlobalContext<B> {
         t.expand([b, n, d])
     }
 
+    /// The context weights over the tokens of the first image of `x: B×N×D`, `1×N`: one row,
+    /// the same for every query (GCNet's query-independent attention).
+    pub fn attention_row(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [_, n, _] = x.dims();
+        let logits = self.mask.forward(x.slice_dim(0, 0..1)).reshape([1, n]);
+        softmax_scaled(logits.reshape([1, 1, n]), 1.0).reshape([1, n])
+    }
+
     /// The same computation with explicit loops over tokens and channels.
     pub fn forward_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
@@ -168,6 +176,25 @@ mod tests {
 
     /// Global context: every token gets the same vector, and the order of the tokens is
     /// irrelevant.
+    /// The context row sums to one, and pooling the tokens with it gives the context the block
+    /// adds (through `down`, the norm and `up`).
+    #[test]
+    fn context_row_pools_the_context() {
+        let device = Default::default();
+        let block = random_block(16);
+        let x = Tensor::<B, 3>::random([1, 7, 16], Distribution::Normal(0.0, 1.0), &device);
+        let row = block.attention_row(x.clone());
+        let sum: f32 = row.clone().sum().into_scalar();
+        assert!((sum - 1.0).abs() < 1e-5, "{sum}");
+        let context = row.unsqueeze_dim::<3>(0).matmul(x.clone());
+        let added = block
+            .up
+            .forward(relu(block.norm.forward(block.down.forward(context))));
+        let want = block.forward(x).slice([0..1, 0..1, 0..16]);
+        let err = max_rel_err(added, want);
+        assert!(err < 1e-5, "rel err {err}");
+    }
+
     #[test]
     fn output_is_the_same_for_every_token() {
         let device = Default::default();

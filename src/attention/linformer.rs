@@ -11,6 +11,7 @@
 //! for the tests.
 
 use burn::prelude::*;
+use burn::tensor::activation::softmax;
 
 use super::host::{HostLinear, attend, host};
 use super::softmax::{scaled_dot_product, split_kv};
@@ -119,6 +120,24 @@ impl<B: Backend> LinformerAttention<B> {
         self.proj.forward(out)
     }
 
+    /// The weight each token's value gets in token `query`'s output (first image of
+    /// `x: B×N×D`), `heads×N`: the softmax over the `k` projected keys, mapped back to the
+    /// tokens through `F` (`Σ_t p_t·F_tj`; `F`'s bias, the same for every token, left out).
+    pub fn attention_row(&self, x: Tensor<B, 3>, query: usize) -> Tensor<B, 2> {
+        let [_, n, d] = x.dims();
+        self.check_tokens(n);
+        let (h, dh, k) = (self.heads, d / self.heads, self.projected_tokens());
+        let x = x.slice_dim(0, 0..1);
+        let q = self
+            .q
+            .forward(x.clone().slice_dim(1, query..query + 1))
+            .reshape([h, 1, dh]);
+        let (keys, _) = split_kv(self.kv.forward(x));
+        let keys = self.e.forward(keys.swap_dims(1, 2)).reshape([h, dh, k]);
+        let p = softmax(q.matmul(keys).mul_scalar((dh as f64).powf(-0.5)), 2).reshape([h, k]);
+        p.matmul(self.f.weight.val().transpose())
+    }
+
     /// The same computation with explicit loops over channels, tokens, heads and keys.
     pub fn forward_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
@@ -212,6 +231,27 @@ mod tests {
     }
 
     /// With `E = F = I` (k = N) the projection keeps every key and value: softmax attention.
+    /// Weighing the tokens' values with one query's row (then `proj`) gives that query's output
+    /// (with `F`'s bias, which the row leaves out, at zero).
+    #[test]
+    fn one_query_row_gives_that_query_output() {
+        let device = Default::default();
+        let (n, d, h) = (12, 16, 2);
+        let mut attn = random_layer(d, h, n, 5);
+        attn.f.bias = None;
+        let x = Tensor::<B, 3>::random([1, n, d], Distribution::Normal(0.0, 1.0), &device);
+        let all = attn.forward(x.clone());
+        let (_, v) = split_kv(attn.kv.forward(x.clone()));
+        let v = v.reshape([n, h, d / h]).swap_dims(0, 1);
+        for query in [0, 5, n - 1] {
+            let row = attn.attention_row(x.clone(), query);
+            let mixed = row.unsqueeze_dim::<3>(1).matmul(v.clone()).reshape([1, 1, d]);
+            let want = all.clone().slice([0..1, query..query + 1, 0..d]);
+            let err = max_rel_err(attn.proj.forward(mixed), want);
+            assert!(err < 1e-4, "query {query}: rel err {err}");
+        }
+    }
+
     #[test]
     fn identity_projections_give_softmax_attention() {
         let device = Default::default();

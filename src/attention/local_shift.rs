@@ -76,6 +76,25 @@ impl<B: Backend> LocalShiftAttention<B> {
         self.proj_drop.forward(self.proj.forward(out))
     }
 
+    /// The softmax weights of each token's query over its T variants, `B×heads×N×T` (what
+    /// [`Self::forward`] weighs the variants' values with; LSAGT paper Figs. 1–2).
+    pub fn weights(&self, x: Tensor<B, 3>, variants: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, n, d] = x.dims();
+        let t = variants.dims()[0];
+        let (h, kvh) = (self.heads, self.kv_heads);
+        let (g, dh) = (h / kvh, d / h);
+        let q = self.wq.forward(x).reshape([b, n, kvh, g, dh]);
+        // Keys without their bias: it adds the same score to every variant (see `forward`).
+        let kv = variants.matmul(self.wkv.weight.val().unsqueeze());
+        let k = kv.slice_dim(3, 0..kvh * dh).reshape([t, b, n, kvh, 1, dh]);
+        let scores = (q.unsqueeze_dim::<6>(0) * k)
+            .sum_dim(5)
+            .mul_scalar((dh as f64).powf(-0.5));
+        // T×B×N×kvh×g×1 → B×h×N×T, query head `kvh_i·g + g_i`.
+        let scores = scores.reshape([t, b, n, h]).permute([1, 3, 2, 0]);
+        burn::tensor::activation::softmax(scores, 3)
+    }
+
     /// The same computation with explicit loops over tokens, heads and variants.
     pub fn forward_reference(&self, x: Tensor<B, 3>, variants: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
@@ -111,6 +130,33 @@ mod tests {
     use burn::tensor::Distribution;
 
     type B = burn::backend::Flex;
+
+    /// The weights sum to one per token and head, and weighing the variants' values with them
+    /// (plus the value bias, through `proj`) gives the layer's output.
+    #[test]
+    fn variant_weights_sum_to_one_and_give_the_output() {
+        let device = Default::default();
+        let (b, n, d, t, h) = (2, 5, 8, 4, 2);
+        // Two query heads sharing one key/value head (the CIFAR models' layout).
+        let attn: LocalShiftAttention<B> = SoftmaxAttentionConfig::new(d, h)
+            .with_shared_kv(true)
+            .init_local(&device);
+        let x = Tensor::<B, 3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
+        let variants = Tensor::<B, 4>::random([t, b, n, d], Distribution::Normal(0.0, 1.0), &device);
+        let w = attn.weights(x.clone(), variants.clone());
+        assert_eq!(w.dims(), [b, h, n, t]);
+        let sums: Vec<f32> = w.clone().sum_dim(3).into_data().to_vec().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        let kvh = attn.kv_heads;
+        let dh = d / h;
+        let (_, v) = super::super::softmax::split_kv(attn.wkv.forward(variants.clone())); // T×B×N×kvh·dh
+        let v = v.reshape([t, b, n, kvh, dh]).permute([1, 3, 2, 0, 4]); // B×kvh×N×T×dh
+        let v = v.repeat_dim(1, h / kvh); // the heads of one key/value head read the same values
+        let mixed = w.unsqueeze_dim::<5>(4).mul(v).sum_dim(3).reshape([b, h, n, dh]);
+        let out = attn.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, d]));
+        let err = max_rel_err(out, attn.forward(x, variants));
+        assert!(err < 1e-4, "rel err {err}");
+    }
 
     #[test]
     fn local_attention_with_identical_variants_is_a_value_projection() {

@@ -123,4 +123,25 @@ impl<B: Backend> Attention<B> {
             Self::Gcnet(a) => a.forward(x),
         }
     }
+
+    /// The attention weights of token `query` of the first image of `x: B×N×C` (on an `h×w`
+    /// grid) over the keys, `heads×M`, with the keys' grid: one row of the attention matrix,
+    /// computed alone (VVT paper Fig. 9). Performer's row is its kernel estimate's, Linformer's the
+    /// weights its `F` projection gives each token's value, GCNet's its one context row for all
+    /// queries.
+    pub fn attention_row(
+        &self,
+        x: Tensor<B, 3>,
+        grid: (usize, usize),
+        query: usize,
+    ) -> (Tensor<B, 2>, (usize, usize)) {
+        match self {
+            Self::Vicinity(a) => a.attention_row(x, grid, query),
+            Self::Softmax(a) => (a.attention_row(x, query), grid),
+            Self::Pvt(a) => a.attention_row(x, grid, query),
+            Self::Performer(a) => (a.attention_row(x, query), grid),
+            Self::Linformer(a) => (a.attention_row(x, query), grid),
+            Self::Gcnet(a) => (a.attention_row(x), grid),
+        }
+    }
 }

@@ -332,6 +332,26 @@ impl<B: Backend> PerformerAttention<B> {
         }
     }
 
+    /// The weights `φ(q_i)·φ(k_j) / Σ_j φ(q_i)·φ(k_j)` of token `query` of the first image of
+    /// `x: B×N×C` over every token, `heads×N`, with the evaluation features: the row of the
+    /// kernel matrix that the linear form sums without forming it.
+    pub fn attention_row(&self, x: Tensor<B, 3>, query: usize) -> Tensor<B, 2> {
+        let [_, n, _] = x.dims();
+        let (h, d) = (self.heads, self.head_dim());
+        let x = x.slice_dim(0, 0..1);
+        let omega = fixed_features::<B>(self.features, d, self.seed, &x.device()).cast(x.dtype());
+        let split = |t: Tensor<B, 3>| {
+            let m = t.dims()[1];
+            t.reshape([1, m, h, d]).swap_dims(1, 2)
+        };
+        let q = self.q.forward(x.clone().slice_dim(1, query..query + 1));
+        let q = softmax_kernel(split(q), omega.clone(), true);
+        let (k, _) = split_kv(self.kv.forward(x));
+        let k = softmax_kernel(split(k), omega, false);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([h, n]);
+        scores.clone() / scores.sum_dim(1)
+    }
+
     /// Channels of each head: those of the queries over the heads.
     pub fn head_dim(&self) -> usize {
         self.q.weight.dims()[1] / self.heads
@@ -481,6 +501,31 @@ mod tests {
             plain_cfg.params() as usize,
             plain_cfg.init::<B>(&device).num_params()
         );
+    }
+
+    /// Weighing the values with one query's row (then `proj`) gives that query's evaluation
+    /// output.
+    #[test]
+    fn one_query_row_gives_that_query_output() {
+        let device = Default::default();
+        let (n, c, h) = (9, 16, 2);
+        let attn = with_weights(
+            PerformerAttentionConfig::new(c, h)
+                .with_features(16)
+                .init::<B>(&device),
+            0.15,
+        );
+        let x = Tensor::<B, 3>::random([1, n, c], Distribution::Normal(0.0, 1.0), &device);
+        let all = attn.forward(x.clone());
+        let (_, v) = split_kv(attn.kv.forward(x.clone()));
+        let v = v.reshape([n, h, c / h]).swap_dims(0, 1);
+        for query in [0, 4, n - 1] {
+            let row = attn.attention_row(x.clone(), query);
+            let mixed = row.unsqueeze_dim::<3>(1).matmul(v.clone()).reshape([1, 1, c]);
+            let want = all.clone().slice([0..1, query..query + 1, 0..c]);
+            let err = max_rel_err(attn.proj.forward(mixed), want);
+            assert!(err < 1e-4, "query {query}: rel err {err}");
+        }
     }
 
     #[test]

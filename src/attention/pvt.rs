@@ -15,7 +15,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::module::adaptive_avg_pool2d;
 
 use super::host::{HostLinear, attend, host};
-use super::softmax::{scaled_dot_product, split_kv};
+use super::softmax::{scaled_dot_product, softmax_row, split_kv};
 use crate::nn::{Conv2d, Conv2dConfig, ConvInit, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 
 /// The side of the pooled grid of the linear variant (PVTv2-Li).
@@ -101,9 +101,14 @@ pub struct PvtAttention<B: Backend> {
 impl<B: Backend> PvtAttention<B> {
     /// The tokens keys and values are made from: `B×h×w×C` → `B×M×C`.
     fn reduced(&self, grid: Tensor<B, 4>, reference: bool) -> Tensor<B, 3> {
+        self.reduced_grid(grid, reference).0
+    }
+
+    /// [`Self::reduced`] and the grid `(rows, cols)` of its tokens.
+    fn reduced_grid(&self, grid: Tensor<B, 4>, reference: bool) -> (Tensor<B, 3>, (usize, usize)) {
         let [b, h, w, c] = grid.dims();
         let (Some(sr), Some(norm)) = (&self.sr, &self.norm) else {
-            return grid.reshape([b, h * w, c]);
+            return (grid.reshape([b, h * w, c]), (h, w));
         };
         let grid = if self.linear {
             let pooled = if reference {
@@ -119,7 +124,26 @@ impl<B: Backend> PvtAttention<B> {
         };
         let [_, ho, wo, _] = grid.dims();
         let tokens = norm.forward(grid.reshape([b, ho * wo, c]));
-        if self.linear { gelu(tokens) } else { tokens }
+        (if self.linear { gelu(tokens) } else { tokens }, (ho, wo))
+    }
+
+    /// The attention weights of token `query` of the first image of `x: B×N×C` (an `h×w` grid)
+    /// over the reduced keys, `heads×M`, and the keys' grid.
+    pub fn attention_row(
+        &self,
+        x: Tensor<B, 3>,
+        (h, w): (usize, usize),
+        query: usize,
+    ) -> (Tensor<B, 2>, (usize, usize)) {
+        let [_, _, c] = x.dims();
+        let (heads, d) = (self.heads, c / self.heads);
+        let x = x.slice_dim(0, 0..1);
+        let q = self.q.forward(x.clone().slice_dim(1, query..query + 1));
+        let (src, kgrid) = self.reduced_grid(x.reshape([1, h, w, c]), false);
+        let (k, _) = split_kv(self.kv.forward(src));
+        let m = kgrid.0 * kgrid.1;
+        let k = k.reshape([m, heads, d]).swap_dims(0, 1);
+        (softmax_row(q.reshape([heads, d]), k), kgrid)
     }
 
     /// `x`: `B×N×C` over an `h×w` grid → `B×N×C`.
@@ -216,6 +240,36 @@ mod tests {
             let x = Tensor::<B, 3>::random([2, h * w, 8], Distribution::Normal(0.0, 2.0), &device);
             let err = max_rel_err(attn.forward(x.clone(), h, w), attn.forward_reference(x, h, w));
             assert!(err < 1e-5, "sr {sr} linear {linear} grid {h}x{w}: rel err {err}");
+        }
+    }
+
+    /// Weighing the reduced keys' values with one query's row (then `proj`) gives that query's
+    /// output.
+    #[test]
+    fn one_query_row_gives_that_query_output() {
+        let device = Default::default();
+        let (h, w, c, heads) = (8, 6, 8, 2);
+        for (sr, linear, kgrid) in [(1, false, (8, 6)), (2, false, (4, 3)), (1, true, (7, 7))] {
+            let attn: PvtAttention<B> = PvtAttentionConfig::new(c, heads)
+                .with_sr_ratio(sr)
+                .with_linear(linear)
+                .init(&device);
+            let x = Tensor::<B, 3>::random([1, h * w, c], Distribution::Normal(0.0, 1.0), &device);
+            let all = attn.forward(x.clone(), h, w);
+            let m = kgrid.0 * kgrid.1;
+            let (_, v) = split_kv(
+                attn.kv
+                    .forward(attn.reduced(x.clone().reshape([1, h, w, c]), false)),
+            );
+            let v = v.reshape([m, heads, c / heads]).swap_dims(0, 1);
+            for query in [0, 20, h * w - 1] {
+                let (row, got) = attn.attention_row(x.clone(), (h, w), query);
+                assert_eq!(got, kgrid);
+                let mixed = row.unsqueeze_dim::<3>(1).matmul(v.clone()).reshape([1, 1, c]);
+                let want = all.clone().slice([0..1, query..query + 1, 0..c]);
+                let err = super::super::host::tests::max_rel_err(attn.proj.forward(mixed), want);
+                assert!(err < 1e-4, "sr {sr} linear {linear} query {query}: rel err {err}");
+            }
         }
     }
 

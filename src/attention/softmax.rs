@@ -80,6 +80,17 @@ pub(crate) fn split_kv<B: Backend, const D: usize>(kv: Tensor<B, D>) -> (Tensor<
     (k, v)
 }
 
+/// One query's attention weights, `softmax(q·kᵀ/√d)` per head: `q` is `heads×d`, `k`
+/// `heads×M×d` (query head `i` uses key head `i / (heads / key heads)`) → `heads×M`.
+pub fn softmax_row<B: Backend>(q: Tensor<B, 2>, k: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [heads, d] = q.dims();
+    let [kv_heads, m, _] = k.dims();
+    let g = heads / kv_heads;
+    let q = q.reshape([kv_heads, g, d]);
+    let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar((d as f64).powf(-0.5));
+    burn::tensor::activation::softmax(scores.reshape([heads, m]), 1)
+}
+
 /// `softmax(q·kᵀ/√d)·v` over `[batch, heads, tokens, d]` inputs (keys and values have the same
 /// token count; queries may have another): the scores, a softmax over the keys (the fused row
 /// kernel where the backend has it, [`crate::kernels::softmax`]), the weighted values.
@@ -142,6 +153,18 @@ impl<B: Backend> SoftmaxAttention<B> {
     }
 
     /// The same computation with explicit loops over queries, heads and keys.
+    /// The attention weights of token `query` of the first image of `x: B×N×D` over all
+    /// tokens, `heads×N`.
+    pub fn attention_row(&self, x: Tensor<B, 3>, query: usize) -> Tensor<B, 2> {
+        let [_, n, d] = x.dims();
+        let (kvh, dh) = (self.kv_heads, d / self.heads);
+        let x = x.slice_dim(0, 0..1);
+        let q = self.wq.forward(x.clone().slice_dim(1, query..query + 1));
+        let (k, _) = split_kv(self.wkv.forward(x));
+        let k = k.reshape([n, kvh, dh]).swap_dims(0, 1);
+        softmax_row(q.reshape([self.heads, dh]), k)
+    }
+
     pub fn forward_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
         let (h, kvh, dh) = (self.heads, self.kv_heads, d / self.heads);
@@ -158,5 +181,41 @@ impl<B: Backend> SoftmaxAttention<B> {
             }
         }
         Tensor::from_data(TensorData::new(out, [b, n, d]), &device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::host::tests::max_rel_err;
+    use super::*;
+    use burn::tensor::Distribution;
+
+    type B = burn::backend::Flex;
+
+    /// Weighing the values with one query's row (then `proj`) gives that query's output, with
+    /// one key/value head per query head and with one shared by all.
+    #[test]
+    fn one_query_row_gives_that_query_output() {
+        let device = Default::default();
+        let (n, d, h) = (7, 8, 2);
+        for shared in [false, true] {
+            let attn: SoftmaxAttention<B> = SoftmaxAttentionConfig::new(d, h)
+                .with_shared_kv(shared)
+                .init(&device);
+            let x = Tensor::<B, 3>::random([2, n, d], Distribution::Normal(0.0, 1.0), &device);
+            let all = attn.forward(x.clone());
+            let kvh = attn.kv_heads;
+            let (_, v) = split_kv(attn.wkv.forward(x.clone().slice_dim(0, 0..1)));
+            let v = v.reshape([n, kvh, d / h]).swap_dims(0, 1).repeat_dim(0, h / kvh); // h×N×dh
+            for query in [0, 3, n - 1] {
+                let row = attn.attention_row(x.clone(), query);
+                let sums: Vec<f32> = row.clone().sum_dim(1).into_data().to_vec().unwrap();
+                assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+                let mixed = row.unsqueeze_dim::<3>(1).matmul(v.clone()).reshape([1, 1, d]);
+                let want = all.clone().slice([0..1, query..query + 1, 0..d]);
+                let err = max_rel_err(attn.proj.forward(mixed), want);
+                assert!(err < 1e-4, "shared {shared} query {query}: rel err {err}");
+            }
+        }
     }
 }

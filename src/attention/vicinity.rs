@@ -279,6 +279,30 @@ pub fn locality_matrix<B: Backend>(
     }
 }
 
+/// The locality weights of one query token of an `h×w` grid against every token of a `k_grid`
+/// (VVT paper Fig. 3): row `query` of [`locality_matrix`], computed for that row alone.
+pub fn locality_row<B: Backend>(
+    locality: Locality,
+    grid: (usize, usize),
+    k_grid: (usize, usize),
+    query: usize,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let nk = k_grid.0 * k_grid.1;
+    if locality == Locality::None {
+        return Tensor::ones([nk], device);
+    }
+    let (qa, qb) = angles::<B>(locality, grid.0, grid.1, device);
+    let (qa, qb) = (qa.slice(query..query + 1), qb.slice(query..query + 1));
+    let (ka, kb) = angles::<B>(locality, k_grid.0, k_grid.1, device);
+    let (da, db) = ((qa - ka.reshape([1, nk])).cos(), (qb - kb.reshape([1, nk])).cos());
+    let row = match locality {
+        Locality::TwoD => da + db,
+        _ => da,
+    };
+    row.reshape([nk])
+}
+
 /// Shapes and switches of one vicinity attention core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VicinityCore {
@@ -429,12 +453,8 @@ impl<B: Backend> VicinityAttention<B> {
             }
             Core::Quadratic => {
                 let split = |t| split_heads(t, heads);
-                let (q, k, v) = (split(q), split(k), split(v));
-                let weights = locality_matrix::<B>(self.locality, (h, w), (kh, kw), &q.device());
-                let [nq, nk] = weights.dims();
-                let scores = q.matmul(k.swap_dims(2, 3)) * weights.reshape([1, 1, nq, nk]);
-                let denom = scores.clone().sum_dim(3).add_scalar(EPS);
-                let out = scores.matmul(v) / denom;
+                let weights = self.weights(split(q), split(k), (h, w), (kh, kw));
+                let out = weights.matmul(split(v));
                 let [_, _, _, d] = out.dims();
                 out.swap_dims(1, 2).reshape([batch, n, heads * d])
             }
@@ -444,6 +464,56 @@ impl<B: Backend> VicinityAttention<B> {
             Some(gate) => self.maybe_clamp(fpc_apply(out, gate)),
             None => out,
         }
+    }
+}
+
+impl<B: Backend> VicinityAttention<B> {
+    /// The N×M attention matrix `B×h×N×M` of per-head queries `q` (`B×h×N×d`, after ReLU) and
+    /// keys `k` (`B×h×M×d`): `q_i·k_j·loc(i, j)` normalised per query (VVT paper Eq. 8).
+    fn weights(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        grid: (usize, usize),
+        k_grid: (usize, usize),
+    ) -> Tensor<B, 4> {
+        let loc = locality_matrix::<B>(self.locality, grid, k_grid, &q.device());
+        let [nq, nk] = loc.dims();
+        let scores = q.matmul(k.swap_dims(2, 3)) * loc.reshape([1, 1, nq, nk]);
+        let denom = scores.clone().sum_dim(3).add_scalar(EPS);
+        scores / denom
+    }
+
+    /// Row `query` of the attention matrix that the linear form implies, `heads×M` for the first
+    /// image of `x: B×N×C` on an `h×w` grid (M: the keys' grid, returned, smaller than the
+    /// queries' with spatial reduction). One query's row alone, in O(N). A row sums to
+    /// `S / (S + EPS)` (`S` its unnormalised sum): one up to EPS, zero where the head's ReLU
+    /// features of the query are all zero.
+    pub fn attention_row(
+        &self,
+        x: Tensor<B, 3>,
+        (h, w): (usize, usize),
+        query: usize,
+    ) -> (Tensor<B, 2>, (usize, usize)) {
+        let [_, n, c] = x.dims();
+        assert!(query < n, "query token {query} of {n}");
+        let x = x.slice_dim(0, 0..1);
+        let (src, kh, kw) = match (&self.sr, &self.norm) {
+            (Some(sr), Some(norm)) => {
+                let reduced = sr.forward(x.clone().reshape([1, h, w, c]));
+                let [_, kh, kw, _] = reduced.dims();
+                (norm.forward(reduced.reshape([1, kh * kw, c])), kh, kw)
+            }
+            _ => (x.clone(), h, w),
+        };
+        let heads = self.heads;
+        let q = split_heads(relu(self.q_proj.forward(x.slice_dim(1, query..query + 1))), heads);
+        let k = split_heads(relu(self.k_proj.forward(src)), heads);
+        let m = kh * kw;
+        let loc = locality_row::<B>(self.locality, (h, w), (kh, kw), query, &q.device());
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([heads, m]) * loc.reshape([1, m]);
+        let denom = scores.clone().sum_dim(1).add_scalar(EPS);
+        (scores / denom, (kh, kw))
     }
 }
 
@@ -481,6 +551,67 @@ mod tests {
             check(locality, 4, 10, 1);
             check(locality, 8, 6, 2);
             check(locality, 4, 8, 4);
+        }
+    }
+
+    /// One query's row, computed alone, is that row of the N×M matrix of the quadratic form;
+    /// with keys from a reduced grid too.
+    #[test]
+    fn one_query_row_equals_the_row_of_the_quadratic_form() {
+        let device = Default::default();
+        for (locality, (h, w), r) in [
+            (Locality::TwoD, (4, 6), 1),
+            (Locality::OneD, (5, 3), 1),
+            (Locality::TwoD, (8, 4), 2),
+        ] {
+            let attn = VicinityAttentionConfig::new(24, 3)
+                .with_spatial_reduction(r)
+                .with_locality(locality)
+                .init::<B>(&device);
+            let x = Tensor::<B, 3>::random([2, h * w, 24], Distribution::Normal(0.0, 1.0), &device);
+            let (src, kgrid) = match (&attn.sr, &attn.norm) {
+                (Some(sr), Some(norm)) => {
+                    let reduced = sr.forward(x.clone().reshape([2, h, w, 24]));
+                    let [_, kh, kw, _] = reduced.dims();
+                    (norm.forward(reduced.reshape([2, kh * kw, 24])), (kh, kw))
+                }
+                _ => (x.clone(), (h, w)),
+            };
+            let q = split_heads(relu(attn.q_proj.forward(x.clone())), 3);
+            let k = split_heads(relu(attn.k_proj.forward(src)), 3);
+            let full = attn.weights(q, k, (h, w), kgrid); // 2×3×N×M
+            let m = kgrid.0 * kgrid.1;
+            for query in [0, h * w / 2 + 1, h * w - 1] {
+                let (row, got_grid) = attn.attention_row(x.clone(), (h, w), query);
+                assert_eq!(got_grid, kgrid);
+                let want = full
+                    .clone()
+                    .slice([0..1, 0..3, query..query + 1, 0..m])
+                    .reshape([3, m]);
+                let d: f32 = (row.clone() - want).abs().max().into_scalar();
+                assert!(d < 1e-5, "{locality:?} {h}x{w} r={r} query {query}: max diff {d}");
+                let sums: Vec<f32> = row.sum_dim(1).into_data().to_vec().unwrap();
+                // S / (S + EPS): at most one; zero for a head whose query features are all zero.
+                assert!(
+                    sums.iter().all(|s| (0.0..=1.0 + 1e-5).contains(s)),
+                    "row sums {sums:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn locality_row_is_that_row_of_the_matrix() {
+        let device = Default::default();
+        for locality in [Locality::TwoD, Locality::OneD, Locality::None] {
+            let ((h, w), kgrid) = ((5, 7), (5, 7));
+            let full = locality_matrix::<B>(locality, (h, w), kgrid, &device);
+            for query in [0, 17, 34] {
+                let row = locality_row::<B>(locality, (h, w), kgrid, query, &device);
+                let want = full.clone().slice([query..query + 1, 0..35]).reshape([35]);
+                let d: f32 = (row - want).abs().max().into_scalar();
+                assert!(d < 1e-6, "{locality:?} query {query}: {d}");
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 mod ablate;
 mod bench;
 mod check;
+mod explain;
 mod models;
 mod train;
 
@@ -107,6 +108,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Check every fused GPU kernel against its reference path (values and gradients).
     CheckKernels(CheckArgs),
+    /// Explanation maps of images: Grad-CAM per stage, locality and attention rows, LSAGT's variants.
+    Explain(Box<explain::ExplainArgs>),
 }
 
 /// Runs `$body` with `$b` bound to the autodiff backend that `$kind` names and `$device` to its
@@ -164,6 +167,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Ablate(a) => ablate::ablate_command::<B>(a, &device)?,
                 Command::Eval(a) => train::eval_command::<Inner<B>>(a, &device)?,
                 Command::Predict(a) => train::predict_command::<Inner<B>>(a, &device)?,
+                Command::Explain(a) => explain::explain_command::<B>(a, &device)?,
                 Command::Models | Command::Flops(_) | Command::Compare(_) | Command::CheckKernels(_) => {
                     unreachable!("run without a backend")
                 }
@@ -197,7 +201,7 @@ mod tests {
                 sub.get_name()
             );
         }
-        assert_eq!(seen.len(), 11);
+        assert_eq!(seen.len(), 12);
         let convert = cli.find_subcommand("convert").expect("convert");
         assert!(convert.get_about().unwrap().to_string().contains("official .pth"));
         let check = cli.find_subcommand("check-kernels").expect("check-kernels");

@@ -54,8 +54,28 @@ impl<T: Copy> PerStage<T> {
 #[derive(Debug, Clone)]
 pub struct ModelOutput<B: Backend> {
     pub logits: Tensor<B, 2>,
+    /// Each stage's output tokens, `B×N×C`, on the grid of the same index in `grids`.
     pub stages: Vec<Tensor<B, 3>>,
+    /// `(rows, columns)` of each stage's token grid.
+    pub grids: Vec<(usize, usize)>,
 }
+
+/// A point of a forward pass that [`Model::forward_probed`] shows to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The tokens `B×N×C` entering block `block` of stage `stage` (VVT), on a `grid`.
+    BlockInput {
+        stage: usize,
+        block: usize,
+        grid: (usize, usize),
+    },
+    /// A stage's output tokens `B×N×C` (those of [`ModelOutput::stages`]), on a `grid`.
+    StageOutput { stage: usize, grid: (usize, usize) },
+}
+
+/// Sees the tokens at a [`Probe`] and returns what the forward goes on with: the same tokens, or
+/// tokens changed (a zero with a gradient added, for Grad-CAM).
+pub type ProbeFn<'a, B> = dyn FnMut(Probe, Tensor<B, 3>) -> Tensor<B, 3> + 'a;
 
 /// The most parameters a configuration may describe (4 × 2³⁰: 16 GiB of f32).
 const MAX_PARAMS: u64 = 4 << 30;
@@ -191,6 +211,13 @@ impl ModelConfig {
         self
     }
 
+    pub fn num_stages(&self) -> usize {
+        match self {
+            Self::Vvt(c) => c.num_stages(),
+            Self::Lsagt(c) => c.num_stages(),
+        }
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Self::Vvt(c) => c.num_classes,
@@ -317,6 +344,20 @@ impl<B: Backend> Model<B> {
         match self {
             Self::Vvt(m) => m.forward_features(x),
             Self::Lsagt(m) => m.forward_features(x),
+        }
+    }
+
+    /// [`Self::forward_features`] with `probe` called at every [`Probe`] point (LSAGT has stage
+    /// outputs only).
+    pub fn forward_probed(&self, x: Tensor<B, 4>, probe: &mut ProbeFn<'_, B>) -> ModelOutput<B> {
+        assert!(
+            x.dims()[0] > 0,
+            "the model was given an empty batch ({:?})",
+            x.dims()
+        );
+        match self {
+            Self::Vvt(m) => m.forward_probed(x, probe),
+            Self::Lsagt(m) => m.forward_probed(x, probe),
         }
     }
 

@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelOutput, PerStage, ensure_divisible};
+use super::{ModelOutput, PerStage, Probe, ProbeFn, ensure_divisible};
 use crate::attention::{
     Attention, AttentionKind, GlobalContextConfig, LinformerAttentionConfig, Locality,
     PerformerAttentionConfig, PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig, gcnet,
@@ -454,9 +454,16 @@ pub struct Vvt<B: Backend> {
 
 impl<B: Backend> Vvt<B> {
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
+        self.forward_probed(x, &mut |_, t| t)
+    }
+
+    /// [`Self::forward_features`] with `probe` shown (and allowed to replace) every block's input
+    /// and every stage's output tokens: what explanations read and differentiate.
+    pub fn forward_probed(&self, x: Tensor<B, 4>, probe: &mut ProbeFn<'_, B>) -> ModelOutput<B> {
         // Channels-last from here on: the grid of tokens is `B×H×W×C`.
         let mut x = x.permute([0, 2, 3, 1]);
         let mut outputs = Vec::with_capacity(self.stages.len());
+        let mut grids = Vec::with_capacity(self.stages.len());
         let last = self.stages.len() - 1;
         let rates = self.stages.iter().flat_map(|s| &s.blocks);
         let rates = rates.flat_map(|b| [b.drop_path; 2]).collect();
@@ -465,16 +472,27 @@ impl<B: Backend> Vvt<B> {
             let grid = stage.patch_embed.proj.forward(x);
             let [b, h, w, c] = grid.dims();
             let mut tokens = stage.patch_embed.norm.forward(grid.reshape([b, h * w, c]));
-            for block in &stage.blocks {
-                tokens = block.forward(tokens, h, w, &mut noise);
+            for (j, block) in stage.blocks.iter().enumerate() {
+                let site = Probe::BlockInput {
+                    stage: i,
+                    block: j,
+                    grid: (h, w),
+                };
+                tokens = block.forward(probe(site, tokens), h, w, &mut noise);
             }
-            let tokens = stage.norm.forward(tokens);
+            let site = Probe::StageOutput {
+                stage: i,
+                grid: (h, w),
+            };
+            let tokens = probe(site, stage.norm.forward(tokens));
             outputs.push(tokens.clone());
+            grids.push((h, w));
             if i == last {
                 let pooled = tokens.mean_dim(1).reshape([b, c]);
                 return ModelOutput {
                     logits: self.head.forward(pooled),
                     stages: outputs,
+                    grids,
                 };
             }
             x = tokens.reshape([b, h, w, c]);

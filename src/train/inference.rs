@@ -148,16 +148,16 @@ pub struct CheckpointInput {
 
 /// A checkpoint ready for `eval`/`predict`: its model, the run state saved beside it (if any), and
 /// the input resolution and normalisation to use.
-struct Loaded<B: Backend> {
-    state: Option<RunState>,
-    config: ModelConfig,
-    model: Model<B>,
-    res: usize,
-    norm: Normalize,
+pub(crate) struct Loaded<B: Backend> {
+    pub state: Option<RunState>,
+    pub config: ModelConfig,
+    pub model: Model<B>,
+    pub res: usize,
+    pub norm: Normalize,
 }
 
 impl CheckpointInput {
-    fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
+    pub(crate) fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
         let state = run_state_beside(&self.weights);
         let (config, model) = crate::cli::build_model(self.model.as_deref(), Some(&self.weights), device)?;
         let (res, norm) = input_settings(
@@ -318,6 +318,24 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<(usize, f32)> {
     idx.into_iter().take(k).map(|i| (i, probs[i])).collect()
 }
 
+/// Images as the model takes them at evaluation (`res × res`, normalised by `norm`): `B×3×res×res`.
+pub fn input_batch<B: Backend>(
+    images: Vec<image::RgbImage>,
+    norm: Normalize,
+    res: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let aug = AugmentConfig::eval(norm);
+    let per = 3 * res * res;
+    let n = images.len();
+    let mut values = vec![0f32; n * per];
+    for (img, out) in images.into_iter().zip(values.chunks_mut(per)) {
+        let mut rng = Rng::for_item(0, 0, Stream::Sample, 0);
+        crate::data::augment::transform_sample(img, &aug, [res, res], &mut rng, out);
+    }
+    Tensor::from_data(TensorData::new(values, [n, 3, res, res]), device)
+}
+
 /// `vicinity predict`: the top classes of each image, and where the names came from.
 pub fn predict<B: Backend>(
     opts: &PredictOptions,
@@ -335,15 +353,12 @@ pub fn predict<B: Backend>(
     } = opts.checkpoint.load::<B>(device)?;
     let k = config.num_classes();
     let (names, source) = class_names(k, opts.classes.as_deref(), state.as_ref())?;
-    let aug = AugmentConfig::eval(norm);
-    let per = 3 * res * res;
-    let mut values = vec![0f32; opts.images.len() * per];
-    for (path, out) in opts.images.iter().zip(values.chunks_mut(per)) {
-        let img = crate::data::read_image(path)?;
-        let mut rng = Rng::for_item(0, 0, Stream::Sample, 0);
-        crate::data::augment::transform_sample(img, &aug, [res, res], &mut rng, out);
-    }
-    let x = Tensor::<B, 4>::from_data(TensorData::new(values, [opts.images.len(), 3, res, res]), device);
+    let images = opts
+        .images
+        .iter()
+        .map(|p| crate::data::read_image(p))
+        .collect::<Result<Vec<_>>>()?;
+    let x = input_batch::<B>(images, norm, res, device);
     let (_, logits) = crate::io::to_host(model.forward(x))?;
     let preds = opts
         .images

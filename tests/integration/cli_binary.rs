@@ -20,7 +20,7 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-const COMMANDS: [&str; 11] = [
+const COMMANDS: [&str; 12] = [
     "models",
     "flops",
     "features",
@@ -32,6 +32,7 @@ const COMMANDS: [&str; 11] = [
     "eval",
     "predict",
     "check-kernels",
+    "explain",
 ];
 
 #[test]

@@ -11,6 +11,7 @@ mod cli_features;
 mod data_download;
 mod data_loader;
 mod data_readers;
+mod explain;
 mod fixtures_lsagt;
 mod fixtures_vvt;
 mod fuzz;

@@ -26,7 +26,7 @@ pub use config::LsagtConfig;
 pub use official::rename_official;
 pub use shift::{CIFAR_SHIFTS, IMAGENET_PADS, ShiftScheme, ShiftedPatchEmbed};
 
-use super::ModelOutput;
+use super::{ModelOutput, Probe, ProbeFn};
 use crate::attention::{LocalShiftAttention, SoftmaxAttention};
 use crate::nn::{Conv2d, DropPathNoise, LayerNorm, Linear, drop_path};
 
@@ -123,6 +123,36 @@ impl<B: Backend> Stage<B> {
         grid: (usize, usize),
         noise: &mut DropPathNoise<B>,
     ) -> Tensor<B, 3> {
+        let (x, normed) = self.variant_inputs(variants, bias, x0, grid);
+        self.run(x, Some(normed), noise)
+    }
+
+    /// The first layer's local attention weights over the variants, `B×heads×N×T` (each row sums
+    /// to one), from the inputs of [`Self::forward_variants`]; `None` when the first layer is a
+    /// global one (T = 1).
+    pub fn variant_weights(
+        &self,
+        variants: Tensor<B, 4>,
+        bias: Option<Tensor<B, 2>>,
+        x0: Tensor<B, 3>,
+        grid: (usize, usize),
+    ) -> Option<Tensor<B, 4>> {
+        let LayerAttention::Local(local) = &self.blocks.first()?.attn else {
+            return None;
+        };
+        let (x, normed) = self.variant_inputs(variants, bias, x0, grid);
+        Some(local.weights(self.norm1.forward(x), normed))
+    }
+
+    /// Variant 0's tokens with their position embedding, and every variant normalised by `norm1`
+    /// (bias and position embeddings added inside the norm).
+    fn variant_inputs(
+        &self,
+        variants: Tensor<B, 4>,
+        bias: Option<Tensor<B, 2>>,
+        x0: Tensor<B, 3>,
+        grid: (usize, usize),
+    ) -> (Tensor<B, 3>, Tensor<B, 4>) {
         self.check_grid(grid);
         let [t, _, n, d] = variants.dims();
         // One embedding shared by every variant (an ablation) is repeated to the variants'.
@@ -145,7 +175,7 @@ impl<B: Backend> Stage<B> {
             Some(shift) => self.norm1.forward_shifted(variants, shift),
             None => self.norm1.forward(variants),
         };
-        self.run(x, Some(normed), noise)
+        (x, normed)
     }
 
     /// Later stages: `B×N×D` → `B×N×D`. Each block takes two rows of `noise`.
@@ -201,8 +231,14 @@ pub struct Lsagt<B: Backend> {
 impl<B: Backend> Lsagt<B> {
     /// Logits and each stage's tokens (after its transformer, before its reduction).
     pub fn forward_features(&self, x: Tensor<B, 4>) -> ModelOutput<B> {
+        self.forward_probed(x, &mut |_, t| t)
+    }
+
+    /// [`Self::forward_features`] with `probe` shown (and allowed to replace) every stage's output.
+    pub fn forward_probed(&self, x: Tensor<B, 4>, probe: &mut ProbeFn<'_, B>) -> ModelOutput<B> {
         let (variants, bias, x0, mut grid) = self.patch_embed.forward_unbiased(x);
         let mut outputs = Vec::with_capacity(self.stages.len());
+        let mut grids = Vec::with_capacity(self.stages.len());
         let mut tokens: Option<Tensor<B, 3>> = None;
         let rates = self.stages.iter();
         let rates = rates
@@ -210,13 +246,15 @@ impl<B: Backend> Lsagt<B> {
             .collect();
         let mut noise = DropPathNoise::new(x0.dims()[0], rates, &x0.device());
         let mut variants = Some((variants, bias, x0));
-        for stage in &self.stages {
+        for (i, stage) in self.stages.iter().enumerate() {
             let y = match (tokens.take(), variants.take()) {
                 (Some(x), _) => stage.forward(x, grid, &mut noise),
                 (None, Some((v, bias, x0))) => stage.forward_variants(v, bias, x0, grid, &mut noise),
                 (None, None) => unreachable!(),
             };
+            let y = probe(Probe::StageOutput { stage: i, grid }, y);
             outputs.push(y.clone());
+            grids.push(grid);
             tokens = Some(match &stage.reduce {
                 Some(reduce) => {
                     let (y, g) = reduce.forward(y, grid);
@@ -234,11 +272,20 @@ impl<B: Backend> Lsagt<B> {
         ModelOutput {
             logits,
             stages: outputs,
+            grids,
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         self.forward_features(x).logits
+    }
+
+    /// The local attention weights of stage 1's first layer over each patch's shifted variants,
+    /// `B×heads×N×T` on stage 1's grid (LSAGT paper Figs. 1–2); `None` without local attention.
+    pub fn variant_weights(&self, x: Tensor<B, 4>) -> Option<(Tensor<B, 4>, (usize, usize))> {
+        let (variants, bias, x0, grid) = self.patch_embed.forward_unbiased(x);
+        let weights = self.stages.first()?.variant_weights(variants, bias, x0, grid)?;
+        Some((weights, grid))
     }
 }
 
