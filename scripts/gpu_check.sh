@@ -20,9 +20,12 @@
 #            so that one running out of memory does not stop the others
 #   ablate   `vicinity ablate` on CIFAR-10 at 32², bf16: ABLATE_MODELS (default the command's own, VVT
 #            Tables VI–VII), ABLATE_SEEDS (0,1), ABLATE_ARGS (the recipe: "--epochs 8 --batch 512 --lr
-#            3e-3 --drop-path 0 --eval-every 100"); the report, and every run folder without its
-#            weights as $OUT/ablate-runs.tgz (unpacked next to the others, `vicinity ablate` on the
-#            CPU with the same flags then writes one report of them all without training)
+#            3e-3 --drop-path 0 --eval-every 100"), at most ABLATE_SECONDS (420); the report, and every
+#            run folder without its weights as $OUT/ablate-runs.tgz (unpacked next to the others,
+#            `vicinity ablate` on the CPU with the same flags then writes one report of them all
+#            without training). With .carry/peers first the Grad-CAM fixtures; when vvt_tiny seed 0
+#            was among the runs, then `vicinity explain` of it and of an lsagt_cifar_tiny trained for
+#            EXPLAIN_LSAGT (1m), as $OUT/explain.tgz
 # Everything printed also lands in $OUT/log.txt; rows as JSON lines in $OUT/*.jsonl.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -123,13 +126,37 @@ if has kinds; then
 fi
 
 if has ablate; then
+  if [ -d .carry/peers ]; then
+    echo "== Grad-CAM fixtures of the authors' models (tests/fixtures/make_gradcam_fixtures.py)"
+    python3 tests/fixtures/make_gradcam_fixtures.py --peers .carry/peers --fixtures tests/fixtures --out "$OUT" \
+      2>&1 | tail -6
+  fi
   echo "== ablate: CIFAR-10, ${ABLATE_MODELS:-default models}, seeds ${ABLATE_SEEDS:-0,1}"
   models=()
   [ -n "${ABLATE_MODELS:-}" ] && models=(--models "$ABLATE_MODELS")
   # SIGINT pauses the run in flight with its checkpoint (ABLATE_SECONDS): the call returns its rows.
-  timeout -s INT "${ABLATE_SECONDS:-530}" "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
+  timeout -s INT "${ABLATE_SECONDS:-420}" "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
     --recipe cifar-fast --resolution 32 --dtype bf16 \
     ${ABLATE_ARGS:---epochs 8 --batch 512 --lr 3e-3 --drop-path 0 --eval-every 100} --out /tmp/ablate
   cp /tmp/ablate/ablation.md /tmp/ablate/ablation.csv /tmp/ablate/ablation.png "$OUT/" 2>/dev/null
   tar czf "$OUT/ablate-runs.tgz" --exclude='*.safetensors' -C /tmp/ablate .
+  # Explanation pictures of the ablation's VVT-Tiny, and of an LSAGT trained for EXPLAIN_LSAGT (1m).
+  vvt=/tmp/ablate/vvt_tiny-seed0/last/model.safetensors
+  if [ -f "$vvt" ] && "$BIN" explain --help > /dev/null 2>&1; then
+    echo "== explain: vvt_tiny of the ablation, lsagt_cifar_tiny trained for ${EXPLAIN_LSAGT:-1m}"
+    mkdir -p /tmp/explain
+    for method in gradcam locality; do
+      "$BIN" --backend cuda explain --data .carry/cifar10-jpeg.tar.zst --limit 10 --weights "$vvt" \
+        --method $method -o /tmp/explain/vvt_tiny 2>&1 | tail -2
+    done
+    "$BIN" --backend cuda train --model lsagt_cifar_tiny --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast \
+      --resolution 32 --dtype bf16 --budget "${EXPLAIN_LSAGT:-1m}" --batch 256 --drop-path 0 --eval-every 100 \
+      --crop resize --out /tmp/lsagt 2>&1 | tail -3
+    for method in variants gradcam; do
+      "$BIN" --backend cuda explain --data .carry/cifar10-jpeg.tar.zst --limit 10 \
+        --weights /tmp/lsagt/last/model.safetensors --method $method -o /tmp/explain/lsagt_cifar_tiny 2>&1 | tail -2
+    done
+    cp /tmp/lsagt/metrics.csv /tmp/explain/lsagt_cifar_tiny/ 2>/dev/null
+    tar czf "$OUT/explain.tgz" -C /tmp explain
+  fi
 fi

@@ -242,3 +242,49 @@ fn what_cannot_be_drawn_is_refused_with_a_reason() {
     let o = vicinity(&["--weights", &vvt, "--model", "configs/vvt_mini.json", "-o", out_s]);
     assert!(stderr(&o).contains("name image files"), "{}", stderr(&o));
 }
+
+/// Grad-CAM and Grad-CAM++ of the official fixture checkpoints equal the authors' models'
+/// (`tests/fixtures/NAME_gradcam.safetensors`, made by `make_gradcam_fixtures.py` with the same
+/// definitions on PyTorch's autograd): the explained classes, and every stage's map.
+#[test]
+fn gradcam_equals_pytorchs_on_the_official_fixtures() {
+    use burn::prelude::*;
+    use vicinity::explain::{CamKind, grad_cam};
+    let device = Default::default();
+    for (name, config) in [
+        ("vvt_mini", "configs/vvt_mini.json"),
+        ("vvt_mini_sr", "configs/vvt_mini_sr.json"),
+        ("lsagt_cifar_mini", "configs/lsagt_cifar_mini.toml"),
+        ("lsagt_imagenet_mini", "configs/lsagt_imagenet_mini.toml"),
+    ] {
+        let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(config);
+        let pth = fixtures_dir().join(format!("{name}.pth"));
+        let (_, model) =
+            vicinity::cli::build_model::<crate::common::A>(config.to_str(), Some(pth.as_path()), &device)
+                .unwrap();
+        let x = crate::common::fixture_tensor::<4>(name, "input");
+        let want = crate::common::fixture_file(name, "_gradcam");
+        let classes: Vec<usize> = want["classes"]
+            .to_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&c| c as usize)
+            .collect();
+        for (kind, key) in [
+            (CamKind::GradCam, "gradcam"),
+            (CamKind::GradCamPlusPlus, "gradcampp"),
+        ] {
+            let cams = grad_cam(&model, Tensor::from_inner(x.clone()), None, kind).unwrap();
+            assert_eq!(cams.classes, classes, "{name}: explained classes");
+            for (i, map) in cams.maps.into_iter().enumerate() {
+                let reference = &want[&format!("{key}.stage{}", i + 1)];
+                let n = map.dims().iter().product::<usize>();
+                assert_eq!(n, reference.dims()[0], "{name} {key} stage {}", i + 1);
+                let err = crate::common::rel_l2(map.reshape([n]), reference.clone());
+                println!("{name} {key} stage{}: rel L2 {err:.2e}", i + 1);
+                assert!(err < 1e-4, "{name} {key} stage {}: rel L2 {err}", i + 1);
+            }
+        }
+    }
+}
