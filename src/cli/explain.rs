@@ -30,9 +30,11 @@ pub struct ExplainArgs {
     /// Images taken from --data.
     #[arg(long, default_value_t = 10)]
     pub limit: usize,
-    /// Native .safetensors (carries its config) or official .pth (needs --model).
-    #[arg(long)]
-    pub weights: PathBuf,
+    /// Native .safetensors (carries its config) or official .pth (needs --model). Several
+    /// (comma-separated or repeated; e.g. VVT-Tiny with each attention kind) are compared on one
+    /// sheet, a row per image and model.
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
+    pub weights: Vec<PathBuf>,
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long, value_enum, default_value = "gradcam")]
@@ -233,8 +235,62 @@ const DISPLAY: u32 = 160;
 
 /// `vicinity explain` on backend `B` (autodiff: Grad-CAM needs gradients).
 pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Device) -> Result<()> {
+    let items = items(args)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut contact = Vec::new();
+    for weights in &args.weights {
+        let label = (args.weights.len() > 1).then(|| weights_label(weights));
+        let rows = explain_weights::<B>(args, weights, label.as_deref(), &items, device)
+            .with_context(|| format!("explaining with {}", weights.display()))?;
+        contact.extend(rows);
+    }
+    let method = method_name(args.method);
+    if contact.len() > 1 {
+        let path = args.out.join(format!("sheet-{method}.png"));
+        write_atomic(&path, &png(&render::sheet(&contact))?)?;
+        println!("contact sheet: {}", path.display());
+    }
+    println!(
+        "{} image(s) explained ({method}) in {}",
+        items.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A short name for weights in file names and captions: the run folder of
+/// `RUN/last/model.safetensors`, else the file's stem.
+fn weights_label(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map_or(String::new(), |s| s.to_string_lossy().into_owned());
+    let run = path.parent().and_then(Path::parent).and_then(Path::file_name);
+    match (stem.as_str(), run) {
+        ("model" | "ema", Some(run)) => sanitize(&run.to_string_lossy()),
+        _ => sanitize(&stem),
+    }
+}
+
+fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Gradcam => "gradcam",
+        Method::GradcamPlusPlus => "gradcampp",
+        Method::Locality => "locality",
+        Method::Variants => "variants",
+        Method::Attention => "attention",
+    }
+}
+
+/// The maps of every item with one set of weights: files written, sheet rows returned.
+fn explain_weights<B: AutodiffBackend>(
+    args: &ExplainArgs,
+    weights: &Path,
+    label: Option<&str>,
+    items: &[Item],
+    device: &B::Device,
+) -> Result<Vec<Vec<(String, RgbImage)>>> {
     let checkpoint = CheckpointInput {
-        weights: args.weights.clone(),
+        weights: weights.to_path_buf(),
         model: args.model.clone(),
         resolution: args.resolution,
         normalize: args.normalize.clone(),
@@ -258,17 +314,13 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
         }
         None => (0.5, 0.5),
     };
-    let items = items(args)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let method_name = match args.method {
-        Method::Gradcam => "gradcam",
-        Method::GradcamPlusPlus => "gradcampp",
-        Method::Locality => "locality",
-        Method::Variants => "variants",
-        Method::Attention => "attention",
-    };
-    let mut contact = Vec::new();
-    for item in &items {
+    let method_name = method_name(args.method);
+    let mut sheet_rows = Vec::new();
+    for item in items {
+        let stem = match label {
+            Some(label) => format!("{}-{label}", item.stem),
+            None => item.stem.clone(),
+        };
         let x: Tensor<B, 4> = input_batch::<B>(vec![item.image.clone()], norm, res, device);
         let pixels = x
             .clone()
@@ -281,7 +333,7 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
             ("method".to_string(), method_name.to_string()),
             ("resolution".to_string(), res.to_string()),
         ]);
-        let mut caption = item.stem.clone();
+        let mut caption = stem.clone();
         let maps = match args.method {
             Method::Gradcam | Method::GradcamPlusPlus => {
                 let kind = match args.method {
@@ -292,8 +344,8 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
                 let class = classes[0];
                 meta.insert("class".into(), class.to_string());
                 meta.insert("class_name".into(), names[class].clone());
-                caption = format!("{}: {}", item.stem, names[class]);
-                println!("{}: explaining class {class} ({})", item.stem, names[class]);
+                caption = format!("{stem}: {}", names[class]);
+                println!("{stem}: explaining class {class} ({})", names[class]);
                 per_image.remove(0)
             }
             Method::Locality | Method::Attention => {
@@ -310,7 +362,7 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
                     .iter()
                     .map(|w| format!("{:.3}", w.iter().sum::<f32>() / w.len().max(1) as f32))
                     .collect();
-                println!("{}: mean weight of each variant: {}", item.stem, share.join(" "));
+                println!("{stem}: mean weight of each variant: {}", share.join(" "));
                 meta.insert("mean_weight_per_variant".into(), share.join(","));
                 maps
             }
@@ -320,7 +372,7 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
             .filter(|m| args.stage.is_none_or(|s| m.stage == s || m.stage == 0))
             .collect();
         write_maps(
-            &args.out.join(format!("{}-{method_name}.safetensors", item.stem)),
+            &args.out.join(format!("{stem}-{method_name}.safetensors")),
             &maps,
             meta,
         )?;
@@ -336,7 +388,7 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
                 mark(&mut pic, query_px);
             }
             if args.stage.is_some() {
-                let file = format!("{}-{method_name}-{}.png", item.stem, m.name);
+                let file = format!("{stem}-{method_name}-{}.png", m.name);
                 write_atomic(&args.out.join(file), &png(&pic)?)?;
             }
             pictures.push((m.stage, m.name.clone(), pic));
@@ -353,20 +405,10 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
             rows.last_mut().expect("a row").push((name, pic));
         }
         write_atomic(
-            &args.out.join(format!("{}-{method_name}.png", item.stem)),
+            &args.out.join(format!("{stem}-{method_name}.png")),
             &png(&render::sheet(&rows))?,
         )?;
-        contact.extend(rows);
+        sheet_rows.extend(rows);
     }
-    if contact.len() > 1 {
-        let path = args.out.join(format!("sheet-{method_name}.png"));
-        write_atomic(&path, &png(&render::sheet(&contact))?)?;
-        println!("contact sheet: {}", path.display());
-    }
-    println!(
-        "{} image(s) explained ({method_name}) in {}",
-        items.len(),
-        args.out.display()
-    );
-    Ok(())
+    Ok(sheet_rows)
 }

@@ -288,3 +288,50 @@ fn gradcam_equals_pytorchs_on_the_official_fixtures() {
         }
     }
 }
+
+/// Several weights (here the two VVT fixtures, converted to native files that carry their
+/// configurations) are explained side by side: files named by model, one sheet of all rows.
+#[test]
+fn several_weights_are_compared_on_one_sheet() {
+    let dir = TempDir::new("explain-compare");
+    let img = image(&dir.0);
+    let mut natives = Vec::new();
+    for name in ["vvt_mini", "vvt_mini_sr"] {
+        let native = dir.0.join(format!("{name}.safetensors"));
+        let o = Command::new(env!("CARGO_BIN_EXE_vicinity"))
+            .args([
+                "--backend",
+                "flex",
+                "convert",
+                "--model",
+                &format!("configs/{name}.json"),
+                "--weights",
+            ])
+            .arg(weights(name))
+            .arg("-o")
+            .arg(&native)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        natives.push(native.to_str().unwrap().to_string());
+    }
+    let out = dir.0.join("out");
+    let o = vicinity(&[
+        &img,
+        "--weights",
+        &natives.join(","),
+        "--method",
+        "attention",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["vvt_mini", "vvt_mini_sr"] {
+        assert!(
+            out.join(format!("img-{name}-attention.safetensors")).is_file(),
+            "{name}"
+        );
+    }
+    assert!(out.join("sheet-attention.png").is_file());
+}
