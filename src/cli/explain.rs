@@ -204,6 +204,26 @@ fn categorical(image: &RgbImage, map: &Map) -> RgbImage {
     })
 }
 
+/// The winner map's key: variant `v`'s colour beside its index, two columns.
+fn legend(count: usize, side: u32) -> RgbImage {
+    let mut img = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+    let rows = count.div_ceil(2).max(1) as u32;
+    let step = (side / rows).max(8);
+    for v in 0..count {
+        let (x, y) = ((v as u32 % 2) * side / 2 + 4, (v as u32 / 2) * step + 2);
+        let colour = Rgb(TAB20[v % TAB20.len()]);
+        for dy in 0..step.saturating_sub(4).min(12) {
+            for dx in 0..12 {
+                if x + dx < side && y + dy < side {
+                    img.put_pixel(x + dx, y + dy, colour);
+                }
+            }
+        }
+        crate::plot::text(&mut img, (x + 16) as i64, y as i64, &format!("v{v}"), Rgb([30, 30, 30]), 1);
+    }
+    img
+}
+
 /// Writes the raw maps of one image as `f32` tensors (`rows×cols`), with `meta` as metadata.
 fn write_maps(path: &Path, maps: &[Named], meta: HashMap<String, String>) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, [usize; 2])> = maps
@@ -334,6 +354,7 @@ fn explain_weights<B: AutodiffBackend>(
             ("resolution".to_string(), res.to_string()),
         ]);
         let mut caption = stem.clone();
+        let mut variants = None;
         let maps = match args.method {
             Method::Gradcam | Method::GradcamPlusPlus => {
                 let kind = match args.method {
@@ -364,6 +385,7 @@ fn explain_weights<B: AutodiffBackend>(
                     .collect();
                 println!("{stem}: mean weight of each variant: {}", share.join(" "));
                 meta.insert("mean_weight_per_variant".into(), share.join(","));
+                variants = Some(by_variant.len());
                 maps
             }
         };
@@ -392,6 +414,11 @@ fn explain_weights<B: AutodiffBackend>(
                 write_atomic(&args.out.join(file), &png(&pic)?)?;
             }
             pictures.push((m.stage, m.name.clone(), pic));
+            if m.name == "winner" {
+                let count = m.map.values.iter().fold(0f32, |a, &b| a.max(b)) as usize + 1;
+                let count = variants.unwrap_or(count);
+                pictures.push((m.stage, "variant key".into(), legend(count, w.max(h))));
+            }
         }
         // Grad-CAM: the stages side by side; attention rows: a row per stage (one map per head).
         let mut rows: Vec<Vec<(String, RgbImage)>> = Vec::new();
