@@ -9,28 +9,59 @@ use serde::Serialize;
 
 use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
 use crate::attention::{
-    LocalShiftAttention, SoftmaxAttention, SoftmaxAttentionConfig, VicinityAttention, VicinityAttentionConfig,
+    Attention, GlobalContextConfig, LinformerAttentionConfig, LocalShiftAttention, Locality,
+    PerformerAttentionConfig, PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig,
 };
 use crate::backend::Dtype;
 
-/// The attention kinds `bench --attention` can time.
+/// The attention kinds `bench --attention` can time (VVT paper Fig. 8 compares them alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionLayer {
-    /// VVT's linear vicinity attention (f = 2, 2D locality, clamps on): O(N).
+    /// VVT's linear vicinity attention (f = 2, 2D locality, clamps on, FPC): O(N).
     Vicinity,
+    /// The same with keys and values spatially reduced 4× (Fig. 8's VVT_sr).
+    VicinitySr4,
     /// LSAGT's attention of each token over its shifted variants: O(N·T).
     LsagtLocal,
     /// LSAGT's softmax attention over all tokens: O(N²).
     LsagtGlobal,
+    /// PVTv2's spatial-reduction attention with r = 8 (Fig. 8's setting).
+    Pvt,
+    /// PVTv2's linear attention (keys and values pooled to 7×7).
+    PvtLinear,
+    /// Performer, 64 random features.
+    Performer,
+    /// Linformer, tokens projected to k = 64.
+    Linformer,
+    /// cosFormer (1D cosine re-weighting, no feature reduction).
+    Cosformer,
+    /// GCNet's global context block.
+    Gcnet,
 }
 
 impl AttentionLayer {
     pub fn name(self) -> &'static str {
         match self {
             Self::Vicinity => "attn/vicinity",
+            Self::VicinitySr4 => "attn/vicinity-sr4",
             Self::LsagtLocal => "attn/lsagt-local",
             Self::LsagtGlobal => "attn/lsagt-global",
+            Self::Pvt => "attn/pvt",
+            Self::PvtLinear => "attn/pvt-linear",
+            Self::Performer => "attn/performer",
+            Self::Linformer => "attn/linformer",
+            Self::Cosformer => "attn/cosformer",
+            Self::Gcnet => "attn/gcnet",
+        }
+    }
+
+    /// The factor the token grid's side must be a multiple of.
+    fn side_multiple(self) -> usize {
+        match self {
+            Self::VicinitySr4 => 4,
+            Self::Pvt => 8,
+            _ => 1,
         }
     }
 }
@@ -52,28 +83,56 @@ pub struct AttentionSpec {
 }
 
 enum Layer<B: Backend> {
-    Vicinity(Box<VicinityAttention<B>>),
+    /// A layer of the VVT backbone's kinds, on the token grid.
+    Grid(Box<Attention<B>>),
     Local(LocalShiftAttention<B>),
-    Global(SoftmaxAttention<B>),
 }
 
 impl<B: Backend> Layer<B> {
     fn new(spec: &AttentionSpec, device: &B::Device) -> Self {
-        let lsagt = SoftmaxAttentionConfig::new(spec.dim, spec.heads);
-        match spec.kind {
-            AttentionLayer::Vicinity => Self::Vicinity(Box::new(
-                VicinityAttentionConfig::new(spec.dim, spec.heads).init(device),
-            )),
-            AttentionLayer::LsagtLocal => Self::Local(lsagt.init_local(device)),
-            AttentionLayer::LsagtGlobal => Self::Global(lsagt.init(device)),
-        }
+        let (dim, heads) = (spec.dim, spec.heads);
+        let vicinity = || VicinityAttentionConfig::new(dim, heads);
+        let grid = match spec.kind {
+            AttentionLayer::LsagtLocal => {
+                return Self::Local(SoftmaxAttentionConfig::new(dim, heads).init_local(device));
+            }
+            AttentionLayer::Vicinity => Attention::Vicinity(vicinity().init(device)),
+            AttentionLayer::VicinitySr4 => {
+                Attention::Vicinity(vicinity().with_spatial_reduction(4).init(device))
+            }
+            AttentionLayer::Cosformer => Attention::Vicinity(
+                vicinity()
+                    .with_feature_reduction(1)
+                    .with_locality(Locality::OneD)
+                    .with_fpc(false)
+                    .with_clamp(false)
+                    .init(device),
+            ),
+            AttentionLayer::LsagtGlobal => {
+                Attention::Softmax(SoftmaxAttentionConfig::new(dim, heads).init(device))
+            }
+            AttentionLayer::Pvt => {
+                Attention::Pvt(PvtAttentionConfig::new(dim, heads).with_sr_ratio(8).init(device))
+            }
+            AttentionLayer::PvtLinear => {
+                Attention::Pvt(PvtAttentionConfig::new(dim, heads).with_linear(true).init(device))
+            }
+            AttentionLayer::Performer => {
+                Attention::Performer(PerformerAttentionConfig::new(dim, heads).init(device))
+            }
+            AttentionLayer::Linformer => {
+                let n = spec.side * spec.side;
+                Attention::Linformer(LinformerAttentionConfig::new(dim, heads, n).init(device))
+            }
+            AttentionLayer::Gcnet => Attention::Gcnet(GlobalContextConfig::new(dim).init(device)),
+        };
+        Self::Grid(Box::new(grid))
     }
 
     fn forward(&self, x: Tensor<B, 3>, variants: &Tensor<B, 4>, side: usize) -> Tensor<B, 3> {
         match self {
-            Self::Vicinity(a) => a.forward(x, side, side),
+            Self::Grid(a) => a.forward(x, side, side),
             Self::Local(a) => a.forward(x, variants.clone()),
-            Self::Global(a) => a.forward(x),
         }
     }
 }
@@ -86,7 +145,20 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
         spec.dim,
         spec.heads
     );
+    let multiple = spec.kind.side_multiple();
+    anyhow::ensure!(
+        spec.side.is_multiple_of(multiple),
+        "{} needs a token grid whose side is a multiple of {multiple}; got {}",
+        spec.kind.name(),
+        spec.side
+    );
     let n = spec.side * spec.side;
+    // Only the local attention reads the variants: the others get an empty tensor.
+    let variants = if spec.kind == AttentionLayer::LsagtLocal {
+        spec.variants
+    } else {
+        0
+    };
     B::memory_cleanup(device);
     let memory = PeakMemory {
         enabled: spec.gpu,
@@ -94,7 +166,7 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
     };
     let loops = (spec.warmup, spec.iters);
     let x_shape = [spec.batch, n, spec.dim];
-    let v_shape = [spec.variants, spec.batch, n, spec.dim];
+    let v_shape = [variants, spec.batch, n, spec.dim];
     let (first_s, timed_s) = match spec.mode {
         Mode::Infer => {
             let layer = Layer::<B::InnerBackend>::new(spec, device);
@@ -135,20 +207,17 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::ValueEnum;
 
     type B = burn::backend::Autodiff<crate::backend::Cpu>;
 
     #[test]
     fn every_kind_times_train_and_infer_on_the_cpu() {
-        for kind in [
-            AttentionLayer::Vicinity,
-            AttentionLayer::LsagtLocal,
-            AttentionLayer::LsagtGlobal,
-        ] {
+        for kind in AttentionLayer::value_variants().iter().copied() {
             for mode in [Mode::Train, Mode::Infer] {
                 let spec = AttentionSpec {
                     kind,
-                    side: 4,
+                    side: 8,
                     batch: 2,
                     dim: 16,
                     heads: 2,
@@ -160,7 +229,7 @@ mod tests {
                     gpu: false,
                 };
                 let row = run_attention::<B>(&spec, &Default::default()).unwrap();
-                assert_eq!(row.resolution, 4);
+                assert_eq!(row.resolution, 8);
                 assert!(
                     row.images_per_s.is_finite() && row.images_per_s > 0.0,
                     "{kind:?} {mode:?}"
@@ -168,6 +237,25 @@ mod tests {
                 assert!(row.peak_in_use_gib.is_none());
             }
         }
+    }
+
+    #[test]
+    fn a_grid_the_reduction_does_not_divide_is_an_error() {
+        let spec = AttentionSpec {
+            kind: AttentionLayer::Pvt,
+            side: 12,
+            batch: 1,
+            dim: 16,
+            heads: 2,
+            variants: 1,
+            mode: Mode::Infer,
+            dtype: Dtype::F32,
+            warmup: 0,
+            iters: 1,
+            gpu: false,
+        };
+        let err = run_attention::<B>(&spec, &Default::default()).unwrap_err();
+        assert!(err.to_string().contains("multiple of 8"), "{err}");
     }
 
     #[test]

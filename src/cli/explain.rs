@@ -219,7 +219,14 @@ fn legend(count: usize, side: u32) -> RgbImage {
                 }
             }
         }
-        crate::plot::text(&mut img, (x + 16) as i64, y as i64, &format!("v{v}"), Rgb([30, 30, 30]), 1);
+        crate::plot::text(
+            &mut img,
+            (x + 16) as i64,
+            y as i64,
+            &format!("v{v}"),
+            Rgb([30, 30, 30]),
+            1,
+        );
     }
     img
 }
