@@ -21,5 +21,6 @@ pub mod kernels;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod segment;
 pub mod train;
 pub mod weights;
