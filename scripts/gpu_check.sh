@@ -128,18 +128,19 @@ fi
 if has ablate; then
   if [ -d .carry/peers ]; then
     echo "== Grad-CAM fixtures of the authors' models (tests/fixtures/make_gradcam_fixtures.py)"
-    python3 tests/fixtures/make_gradcam_fixtures.py --peers .carry/peers --fixtures tests/fixtures --out "$OUT" \
-      2>&1 | tail -6
+    python3 tests/fixtures/make_gradcam_fixtures.py --peers .carry/peers --fixtures tests/fixtures \
+      --out /tmp/gradcam-fixtures 2>&1 | tail -6
+    tar czf "$OUT/gradcam-fixtures.tgz" -C /tmp gradcam-fixtures
   fi
   echo "== ablate: CIFAR-10, ${ABLATE_MODELS:-default models}, seeds ${ABLATE_SEEDS:-0,1}"
   models=()
   [ -n "${ABLATE_MODELS:-}" ] && models=(--models "$ABLATE_MODELS")
   # SIGINT pauses the run in flight with its checkpoint (ABLATE_SECONDS): the call returns its rows.
-  timeout -s INT "${ABLATE_SECONDS:-420}" "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
+  timeout -s INT -k 30 "${ABLATE_SECONDS:-420}" "$BIN" --backend cuda ablate "${models[@]}" --seeds "${ABLATE_SEEDS:-0,1}" --data .carry/cifar10-jpeg.tar.zst \
     --recipe cifar-fast --resolution 32 --dtype bf16 \
     ${ABLATE_ARGS:---epochs 8 --batch 512 --lr 3e-3 --drop-path 0 --eval-every 100} --out /tmp/ablate
   cp /tmp/ablate/ablation.md /tmp/ablate/ablation.csv /tmp/ablate/ablation.png "$OUT/" 2>/dev/null
-  tar czf "$OUT/ablate-runs.tgz" --exclude='*.safetensors' -C /tmp/ablate .
+  [ -d /tmp/ablate ] && tar czf "$OUT/ablate-runs.tgz" --exclude='*.safetensors' -C /tmp/ablate .
   # Explanation pictures of the ablation's VVT-Tiny, and of an LSAGT trained for EXPLAIN_LSAGT (1m).
   vvt=/tmp/ablate/vvt_tiny-seed0/last/model.safetensors
   if [ -f "$vvt" ] && "$BIN" explain --help > /dev/null 2>&1; then

@@ -174,8 +174,6 @@ mod tests {
         }
     }
 
-    /// Global context: every token gets the same vector, and the order of the tokens is
-    /// irrelevant.
     /// The context row sums to one, and pooling the tokens with it gives the context the block
     /// adds (through `down`, the norm and `up`).
     #[test]
@@ -195,6 +193,8 @@ mod tests {
         assert!(err < 1e-5, "rel err {err}");
     }
 
+    /// Global context: every token gets the same vector, and the order of the tokens is
+    /// irrelevant.
     #[test]
     fn output_is_the_same_for_every_token() {
         let device = Default::default();

@@ -230,7 +230,6 @@ mod tests {
         }
     }
 
-    /// With `E = F = I` (k = N) the projection keeps every key and value: softmax attention.
     /// Weighing the tokens' values with one query's row (then `proj`) gives that query's output
     /// (with `F`'s bias, which the row leaves out, at zero).
     #[test]
@@ -252,6 +251,7 @@ mod tests {
         }
     }
 
+    /// With `E = F = I` (k = N) the projection keeps every key and value: softmax attention.
     #[test]
     fn identity_projections_give_softmax_attention() {
         let device = Default::default();

@@ -105,6 +105,7 @@ impl PerformerAttentionConfig {
             heads: self.heads,
             features: self.features,
             seed: self.seed,
+            redraw: true,
         }
     }
 }
@@ -123,6 +124,9 @@ pub struct PerformerAttention<B: Backend> {
     pub features: usize,
     /// Seed of the evaluation features.
     pub seed: u64,
+    /// Draw fresh features in training forwards (off: the evaluation features always, for
+    /// gradients of the evaluation model).
+    pub redraw: bool,
 }
 
 impl PerformerAttentionConfig {
@@ -295,7 +299,7 @@ impl<B: Backend> PerformerAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let device = x.device();
         let d = self.head_dim();
-        let omega = if B::ad_enabled(&device) {
+        let omega = if self.redraw && B::ad_enabled(&device) {
             let draw = DRAWS.fetch_add(1, Ordering::Relaxed);
             features_tensor::<B>(self.features, d, redraw_seed(self.seed, draw), &device)
         } else {

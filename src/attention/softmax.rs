@@ -152,7 +152,6 @@ impl<B: Backend> SoftmaxAttention<B> {
         self.proj_drop.forward(self.proj.forward(out))
     }
 
-    /// The same computation with explicit loops over queries, heads and keys.
     /// The attention weights of token `query` of the first image of `x: B×N×D` over all
     /// tokens, `heads×N`.
     pub fn attention_row(&self, x: Tensor<B, 3>, query: usize) -> Tensor<B, 2> {
@@ -165,6 +164,7 @@ impl<B: Backend> SoftmaxAttention<B> {
         softmax_row(q.reshape([self.heads, dh]), k)
     }
 
+    /// The same computation with explicit loops over queries, heads and keys.
     pub fn forward_reference(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, d] = x.dims();
         let (h, kvh, dh) = (self.heads, self.kv_heads, d / self.heads);

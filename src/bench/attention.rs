@@ -85,7 +85,7 @@ pub struct AttentionSpec {
 enum Layer<B: Backend> {
     /// A layer of the VVT backbone's kinds, on the token grid.
     Grid(Box<Attention<B>>),
-    Local(LocalShiftAttention<B>),
+    Local(Box<LocalShiftAttention<B>>),
 }
 
 impl<B: Backend> Layer<B> {
@@ -94,7 +94,7 @@ impl<B: Backend> Layer<B> {
         let vicinity = || VicinityAttentionConfig::new(dim, heads);
         let grid = match spec.kind {
             AttentionLayer::LsagtLocal => {
-                return Self::Local(SoftmaxAttentionConfig::new(dim, heads).init_local(device));
+                return Self::Local(Box::new(SoftmaxAttentionConfig::new(dim, heads).init_local(device)));
             }
             AttentionLayer::Vicinity => Attention::Vicinity(vicinity().init(device)),
             AttentionLayer::VicinitySr4 => {

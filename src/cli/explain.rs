@@ -80,7 +80,24 @@ struct Item {
 }
 
 fn items(args: &ExplainArgs) -> Result<Vec<Item>> {
+    let mut items = named_items(args)?;
+    // Images of one name from different folders get a number each, so no file replaces another.
+    let mut seen = std::collections::HashMap::new();
+    for item in &mut items {
+        let count = seen.entry(item.stem.clone()).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            item.stem = format!("{}-{count}", item.stem);
+        }
+    }
+    Ok(items)
+}
+
+fn named_items(args: &ExplainArgs) -> Result<Vec<Item>> {
     if let Some(data) = &args.data {
+        if args.limit == 0 {
+            bail!("--limit 0 takes no image; give at least 1");
+        }
         let split = crate::data::open_split(data, &args.split)?;
         if split.is_empty() {
             bail!("{} has no images", split.name);
@@ -265,9 +282,17 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
     let items = items(args)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut contact = Vec::new();
-    for weights in &args.weights {
-        let label = (args.weights.len() > 1).then(|| weights_label(weights));
-        let rows = explain_weights::<B>(args, weights, label.as_deref(), &items, device)
+    let labels: Vec<String> = args.weights.iter().map(|w| weights_label(w)).collect();
+    if let Some(dup) = labels
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| labels[..i].contains(l).then_some(l))
+    {
+        bail!("two --weights would write files named {dup}; give weights of distinct names");
+    }
+    for (weights, label) in args.weights.iter().zip(&labels) {
+        let label = (args.weights.len() > 1).then_some(label.as_str());
+        let rows = explain_weights::<B>(args, weights, label, &items, device)
             .with_context(|| format!("explaining with {}", weights.display()))?;
         contact.extend(rows);
     }
@@ -285,15 +310,24 @@ pub fn explain_command<B: AutodiffBackend>(args: &ExplainArgs, device: &B::Devic
     Ok(())
 }
 
-/// A short name for weights in file names and captions: the run folder of
-/// `RUN/last/model.safetensors`, else the file's stem.
+/// A short name for weights in file names and captions: `RUN-last` for
+/// `RUN/last/model.safetensors` (`RUN-best-ema` for `RUN/best/ema.safetensors`), else the file's
+/// stem.
 fn weights_label(path: &Path) -> String {
     let stem = path
         .file_stem()
         .map_or(String::new(), |s| s.to_string_lossy().into_owned());
     let run = path.parent().and_then(Path::parent).and_then(Path::file_name);
-    match (stem.as_str(), run) {
-        ("model" | "ema", Some(run)) => sanitize(&run.to_string_lossy()),
+    let checkpoint = path.parent().and_then(Path::file_name);
+    match (stem.as_str(), run, checkpoint) {
+        ("model" | "ema", Some(run), Some(checkpoint)) => {
+            let ema = if stem == "ema" { "-ema" } else { "" };
+            sanitize(&format!(
+                "{}-{}{ema}",
+                run.to_string_lossy(),
+                checkpoint.to_string_lossy()
+            ))
+        }
         _ => sanitize(&stem),
     }
 }
@@ -379,9 +413,9 @@ fn explain_weights<B: AutodiffBackend>(
             Method::Locality | Method::Attention => {
                 meta.insert("query".into(), format!("{},{}", query.0, query.1));
                 if args.method == Method::Locality {
-                    explain::locality_maps(model, x, query)?
+                    explain::locality_maps(model, x, query, args.stage)?
                 } else {
-                    explain::attention_maps(model, x, query)?
+                    explain::attention_maps(model, x, query, args.stage)?
                 }
             }
             Method::Variants => {
@@ -400,6 +434,12 @@ fn explain_weights<B: AutodiffBackend>(
             .into_iter()
             .filter(|m| args.stage.is_none_or(|s| m.stage == s || m.stage == 0))
             .collect();
+        if maps.is_empty() {
+            bail!(
+                "{method_name} draws no map of stage {} (LSAGT's variant maps belong to stage 1)",
+                args.stage.unwrap_or(0)
+            );
+        }
         write_maps(
             &args.out.join(format!("{stem}-{method_name}.safetensors")),
             &maps,

@@ -89,12 +89,19 @@ pub fn gradcam_maps<B: AutodiffBackend>(
 /// The attention row of `query` in each head of the first block of every stage, for the first
 /// image of `x` (`stageK-headH`, on the keys' grid), and for VVT's vicinity attention also the
 /// locality weights alone (`stageK-locality`) when `locality` is set.
-fn rows<B: Backend>(model: &Model<B>, x: Tensor<B, 4>, query: Query, locality: bool) -> Result<Vec<Named>> {
+fn rows<B: Backend>(
+    model: &Model<B>,
+    x: Tensor<B, 4>,
+    query: Query,
+    only: Option<usize>,
+    locality: bool,
+) -> Result<Vec<Named>> {
     let Model::Vvt(vvt) = model else {
         bail!(
             "attention and locality maps are drawn for VVT models; for LSAGT use --method variants or gradcam"
         )
     };
+    let vvt = vvt.clone().deterministic();
     let mut inputs = Vec::new();
     vvt.forward_probed(x.slice_dim(0, 0..1), &mut |site, t| {
         if let Probe::BlockInput {
@@ -109,6 +116,9 @@ fn rows<B: Backend>(model: &Model<B>, x: Tensor<B, 4>, query: Query, locality: b
     });
     let mut maps = Vec::new();
     for (stage, grid, tokens) in inputs {
+        if only.is_some_and(|s| s != stage + 1) {
+            continue;
+        }
         let block = &vvt.stages[stage].blocks[0];
         let token = query_token(query, grid);
         let x = block.norm1.forward(tokens);
@@ -140,15 +150,25 @@ fn rows<B: Backend>(model: &Model<B>, x: Tensor<B, 4>, query: Query, locality: b
 }
 
 /// VVT's locality weights around `query` and the attention row of `query` per head, at the first
-/// block of every stage, for the first image of `x`.
-pub fn locality_maps<B: Backend>(model: &Model<B>, x: Tensor<B, 4>, query: Query) -> Result<Vec<Named>> {
-    rows(model, x, query, true)
+/// block of every stage (or of stage `only`, 1-based), for the first image of `x`.
+pub fn locality_maps<B: Backend>(
+    model: &Model<B>,
+    x: Tensor<B, 4>,
+    query: Query,
+    only: Option<usize>,
+) -> Result<Vec<Named>> {
+    rows(model, x, query, only, true)
 }
 
-/// The attention row of `query` per head at the first block of every stage (VVT, any kind with
-/// rows), for the first image of `x`.
-pub fn attention_maps<B: Backend>(model: &Model<B>, x: Tensor<B, 4>, query: Query) -> Result<Vec<Named>> {
-    rows(model, x, query, false)
+/// The attention row of `query` per head at the first block of every stage (or of stage `only`,
+/// 1-based) of a VVT of any attention kind, for the first image of `x`.
+pub fn attention_maps<B: Backend>(
+    model: &Model<B>,
+    x: Tensor<B, 4>,
+    query: Query,
+    only: Option<usize>,
+) -> Result<Vec<Named>> {
+    rows(model, x, query, only, false)
 }
 
 /// LSAGT's local attention over the shifted variants, for the first image of `x`: the weights
@@ -159,6 +179,7 @@ pub fn variant_maps<B: Backend>(model: &Model<B>, x: Tensor<B, 4>) -> Result<(Ve
     let Model::Lsagt(lsagt) = model else {
         bail!("variant maps are drawn for LSAGT models (VVT has no shifted variants); use --method locality")
     };
+    let lsagt = lsagt.clone().deterministic();
     let Some((weights, (rows, cols))) = lsagt.variant_weights(x.slice_dim(0, 0..1)) else {
         bail!("this LSAGT has no locally shifted attention (variants = 1), so no variant weights")
     };

@@ -361,6 +361,15 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The same model with its random parts (drop-path, dropout, Performer's redraws) off, also
+    /// under autodiff: gradients of the model as it evaluates (explanations).
+    pub fn deterministic(self) -> Self {
+        match self {
+            Self::Vvt(m) => Self::Vvt(m.deterministic()),
+            Self::Lsagt(m) => Self::Lsagt(m.deterministic()),
+        }
+    }
+
     /// Logits only.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         assert!(

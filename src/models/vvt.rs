@@ -503,6 +503,18 @@ impl<B: Backend> Vvt<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         self.forward_features(x).logits
     }
+
+    /// The same model without its random parts (drop-path, Performer's feature redraws) under
+    /// autodiff too: for gradients of the evaluation model ([`crate::explain`]).
+    pub fn deterministic(mut self) -> Self {
+        for block in self.stages.iter_mut().flat_map(|s| &mut s.blocks) {
+            block.drop_path = 0.0;
+            if let Attention::Performer(a) = &mut block.attn {
+                a.redraw = false;
+            }
+        }
+        self
+    }
 }
 
 /// Official name → module path: `patch_embed2.proj.weight` → `stages.1.patch_embed.proj.weight`,

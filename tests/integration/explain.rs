@@ -239,6 +239,47 @@ fn what_cannot_be_drawn_is_refused_with_a_reason() {
         out_s,
     ]);
     assert!(stderr(&o).contains("drawn for VVT models"), "{}", stderr(&o));
+    let o = vicinity(&[
+        &img,
+        "--weights",
+        &lsagt,
+        "--model",
+        "configs/lsagt_cifar_mini.toml",
+        "--method",
+        "variants",
+        "--stage",
+        "2",
+        "-o",
+        out_s,
+    ]);
+    assert!(stderr(&o).contains("draws no map of stage 2"), "{}", stderr(&o));
+    let o = vicinity(&[
+        &img,
+        "--weights",
+        &format!("{vvt},{vvt}"),
+        "--model",
+        "configs/vvt_mini.json",
+        "-o",
+        out_s,
+    ]);
+    assert!(
+        stderr(&o).contains("two --weights would write files named vvt_mini"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vicinity(&[
+        "--data",
+        "nowhere",
+        "--limit",
+        "0",
+        "--weights",
+        &vvt,
+        "--model",
+        "configs/vvt_mini.json",
+        "-o",
+        out_s,
+    ]);
+    assert!(stderr(&o).contains("--limit 0"), "{}", stderr(&o));
     let o = vicinity(&["--weights", &vvt, "--model", "configs/vvt_mini.json", "-o", out_s]);
     assert!(stderr(&o).contains("name image files"), "{}", stderr(&o));
 }
@@ -252,10 +293,10 @@ fn gradcam_equals_pytorchs_on_the_official_fixtures() {
     use vicinity::explain::{CamKind, grad_cam};
     let device = Default::default();
     for (name, config) in [
-        ("vvt_mini", "configs/vvt_mini.json"),
-        ("vvt_mini_sr", "configs/vvt_mini_sr.json"),
         ("lsagt_cifar_mini", "configs/lsagt_cifar_mini.toml"),
         ("lsagt_imagenet_mini", "configs/lsagt_imagenet_mini.toml"),
+        ("vvt_mini", "configs/vvt_mini.json"),
+        ("vvt_mini_sr", "configs/vvt_mini_sr.json"),
     ] {
         let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(config);
         let pth = fixtures_dir().join(format!("{name}.pth"));

@@ -280,6 +280,22 @@ impl<B: Backend> Lsagt<B> {
         self.forward_features(x).logits
     }
 
+    /// The same model without its random parts (drop-path, dropout) under autodiff too: for
+    /// gradients of the evaluation model ([`crate::explain`]).
+    pub fn deterministic(mut self) -> Self {
+        for stage in &mut self.stages {
+            stage.drop_path = 0.0;
+            for block in &mut stage.blocks {
+                block.mlp.drop.prob = 0.0;
+                match &mut block.attn {
+                    LayerAttention::Local(a) => a.proj_drop.prob = 0.0,
+                    LayerAttention::Global(a) => a.proj_drop.prob = 0.0,
+                }
+            }
+        }
+        self
+    }
+
     /// The local attention weights of stage 1's first layer over each patch's shifted variants,
     /// `B×heads×N×T` on stage 1's grid (LSAGT paper Figs. 1–2); `None` without local attention.
     pub fn variant_weights(&self, x: Tensor<B, 4>) -> Option<(Tensor<B, 4>, (usize, usize))> {
