@@ -25,7 +25,7 @@
 #            `vicinity ablate` on the CPU with the same flags then writes one report of them all
 #            without training). With .carry/peers first the Grad-CAM fixtures; when vvt_tiny seed 0
 #            was among the runs, then `vicinity explain` of it and of an lsagt_cifar_tiny trained for
-#            EXPLAIN_LSAGT (1m), as $OUT/explain.tgz
+#            EXPLAIN_LSAGT (3m), as $OUT/explain.tgz
 # Everything printed also lands in $OUT/log.txt; rows as JSON lines in $OUT/*.jsonl.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -141,17 +141,17 @@ if has ablate; then
     ${ABLATE_ARGS:---epochs 8 --batch 512 --lr 3e-3 --drop-path 0 --eval-every 100} --out /tmp/ablate
   cp /tmp/ablate/ablation.md /tmp/ablate/ablation.csv /tmp/ablate/ablation.png "$OUT/" 2>/dev/null
   [ -d /tmp/ablate ] && tar czf "$OUT/ablate-runs.tgz" --exclude='*.safetensors' -C /tmp/ablate .
-  # Explanation pictures of the ablation's VVT-Tiny, and of an LSAGT trained for EXPLAIN_LSAGT (1m).
+  # Explanation pictures of the ablation's VVT-Tiny, and of an LSAGT trained for EXPLAIN_LSAGT (3m).
   vvt=/tmp/ablate/vvt_tiny-seed0/last/model.safetensors
   if [ -f "$vvt" ] && "$BIN" explain --help > /dev/null 2>&1; then
-    echo "== explain: vvt_tiny of the ablation, lsagt_cifar_tiny trained for ${EXPLAIN_LSAGT:-1m}"
+    echo "== explain: vvt_tiny of the ablation, lsagt_cifar_tiny trained for ${EXPLAIN_LSAGT:-3m}"
     mkdir -p /tmp/explain
     for method in gradcam locality; do
       "$BIN" --backend cuda explain --data .carry/cifar10-jpeg.tar.zst --limit 10 --weights "$vvt" \
         --method $method -o /tmp/explain/vvt_tiny 2>&1 | tail -2
     done
     "$BIN" --backend cuda train --model lsagt_cifar_tiny --data .carry/cifar10-jpeg.tar.zst --recipe cifar-fast \
-      --resolution 32 --dtype bf16 --budget "${EXPLAIN_LSAGT:-1m}" --batch 256 --drop-path 0 --eval-every 100 \
+      --resolution 32 --dtype bf16 --budget "${EXPLAIN_LSAGT:-3m}" --batch 256 --drop-path 0 --eval-every 100 \
       --crop resize --out /tmp/lsagt 2>&1 | tail -3
     for method in variants gradcam; do
       "$BIN" --backend cuda explain --data .carry/cifar10-jpeg.tar.zst --limit 10 \

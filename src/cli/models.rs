@@ -118,16 +118,14 @@ pub fn compare_command(a: &CompareArgs) -> Result<bool> {
 
 /// `vicinity models`: every registered model with its parameters and GFLOPs at its default size.
 pub fn list_models() -> Result<String> {
-    let mut out = format!(
-        "{:<22} {:>14} {:>8} {:>10}\n",
-        "model", "params", "input", "GFLOPs"
-    );
+    let w = MODEL_NAMES.iter().map(|n| n.len()).max().unwrap_or(0);
+    let mut out = format!("{:<w$} {:>14} {:>8} {:>10}\n", "model", "params", "input", "GFLOPs");
     for name in MODEL_NAMES {
         let config = models::config_by_name(name)?;
         let res = config.default_resolution();
         let (macs, params) = flops::totals(&config.costs(res, res));
         out.push_str(&format!(
-            "{name:<22} {:>14} {:>8} {:>10.2}\n",
+            "{name:<w$} {:>14} {:>8} {:>10.2}\n",
             group_thousands(params),
             format!("{res}²"),
             macs as f64 / 1e9
