@@ -120,7 +120,7 @@ fi
 if has kinds; then
   echo "== attention kinds in VVT-Tiny: training step, batch 16, f32, ${KINDS_RES:-224}"
   for model in ${KINDS:-vvt_tiny vvt_tiny_softmax vvt_tiny_pvt vvt_tiny_pvt_linear vvt_tiny_performer vvt_tiny_linformer vvt_tiny_cosformer vvt_tiny_gcnet}; do
-    "$BIN" --backend cuda bench --model "$model" --mode train --batch 16 --sweep-res "${KINDS_RES:-224}" \
+    "$BIN" --backend cuda bench --model "$model" --mode train --batch 16 --sweep-res "$(echo ${KINDS_RES:-224} | tr ' ' ',')" \
       --warmup 2 --iters 10 --json "$OUT/kinds.jsonl" 2>&1 | grep -E '^(model|vvt)|error' || echo "$model: failed"
   done
 fi

@@ -10,13 +10,17 @@ const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const BLACK: Rgb<u8> = Rgb([30, 30, 30]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 /// Line colours, in order of use.
-pub const PALETTE: [Rgb<u8>; 6] = [
+pub const PALETTE: [Rgb<u8>; 10] = [
     Rgb([31, 119, 180]),
     Rgb([255, 127, 14]),
     Rgb([44, 160, 44]),
     Rgb([214, 39, 40]),
     Rgb([148, 103, 189]),
     Rgb([140, 86, 75]),
+    Rgb([227, 119, 194]),
+    Rgb([127, 127, 127]),
+    Rgb([188, 189, 34]),
+    Rgb([23, 190, 207]),
 ];
 
 /// A named series of (x, y) points.
@@ -114,6 +118,7 @@ pub fn bars_png(title: &str, xlabel: &str, bars: &[(String, f64, Vec<f64>)]) -> 
     Ok(bytes)
 }
 
+/// The first `n` characters of `s`.
 pub fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }

@@ -94,7 +94,9 @@ impl<B: Backend> Layer<B> {
         let vicinity = || VicinityAttentionConfig::new(dim, heads);
         let grid = match spec.kind {
             AttentionLayer::LsagtLocal => {
-                return Self::Local(Box::new(SoftmaxAttentionConfig::new(dim, heads).init_local(device)));
+                return Self::Local(Box::new(
+                    SoftmaxAttentionConfig::new(dim, heads).init_local(device),
+                ));
             }
             AttentionLayer::Vicinity => Attention::Vicinity(vicinity().init(device)),
             AttentionLayer::VicinitySr4 => {

@@ -19,7 +19,7 @@ use crate::train::optim::{AdamW, AdamWConfig};
 pub mod attention;
 
 /// What one bench row measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Forward, cross-entropy, backward and an AdamW step.
@@ -37,7 +37,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct BenchRow {
     pub model: String,
     pub mode: Mode,

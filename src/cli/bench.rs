@@ -17,6 +17,10 @@ pub struct BenchArgs {
     /// Registered model names or config files.
     #[arg(long, num_args = 1..)]
     pub model: Vec<String>,
+    /// Rows saved by `--json` (or a report's `bench.jsonl`): print their table and, with
+    /// `--report DIR`, draw their report, measuring nothing.
+    #[arg(long, num_args = 1.., value_name = "ROWS.jsonl")]
+    pub from: Vec<PathBuf>,
     /// Time one attention layer alone instead of (or as well as) whole models; `--resolution` /
     /// `--sweep-res` then give the side of the token grid (N = side²).
     #[arg(long, value_enum, num_args = 1..)]
@@ -67,9 +71,12 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 /// Runs every requested row on backend `B` (its inner backend for inference rows), printing each
 /// as it finishes and the table at the end.
 pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> Result<()> {
+    if !a.from.is_empty() {
+        return report_from(a);
+    }
     anyhow::ensure!(
         !a.model.is_empty() || !a.attention.is_empty(),
-        "name at least one --model (see `vicinity models`) or --attention kind"
+        "name at least one --model (see `vicinity models`) or --attention kind (or --from ROWS.jsonl)"
     );
     a.dtype.apply::<B>(device)?;
     let gpu = crate::backend::is_cuda::<B>();
@@ -136,15 +143,43 @@ pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> R
         }
     }
     if let Some(dir) = &a.report {
-        std::fs::create_dir_all(dir)?;
-        write_atomic(&dir.join("bench.csv"), bench::csv(&rows).as_bytes())?;
-        let jsonl: String = rows
-            .iter()
-            .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
-            .collect::<Result<_, _>>()?;
-        write_atomic(&dir.join("bench.jsonl"), jsonl.as_bytes())?;
-        write_atomic(&dir.join("bench.png"), &bench::sweep_png(&rows)?)?;
-        eprintln!("wrote {}/bench.{{csv,jsonl,png}}", dir.display());
+        write_report(dir, &rows)?;
+    }
+    print!("{}", bench::table(&rows));
+    Ok(())
+}
+
+/// `bench.csv`, `bench.jsonl` and `bench.png` of `rows` in `dir`.
+fn write_report(dir: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_atomic(&dir.join("bench.csv"), bench::csv(rows).as_bytes())?;
+    let jsonl: String = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    write_atomic(&dir.join("bench.jsonl"), jsonl.as_bytes())?;
+    write_atomic(&dir.join("bench.png"), &bench::sweep_png(rows)?)?;
+    eprintln!("wrote {}/bench.{{csv,jsonl,png}}", dir.display());
+    Ok(())
+}
+
+/// `--from`: the table and report of rows saved earlier (`--json`, `bench.jsonl`), measuring
+/// nothing: rows of several calls or machines on one chart.
+fn report_from(a: &BenchArgs) -> Result<()> {
+    use anyhow::Context;
+    let mut rows = Vec::new();
+    for path in &a.from {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let row: BenchRow = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: not a bench row", path.display(), i + 1))?;
+            rows.push(row);
+        }
+    }
+    anyhow::ensure!(!rows.is_empty(), "the --from files hold no rows");
+    if let Some(dir) = &a.report {
+        write_report(dir, &rows)?;
     }
     print!("{}", bench::table(&rows));
     Ok(())

@@ -119,7 +119,10 @@ pub fn compare_command(a: &CompareArgs) -> Result<bool> {
 /// `vicinity models`: every registered model with its parameters and GFLOPs at its default size.
 pub fn list_models() -> Result<String> {
     let w = MODEL_NAMES.iter().map(|n| n.len()).max().unwrap_or(0);
-    let mut out = format!("{:<w$} {:>14} {:>8} {:>10}\n", "model", "params", "input", "GFLOPs");
+    let mut out = format!(
+        "{:<w$} {:>14} {:>8} {:>10}\n",
+        "model", "params", "input", "GFLOPs"
+    );
     for name in MODEL_NAMES {
         let config = models::config_by_name(name)?;
         let res = config.default_resolution();

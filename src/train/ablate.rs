@@ -40,10 +40,14 @@ impl AblationRow {
         let pct = |v: Option<f64>| v.unwrap_or(f64::NAN) * 100.0;
         // Speed over the epochs after the first, whose time holds the kernels' compilation on a
         // GPU (the first epoch alone when there is only one).
-        let timed = if state.history.len() > 1 { &state.history[1..] } else { &state.history[..] };
-        let (images, seconds) = timed
-            .iter()
-            .fold((0.0, 0.0), |(i, s), e| (i + e.img_per_s * e.epoch_s, s + e.epoch_s));
+        let timed = if state.history.len() > 1 {
+            &state.history[1..]
+        } else {
+            &state.history[..]
+        };
+        let (images, seconds) = timed.iter().fold((0.0, 0.0), |(i, s), e| {
+            (i + e.img_per_s * e.epoch_s, s + e.epoch_s)
+        });
         let train_s = state.history.iter().map(|e| e.epoch_s).sum();
         let costs = state.model.costs(state.resolution, state.resolution);
         Self {
