@@ -158,3 +158,54 @@ fn features_then_compare_reproduce_a_fixture() {
     assert!(stdout.contains("FAIL"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench --from` draws the report of saved rows without measuring, and names a line that is no
+/// bench row.
+#[test]
+fn bench_redraws_saved_rows() {
+    let dir = crate::common::TempDir::new("bench-from");
+    let row = |model: &str, res: usize, ips: f64| {
+        format!(
+            r#"{{"model":"{model}","mode":"train","dtype":"f32","resolution":{res},"batch":16,"first_step_s":1.0,"mean_step_ms":10.0,"images_per_s":{ips},"last_loss":2.3,"peak_in_use_gib":1.5,"peak_reserved_gib":2.0}}"#
+        )
+    };
+    let (a, b) = (dir.0.join("a.jsonl"), dir.0.join("b.jsonl"));
+    std::fs::write(
+        &a,
+        format!(
+            "{}\n{}\n",
+            row("vvt_tiny", 224, 400.0),
+            row("vvt_tiny", 384, 200.0)
+        ),
+    )
+    .unwrap();
+    std::fs::write(&b, format!("{}\n", row("vvt_tiny_pvt", 224, 700.0))).unwrap();
+    let report = dir.0.join("report");
+    let o = vicinity(&[
+        "--backend",
+        "flex",
+        "bench",
+        "--from",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("vvt_tiny")).count(),
+        3,
+        "{out}"
+    );
+    for f in ["bench.csv", "bench.jsonl", "bench.png"] {
+        assert!(report.join(f).is_file(), "{f}");
+    }
+    std::fs::write(&b, "{\"model\": 3}\n").unwrap();
+    let o = vicinity(&["--backend", "flex", "bench", "--from", b.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("b.jsonl line 1: not a bench row"),
+        "{err}"
+    );
+}
