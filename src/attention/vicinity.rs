@@ -153,6 +153,15 @@ pub struct VicinityAttention<B: Backend> {
 }
 
 impl VicinityAttentionConfig {
+    /// cosFormer (Qin et al. 2022) as this block computes it: ReLU features with the cosine
+    /// re-weighting of the 1D token distance, no feature reduction, no FPC, no clamps.
+    pub fn cosformer(self) -> Self {
+        self.with_feature_reduction(1)
+            .with_locality(Locality::OneD)
+            .with_fpc(false)
+            .with_clamp(false)
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> VicinityAttention<B> {
         let inner = self.dim / self.feature_reduction;
         let (se_fc1, se_fc2) = match self.fpc {
@@ -413,27 +422,33 @@ impl<B: Backend> VicinityAttention<B> {
         self.forward_core(x, h, w, Core::Quadratic)
     }
 
+    /// The tokens keys and values come from, `B×M×C`, and their grid: `x` itself, or its
+    /// spatially reduced grid (stride-r conv, LayerNorm) when r > 1.
+    fn key_source(&self, x: Tensor<B, 3>, h: usize, w: usize) -> (Tensor<B, 3>, (usize, usize)) {
+        match (&self.sr, &self.norm) {
+            (Some(sr), Some(norm)) => {
+                let [batch, _, c] = x.dims();
+                let reduced = sr.forward(x.reshape([batch, h, w, c]));
+                let [_, kh, kw, _] = reduced.dims();
+                (norm.forward(reduced.reshape([batch, kh * kw, c])), (kh, kw))
+            }
+            _ => (x, (h, w)),
+        }
+    }
+
     fn maybe_clamp<const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
         if self.clamp { clamp_magnitude(t) } else { t }
     }
 
     fn forward_core(&self, x: Tensor<B, 3>, h: usize, w: usize, core: Core) -> Tensor<B, 3> {
-        let [batch, n, c] = x.dims();
+        let [batch, n, _] = x.dims();
         // Feature Preserving Connection gate from the mean token.
         let gate = match (&self.se_fc1, &self.se_fc2) {
             (Some(fc1), Some(fc2)) => Some(fpc_gate(fc1, fc2, x.clone())),
             _ => None,
         };
 
-        // Keys/values from a spatially reduced grid when r > 1.
-        let (src, kh, kw) = match (&self.sr, &self.norm) {
-            (Some(sr), Some(norm)) => {
-                let reduced = sr.forward(x.clone().reshape([batch, h, w, c]));
-                let [_, kh, kw, _] = reduced.dims();
-                (norm.forward(reduced.reshape([batch, kh * kw, c])), kh, kw)
-            }
-            _ => (x.clone(), h, w),
-        };
+        let (src, (kh, kw)) = self.key_source(x.clone(), h, w);
 
         let heads = self.heads;
         let q = relu(self.q_proj.forward(x));
@@ -495,17 +510,10 @@ impl<B: Backend> VicinityAttention<B> {
         (h, w): (usize, usize),
         query: usize,
     ) -> (Tensor<B, 2>, (usize, usize)) {
-        let [_, n, c] = x.dims();
+        let [_, n, _] = x.dims();
         assert!(query < n, "query token {query} of {n}");
         let x = x.slice_dim(0, 0..1);
-        let (src, kh, kw) = match (&self.sr, &self.norm) {
-            (Some(sr), Some(norm)) => {
-                let reduced = sr.forward(x.clone().reshape([1, h, w, c]));
-                let [_, kh, kw, _] = reduced.dims();
-                (norm.forward(reduced.reshape([1, kh * kw, c])), kh, kw)
-            }
-            _ => (x.clone(), h, w),
-        };
+        let (src, (kh, kw)) = self.key_source(x.clone(), h, w);
         let heads = self.heads;
         let q = split_heads(relu(self.q_proj.forward(x.slice_dim(1, query..query + 1))), heads);
         let k = split_heads(relu(self.k_proj.forward(src)), heads);

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
 use crate::attention::{
-    Attention, GlobalContextConfig, LinformerAttentionConfig, LocalShiftAttention, Locality,
-    PerformerAttentionConfig, PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig,
+    Attention, GlobalContextConfig, LinformerAttentionConfig, LocalShiftAttention, PerformerAttentionConfig,
+    PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig,
 };
 use crate::backend::Dtype;
 
@@ -102,14 +102,7 @@ impl<B: Backend> Layer<B> {
             AttentionLayer::VicinitySr4 => {
                 Attention::Vicinity(vicinity().with_spatial_reduction(4).init(device))
             }
-            AttentionLayer::Cosformer => Attention::Vicinity(
-                vicinity()
-                    .with_feature_reduction(1)
-                    .with_locality(Locality::OneD)
-                    .with_fpc(false)
-                    .with_clamp(false)
-                    .init(device),
-            ),
+            AttentionLayer::Cosformer => Attention::Vicinity(vicinity().cosformer().init(device)),
             AttentionLayer::LsagtGlobal => {
                 Attention::Softmax(SoftmaxAttentionConfig::new(dim, heads).init(device))
             }
@@ -241,14 +234,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_grid_the_reduction_does_not_divide_is_an_error() {
+    /// The error of one untimed inference row of `kind` on a `side²` grid of `dim` channels.
+    fn error_of(kind: AttentionLayer, side: usize, dim: usize, heads: usize) -> String {
         let spec = AttentionSpec {
-            kind: AttentionLayer::Pvt,
-            side: 12,
+            kind,
+            side,
             batch: 1,
-            dim: 16,
-            heads: 2,
+            dim,
+            heads,
             variants: 1,
             mode: Mode::Infer,
             dtype: Dtype::F32,
@@ -256,26 +249,20 @@ mod tests {
             iters: 1,
             gpu: false,
         };
-        let err = run_attention::<B>(&spec, &Default::default()).unwrap_err();
-        assert!(err.to_string().contains("multiple of 8"), "{err}");
+        run_attention::<B>(&spec, &Default::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_grid_the_reduction_does_not_divide_is_an_error() {
+        let err = error_of(AttentionLayer::Pvt, 12, 16, 2);
+        assert!(err.contains("multiple of 8"), "{err}");
     }
 
     #[test]
     fn impossible_head_split_is_an_error() {
-        let spec = AttentionSpec {
-            kind: AttentionLayer::Vicinity,
-            side: 4,
-            batch: 1,
-            dim: 10,
-            heads: 3,
-            variants: 1,
-            mode: Mode::Infer,
-            dtype: Dtype::F32,
-            warmup: 0,
-            iters: 1,
-            gpu: false,
-        };
-        let err = run_attention::<B>(&spec, &Default::default()).unwrap_err();
-        assert!(err.to_string().contains("divisible"), "{err}");
+        let err = error_of(AttentionLayer::Vicinity, 4, 10, 3);
+        assert!(err.contains("divisible"), "{err}");
     }
 }

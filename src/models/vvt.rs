@@ -285,14 +285,7 @@ impl VvtConfig {
         };
         match self.attention.at(i) {
             AttentionKind::Vicinity => Attention::Vicinity(vicinity().init(device)),
-            AttentionKind::Cosformer => Attention::Vicinity(
-                vicinity()
-                    .with_feature_reduction(1)
-                    .with_locality(Locality::OneD)
-                    .with_fpc(false)
-                    .with_clamp(false)
-                    .init(device),
-            ),
+            AttentionKind::Cosformer => Attention::Vicinity(vicinity().cosformer().init(device)),
             AttentionKind::Softmax => Attention::Softmax(SoftmaxAttentionConfig::new(c, heads).init(device)),
             AttentionKind::Pvt | AttentionKind::PvtLinear => Attention::Pvt(
                 PvtAttentionConfig::new(c, heads)
