@@ -209,9 +209,16 @@ pub fn check_all<B: AutodiffBackend>(device: &B::Device) -> anyhow::Result<Vec<K
     for shape in [[3, 2, 5, 8], [2, 3, 4, 96], [4, 2, 9, 33]] {
         out.push(timed(&|| check_layer_norm_shifted::<B>(shape, false, device))?);
     }
-    // (rows, width): LSAGT's local (T = 18) and global (1,024 and 256 keys) widths, and widths
-    // that leave a row's last threads partly or wholly idle.
-    for shape in [[2, 3, 18], [2, 5, 1024], [4, 7, 33], [1, 9, 256], [3, 2, 5]] {
+    // (rows, width): LSAGT's local (T = 18) and global (1,024 and 256 keys) widths, widths that
+    // leave a row's last threads partly or wholly idle, and the widest row the kernel takes.
+    for shape in [
+        [2, 3, 18],
+        [2, 5, 1024],
+        [4, 7, 33],
+        [1, 9, 256],
+        [3, 2, 5],
+        [2, 1, 4096],
+    ] {
         out.push(timed(&|| check_softmax::<B>(shape, false, device))?);
     }
     // (batch, pixels, channels, variants, tokens, taps, width): LSAGT's 3×3 RGB patches padded
@@ -928,6 +935,27 @@ mod tests {
             );
         }
         present
+    }
+
+    /// Rows wider than the row kernels take (GCNet's context over a 1024² image's first stage)
+    /// go to the reference path, and the dispatcher's result is still the softmax.
+    #[test]
+    fn rows_wider_than_the_kernels_take_use_the_reference() {
+        if !adapter("rows_wider_than_the_kernels_take_use_the_reference") {
+            return;
+        }
+        use crate::kernels::softmax::{fused, softmax_scaled, softmax_scaled_reference};
+        type Inner = <G as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let device = Default::default();
+        let wide = crate::kernels::rows::MAX_WIDTH + 4;
+        let x = Tensor::<Inner, 2>::random([2, wide], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        assert!(
+            fused(x.clone(), 0.5).is_err(),
+            "a {wide}-wide row went to the kernel"
+        );
+        let (a, b) = (softmax_scaled(x.clone(), 0.5), softmax_scaled_reference(x, 0.5));
+        let d: f32 = (a - b).abs().max().into_scalar();
+        assert!(d < 1e-7, "max diff {d}");
     }
 
     #[test]

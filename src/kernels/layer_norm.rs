@@ -76,7 +76,9 @@ pub fn layer_norm_shifted<B: Backend>(
                 primitive(gamma.clone()),
                 primitive(beta.clone()),
             ];
-            if let Ok(y) = super::cube::run::<B, _, 4>(&op, inputs) {
+            if c <= super::rows::MAX_WIDTH
+                && let Ok(y) = super::cube::run::<B, _, 4>(&op, inputs)
+            {
                 return tensor::<B, 2>(y).reshape([t, b, n, c]);
             }
         }
@@ -121,6 +123,9 @@ pub fn fused<B: Backend, const D: usize>(
         use super::{primitive, tensor};
         let dims = x.dims();
         let c = dims[D - 1];
+        if c > super::rows::MAX_WIDTH {
+            return Err((x, gamma, beta));
+        }
         let rows = dims[..D - 1].iter().product::<usize>();
         let op = cube::LayerNorm { eps: eps as f32 };
         let inputs = [primitive(x.reshape([rows, c])), primitive(gamma), primitive(beta)];

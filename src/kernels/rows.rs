@@ -10,6 +10,12 @@ use cubecl::prelude::*;
 pub const LANES: usize = 32;
 /// Rows per cube.
 pub const ROWS: usize = 8;
+/// The widest row the row kernels take; wider rows go to the reference path. Each thread keeps
+/// its share of a row in registers with the loops unrolled, so a row of 65,536 f32 values (GCNet's
+/// context softmax over every token of VVT-Tiny's first stage at 1024²) makes a kernel of 512
+/// unrolled steps: its check took 8 minutes on WebGPU on the CPU, and GCNet's 768² and 1024² bench
+/// rows did not finish within a minute on the H200.
+pub const MAX_WIDTH: usize = 4096;
 
 /// The sum of `value` over the [`LANES`] threads of row slot `slot`. Every thread of the cube
 /// must call it (it synchronises the cube).

@@ -34,6 +34,9 @@ pub fn fused<B: Backend, const D: usize>(x: Tensor<B, D>, scale: f64) -> Result<
         use super::{primitive, tensor};
         let dims = x.dims();
         let c = dims[D - 1];
+        if c > super::rows::MAX_WIDTH {
+            return Err(x);
+        }
         let rows = dims[..D - 1].iter().product::<usize>();
         let op = cube::Softmax { scale: scale as f32 };
         match super::cube::run::<B, _, 1>(&op, [primitive(x.reshape([rows, c]))]) {
