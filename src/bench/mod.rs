@@ -298,14 +298,15 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
 
 /// A fixed-width table of bench rows.
 pub fn table(rows: &[BenchRow]) -> String {
+    let w = rows.iter().map(|r| r.model.len()).max().unwrap_or(0).max(20);
     let mut out = format!(
-        "{:<20} {:<6} {:<5} {:>5} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
+        "{:<w$} {:<6} {:<5} {:>5} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
         "model", "mode", "dtype", "res", "batch", "first s", "step ms", "images/s", "used GiB", "pool GiB"
     );
     let gib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:<6} {:<5} {:>5} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
+            "{:<w$} {:<6} {:<5} {:>5} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
             r.model,
             r.mode.name(),
             r.dtype,
@@ -349,22 +350,28 @@ pub fn csv(rows: &[BenchRow]) -> String {
 /// resolution, one line per model, mode and dtype.
 pub fn sweep_png(rows: &[BenchRow]) -> Result<Vec<u8>> {
     use crate::plot::{PALETTE, Panel, Series, two_panels_png};
-    let mut keys: Vec<(String, Mode, String)> = Vec::new();
+    let mut keys: Vec<(String, Mode, String, usize)> = Vec::new();
     for r in rows {
-        let key = (r.model.clone(), r.mode, r.dtype.clone());
+        let key = (r.model.clone(), r.mode, r.dtype.clone(), r.batch);
         if !keys.contains(&key) {
             keys.push(key);
         }
     }
+    let batches: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.batch).collect();
     let series = |value: &dyn Fn(&BenchRow) -> Option<f64>| -> Vec<Series> {
         keys.iter()
             .enumerate()
-            .map(|(i, (model, mode, dtype))| Series {
-                name: format!("{model} {} {dtype}", mode.name()),
+            .map(|(i, (model, mode, dtype, batch))| Series {
+                name: match batches.len() {
+                    1 => format!("{model} {} {dtype}", mode.name()),
+                    _ => format!("{model} {} {dtype} b{batch}", mode.name()),
+                },
                 color: PALETTE[i % PALETTE.len()],
                 points: rows
                     .iter()
-                    .filter(|r| &r.model == model && r.mode == *mode && &r.dtype == dtype)
+                    .filter(|r| {
+                        &r.model == model && r.mode == *mode && &r.dtype == dtype && r.batch == *batch
+                    })
                     .filter_map(|r| value(r).map(|v| (r.resolution as f64, v)))
                     .collect(),
             })
@@ -389,8 +396,11 @@ pub fn sweep_png(rows: &[BenchRow]) -> Result<Vec<u8>> {
         legend_below: false,
         series: series(&|r| r.peak_in_use_gib),
     };
-    let batch = rows.first().map_or(0, |r| r.batch);
-    two_panels_png(&format!("vicinity bench, batch {batch}"), &speed, &memory)
+    let title = match batches.iter().collect::<Vec<_>>()[..] {
+        [batch] => format!("vicinity bench, batch {batch}"),
+        _ => "vicinity bench".to_string(),
+    };
+    two_panels_png(&title, &speed, &memory)
 }
 
 #[cfg(test)]

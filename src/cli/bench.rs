@@ -19,7 +19,7 @@ pub struct BenchArgs {
     pub model: Vec<String>,
     /// Rows saved by `--json` (or a report's `bench.jsonl`): print their table and, with
     /// `--report DIR`, draw their report, measuring nothing.
-    #[arg(long, num_args = 1.., value_name = "ROWS.jsonl")]
+    #[arg(long, num_args = 1.., value_name = "ROWS.jsonl", conflicts_with_all = ["model", "attention", "json"])]
     pub from: Vec<PathBuf>,
     /// Time one attention layer alone instead of (or as well as) whole models; `--resolution` /
     /// `--sweep-res` then give the side of the token grid (N = side²).

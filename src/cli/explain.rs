@@ -81,14 +81,16 @@ struct Item {
 
 fn items(args: &ExplainArgs) -> Result<Vec<Item>> {
     let mut items = named_items(args)?;
-    // Images of one name from different folders get a number each, so no file replaces another.
-    let mut seen = std::collections::HashMap::new();
+    // Images of one name from different folders get a number, so no file replaces another.
+    let mut used = std::collections::HashSet::new();
     for item in &mut items {
-        let count = seen.entry(item.stem.clone()).or_insert(0);
-        *count += 1;
-        if *count > 1 {
-            item.stem = format!("{}-{count}", item.stem);
+        let mut stem = item.stem.clone();
+        let mut n = 1;
+        while !used.insert(stem.clone()) {
+            n += 1;
+            stem = format!("{}-{n}", item.stem);
         }
+        item.stem = stem;
     }
     Ok(items)
 }
@@ -435,10 +437,12 @@ fn explain_weights<B: AutodiffBackend>(
             .filter(|m| args.stage.is_none_or(|s| m.stage == s || m.stage == 0))
             .collect();
         if maps.is_empty() {
-            bail!(
-                "{method_name} draws no map of stage {} (LSAGT's variant maps belong to stage 1)",
-                args.stage.unwrap_or(0)
-            );
+            match args.stage {
+                Some(s) => {
+                    bail!("{method_name} draws no map of stage {s} (LSAGT's variant maps belong to stage 1)")
+                }
+                None => bail!("{method_name} drew no map for {stem}"),
+            }
         }
         write_maps(
             &args.out.join(format!("{stem}-{method_name}.safetensors")),

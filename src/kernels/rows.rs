@@ -14,8 +14,8 @@ pub const ROWS: usize = 8;
 /// its share of a row in registers with the loops unrolled, so a row of 65,536 f32 values (GCNet's
 /// context softmax over every token of VVT-Tiny's first stage at 1024²) makes a kernel of 512
 /// unrolled steps: its check took 8 minutes on WebGPU on the CPU, and GCNet's 768² and 1024² bench
-/// rows did not finish within a minute on the H200.
-pub const MAX_WIDTH: usize = 4096;
+/// rows did not finish within a minute on the H200. Rows of 16,384 (512²) ran on the H200.
+pub const MAX_WIDTH: usize = 16_384;
 
 /// The sum of `value` over the [`LANES`] threads of row slot `slot`. Every thread of the cube
 /// must call it (it synchronises the cube).

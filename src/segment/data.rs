@@ -48,6 +48,7 @@ pub struct SegDataset {
 const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// Files of `dir` with one of `extensions` (lower case), by stem, sorted.
+/// Two files of one stem (`x.jpg` and `x.png`) are refused: they would share one mask.
 fn files_by_stem(dir: &Path, extensions: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let mut out = Vec::new();
@@ -67,6 +68,13 @@ fn files_by_stem(dir: &Path, extensions: &[&str]) -> Result<Vec<(String, PathBuf
         }
     }
     out.sort();
+    if let Some(pair) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        bail!(
+            "{} and {} have one name; each image (and mask) needs a name of its own",
+            pair[0].1.display(),
+            pair[1].1.display()
+        );
+    }
     Ok(out)
 }
 
@@ -278,6 +286,14 @@ mod tests {
             .unwrap();
         let err = format!("{:#}", open_ade20k(&root, "training").unwrap_err());
         assert!(err.contains("1 image(s)") && err.contains("d.jpg"), "{err}");
+        RgbImage::from_pixel(6, 4, Rgb([1, 1, 1]))
+            .save(root.join("images/training/c.png"))
+            .unwrap();
+        let err = format!("{:#}", open_ade20k(&root, "training").unwrap_err());
+        assert!(
+            err.contains("c.jpg") && err.contains("c.png") && err.contains("one name"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -114,10 +114,13 @@ impl SegAccumulator {
 }
 
 /// ADE20K's label convention (mmseg's `reduce_zero_label`): 0 is "other" and becomes [`IGNORE`],
-/// every class moves down by one.
+/// every class moves down by one, and [`IGNORE`] stays ignored.
 pub fn reduce_zero_label(label: &mut [u8]) {
     for l in label {
-        *l = if *l == 0 { IGNORE } else { *l - 1 };
+        *l = match *l {
+            0 | IGNORE => IGNORE,
+            v => v - 1,
+        };
     }
 }
 
@@ -167,8 +170,8 @@ mod tests {
 
     #[test]
     fn ade20k_labels_move_down_and_zero_is_ignored() {
-        let mut l = [0, 1, 150];
+        let mut l = [0, 1, 150, IGNORE];
         reduce_zero_label(&mut l);
-        assert_eq!(l, [IGNORE, 0, 149]);
+        assert_eq!(l, [IGNORE, 0, 149, IGNORE]);
     }
 }
