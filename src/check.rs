@@ -953,6 +953,9 @@ mod tests {
             fused(x.clone(), 0.5).is_err(),
             "a {wide}-wide row went to the kernel"
         );
+        let (gamma, beta) = (Tensor::ones([wide], &device), Tensor::zeros([wide], &device));
+        let norm = crate::kernels::layer_norm::fused(x.clone(), gamma, beta, 1e-6);
+        assert!(norm.is_err(), "a {wide}-wide LayerNorm row went to the kernel");
         let (a, b) = (softmax_scaled(x.clone(), 0.5), softmax_scaled_reference(x, 0.5));
         let d: f32 = (a - b).abs().max().into_scalar();
         assert!(d < 1e-7, "max diff {d}");
