@@ -8,11 +8,9 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
 use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
-use crate::attention::{
-    Attention, GlobalContextConfig, LinformerAttentionConfig, LocalShiftAttention, PerformerAttentionConfig,
-    PvtAttentionConfig, SoftmaxAttentionConfig, VicinityAttentionConfig,
-};
+use crate::attention::{Attention, AttentionKind, LocalShiftAttention, SoftmaxAttentionConfig};
 use crate::backend::Dtype;
+use crate::models::VvtConfig;
 
 /// The attention kinds `bench --attention` can time (VVT paper Fig. 8 compares them alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -55,15 +53,6 @@ impl AttentionLayer {
             Self::Gcnet => "attn/gcnet",
         }
     }
-
-    /// The factor the token grid's side must be a multiple of.
-    fn side_multiple(self) -> usize {
-        match self {
-            Self::VicinitySr4 => 4,
-            Self::Pvt => 8,
-            _ => 1,
-        }
-    }
 }
 
 /// One attention-only bench row: a `side × side` token grid of `dim` channels.
@@ -88,40 +77,38 @@ enum Layer<B: Backend> {
     Local(Box<LocalShiftAttention<B>>),
 }
 
-impl<B: Backend> Layer<B> {
-    fn new(spec: &AttentionSpec, device: &B::Device) -> Self {
-        let (dim, heads) = (spec.dim, spec.heads);
-        let vicinity = || VicinityAttentionConfig::new(dim, heads);
-        let grid = match spec.kind {
-            AttentionLayer::LsagtLocal => {
-                return Self::Local(Box::new(
-                    SoftmaxAttentionConfig::new(dim, heads).init_local(device),
-                ));
-            }
-            AttentionLayer::Vicinity => Attention::Vicinity(vicinity().init(device)),
-            AttentionLayer::VicinitySr4 => {
-                Attention::Vicinity(vicinity().with_spatial_reduction(4).init(device))
-            }
-            AttentionLayer::Cosformer => Attention::Vicinity(vicinity().cosformer().init(device)),
-            AttentionLayer::LsagtGlobal => {
-                Attention::Softmax(SoftmaxAttentionConfig::new(dim, heads).init(device))
-            }
-            AttentionLayer::Pvt => {
-                Attention::Pvt(PvtAttentionConfig::new(dim, heads).with_sr_ratio(8).init(device))
-            }
-            AttentionLayer::PvtLinear => {
-                Attention::Pvt(PvtAttentionConfig::new(dim, heads).with_linear(true).init(device))
-            }
-            AttentionLayer::Performer => {
-                Attention::Performer(PerformerAttentionConfig::new(dim, heads).init(device))
-            }
-            AttentionLayer::Linformer => {
-                let n = spec.side * spec.side;
-                Attention::Linformer(LinformerAttentionConfig::new(dim, heads, n).init(device))
-            }
-            AttentionLayer::Gcnet => Attention::Gcnet(GlobalContextConfig::new(dim).init(device)),
+impl AttentionLayer {
+    /// The one-stage VVT whose layer this row times ([`VvtConfig::one_layer`]); `None` for LSAGT's
+    /// local attention, which no VVT has.
+    fn vvt(self, spec: &AttentionSpec) -> Option<VvtConfig> {
+        let kind = match self {
+            Self::LsagtLocal => return None,
+            Self::Vicinity | Self::VicinitySr4 => AttentionKind::Vicinity,
+            Self::LsagtGlobal => AttentionKind::Softmax,
+            Self::Pvt => AttentionKind::Pvt,
+            Self::PvtLinear => AttentionKind::PvtLinear,
+            Self::Performer => AttentionKind::Performer,
+            Self::Linformer => AttentionKind::Linformer,
+            Self::Cosformer => AttentionKind::Cosformer,
+            Self::Gcnet => AttentionKind::Gcnet,
         };
-        Self::Grid(Box::new(grid))
+        let mut config = VvtConfig::one_layer(kind, spec.dim, spec.heads, spec.side);
+        if self == Self::VicinitySr4 {
+            config.sr_ratios = vec![4];
+        }
+        Some(config)
+    }
+}
+
+impl<B: Backend> Layer<B> {
+    /// The layer a model of this kind builds ([`VvtConfig::attention_layer`]), or LSAGT's local one.
+    fn new(spec: &AttentionSpec, device: &B::Device) -> Self {
+        match spec.kind.vvt(spec) {
+            Some(config) => Self::Grid(Box::new(config.attention_layer(0, 0, device))),
+            None => Self::Local(Box::new(
+                SoftmaxAttentionConfig::new(spec.dim, spec.heads).init_local(device),
+            )),
+        }
     }
 
     fn forward(&self, x: Tensor<B, 3>, variants: &Tensor<B, 4>, side: usize) -> Tensor<B, 3> {
@@ -140,7 +127,8 @@ pub fn run_attention<B: AutodiffBackend>(spec: &AttentionSpec, device: &B::Devic
         spec.dim,
         spec.heads
     );
-    let multiple = spec.kind.side_multiple();
+    // The keys' spatial reduction must divide the grid (PVTv2-Li pools instead: r = 1 there).
+    let multiple = spec.kind.vvt(spec).map_or(1, |c| c.sr_ratios[0]);
     anyhow::ensure!(
         spec.side.is_multiple_of(multiple),
         "{} needs a token grid whose side is a multiple of {multiple}; got {}",

@@ -11,7 +11,7 @@ use clap::Args;
 use image::{Rgb, RgbImage};
 
 use crate::data::Normalize;
-use crate::explain::render::{self, Map};
+use crate::explain::render;
 use crate::explain::{self, CamKind, Method, Named, Query};
 use crate::train::inference::{CheckpointInput, class_names, input_batch};
 use crate::weights::write_atomic;
@@ -183,71 +183,6 @@ fn mark(img: &mut RgbImage, (x, y): (u32, u32)) {
             }
         }
     }
-}
-
-/// Colours of variant indices (the winner map): matplotlib's tab20.
-const TAB20: [[u8; 3]; 20] = [
-    [31, 119, 180],
-    [174, 199, 232],
-    [255, 127, 14],
-    [255, 187, 120],
-    [44, 160, 44],
-    [152, 223, 138],
-    [214, 39, 40],
-    [255, 152, 150],
-    [148, 103, 189],
-    [197, 176, 213],
-    [140, 86, 75],
-    [196, 156, 148],
-    [227, 119, 194],
-    [247, 182, 210],
-    [127, 127, 127],
-    [199, 199, 199],
-    [188, 189, 34],
-    [219, 219, 141],
-    [23, 190, 207],
-    [158, 218, 229],
-];
-
-/// The winner map's variant colours over `image` at half weight, a token a block of pixels.
-fn categorical(image: &RgbImage, map: &Map) -> RgbImage {
-    let (w, h) = image.dimensions();
-    RgbImage::from_fn(w, h, |x, y| {
-        let r = (y as usize * map.rows / h as usize).min(map.rows - 1);
-        let c = (x as usize * map.cols / w as usize).min(map.cols - 1);
-        let colour = TAB20[map.values[r * map.cols + c] as usize % TAB20.len()];
-        let p = image.get_pixel(x, y);
-        Rgb(std::array::from_fn(|k| {
-            ((u16::from(colour[k]) + u16::from(p[k])) / 2) as u8
-        }))
-    })
-}
-
-/// The winner map's key: variant `v`'s colour beside its index, two columns.
-fn legend(count: usize, side: u32) -> RgbImage {
-    let mut img = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
-    let rows = count.div_ceil(2).max(1) as u32;
-    let step = (side / rows).max(8);
-    for v in 0..count {
-        let (x, y) = ((v as u32 % 2) * side / 2 + 4, (v as u32 / 2) * step + 2);
-        let colour = Rgb(TAB20[v % TAB20.len()]);
-        for dy in 0..step.saturating_sub(4).min(12) {
-            for dx in 0..12 {
-                if x + dx < side && y + dy < side {
-                    img.put_pixel(x + dx, y + dy, colour);
-                }
-            }
-        }
-        crate::plot::text(
-            &mut img,
-            (x + 16) as i64,
-            y as i64,
-            &format!("v{v}"),
-            Rgb([30, 30, 30]),
-            1,
-        );
-    }
-    img
 }
 
 /// Writes the raw maps of one image as `f32` tensors (`rows×cols`), with `meta` as metadata.
@@ -434,7 +369,7 @@ fn explain_weights<B: AutodiffBackend>(
         };
         let maps: Vec<Named> = maps
             .into_iter()
-            .filter(|m| args.stage.is_none_or(|s| m.stage == s || m.stage == 0))
+            .filter(|m| args.stage.is_none_or(|s| m.stage == s))
             .collect();
         if maps.is_empty() {
             match args.stage {
@@ -454,7 +389,7 @@ fn explain_weights<B: AutodiffBackend>(
         let mut pictures = Vec::new();
         for m in &maps {
             let mut pic = match m.name.as_str() {
-                "winner" => categorical(&input, &m.map),
+                "winner" => render::categories(&input, &m.map),
                 _ => render::overlay(&input, &m.map),
             };
             if matches!(args.method, Method::Locality | Method::Attention) {
@@ -465,10 +400,8 @@ fn explain_weights<B: AutodiffBackend>(
                 write_atomic(&args.out.join(file), &png(&pic)?)?;
             }
             pictures.push((m.stage, m.name.clone(), pic));
-            if m.name == "winner" {
-                let count = m.map.values.iter().fold(0f32, |a, &b| a.max(b)) as usize + 1;
-                let count = variants.unwrap_or(count);
-                pictures.push((m.stage, "variant key".into(), legend(count, w.max(h))));
+            if let (Some(count), "winner") = (variants, m.name.as_str()) {
+                pictures.push((m.stage, "variant key".into(), render::legend(count, w.max(h))));
             }
         }
         // Grad-CAM: the stages side by side; attention rows: a row per stage (one map per head).

@@ -43,7 +43,7 @@ pub enum Method {
 #[derive(Debug, Clone)]
 pub struct Named {
     pub name: String,
-    /// 1-based stage the map belongs to (0: none in particular).
+    /// 1-based stage the map belongs to.
     pub stage: usize,
     pub map: Map,
 }
@@ -74,12 +74,17 @@ pub fn gradcam_maps<B: AutodiffBackend>(
     let mut per_image: Vec<Vec<Named>> = (0..b).map(|_| Vec::new()).collect();
     for (i, stage) in cams.maps.into_iter().enumerate() {
         let [_, h, w] = stage.dims();
-        for (bi, maps) in per_image.iter_mut().enumerate() {
-            let one = stage.clone().slice_dim(0, bi..bi + 1).reshape([h * w]);
+        // One copy to the host per stage, split by image there.
+        let values = stage
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        for (maps, image) in per_image.iter_mut().zip(values.chunks_exact(h * w)) {
             maps.push(Named {
                 name: format!("stage{}", i + 1),
                 stage: i + 1,
-                map: host_map(one, (h, w)),
+                map: Map::new(h, w, image.to_vec()),
             });
         }
     }

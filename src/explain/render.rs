@@ -84,15 +84,70 @@ pub fn overlay(image: &RgbImage, map: &Map) -> RgbImage {
     RgbImage::from_raw(w, h, bytes).expect("w·h·3 bytes")
 }
 
-/// `map` alone in jet, scaled to [0, 1], resized to `rows × cols` by nearest neighbour (each
-/// token a block of pixels, for maps that are read token by token).
-pub fn blocks(map: &Map, rows: u32, cols: u32) -> RgbImage {
-    let scaled = map.scaled();
-    RgbImage::from_fn(cols, rows, |x, y| {
-        let r = (y as usize * map.rows / rows as usize).min(map.rows - 1);
-        let c = (x as usize * map.cols / cols as usize).min(map.cols - 1);
-        jet(scaled.values[r * map.cols + c])
+/// Colours of variant indices (the winner map): matplotlib's tab20.
+pub const TAB20: [[u8; 3]; 20] = [
+    [31, 119, 180],
+    [174, 199, 232],
+    [255, 127, 14],
+    [255, 187, 120],
+    [44, 160, 44],
+    [152, 223, 138],
+    [214, 39, 40],
+    [255, 152, 150],
+    [148, 103, 189],
+    [197, 176, 213],
+    [140, 86, 75],
+    [196, 156, 148],
+    [227, 119, 194],
+    [247, 182, 210],
+    [127, 127, 127],
+    [199, 199, 199],
+    [188, 189, 34],
+    [219, 219, 141],
+    [23, 190, 207],
+    [158, 218, 229],
+];
+
+/// A map of category indices (LSAGT's winning variants) in [`TAB20`]'s colours over `image` at
+/// half weight, each token a block of pixels.
+pub fn categories(image: &RgbImage, map: &Map) -> RgbImage {
+    let (w, h) = image.dimensions();
+    RgbImage::from_fn(w, h, |x, y| {
+        let r = (y as usize * map.rows / h as usize).min(map.rows - 1);
+        let c = (x as usize * map.cols / w as usize).min(map.cols - 1);
+        let colour = TAB20[map.values[r * map.cols + c] as usize % TAB20.len()];
+        let p = image.get_pixel(x, y);
+        Rgb(std::array::from_fn(|k| {
+            ((u16::from(colour[k]) + u16::from(p[k])) / 2) as u8
+        }))
     })
+}
+
+/// The key of [`categories`]: category `v`'s colour beside `v{v}`, two columns, in a `side²` picture.
+pub fn legend(count: usize, side: u32) -> RgbImage {
+    let mut img = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+    let rows = count.div_ceil(2).max(1) as u32;
+    let step = (side / rows).max(8);
+    for v in 0..count {
+        let (x, y) = ((v as u32 % 2) * side / 2 + 4, (v as u32 / 2) * step + 2);
+        let colour = Rgb(TAB20[v % TAB20.len()]);
+        for dy in 0..step.saturating_sub(4).min(12) {
+            for dx in 0..12 {
+                if x + dx < side && y + dy < side {
+                    img.put_pixel(x + dx, y + dy, colour);
+                }
+            }
+        }
+        plot::text(
+            &mut img,
+            (x + 16) as i64,
+            y as i64,
+            &format!("v{v}"),
+            Rgb([30, 30, 30]),
+            1,
+        );
+    }
+    img
 }
 
 /// Pictures of one size in a row, each under its caption, on a white sheet; several rows stack.

@@ -271,8 +271,27 @@ impl VvtConfig {
             .with_se_ratio(self.se_ratio)
     }
 
+    /// A one-stage VVT whose attention is `kind` with `dim` channels and `heads` heads on a
+    /// `side × side` token grid, with the settings of `vvt_tiny_<kind>` (PVTv2's r = 8, the plain
+    /// Performer): [`Self::attention_layer`]`(0, 0)` of it is the layer such a model builds, which
+    /// `bench --attention` times alone.
+    pub fn one_layer(kind: AttentionKind, dim: usize, heads: usize, side: usize) -> Self {
+        let base = Self::tiny_ablation(kind.name()).unwrap_or_else(Self::tiny);
+        Self {
+            embed_dims: vec![dim],
+            heads: vec![heads],
+            mlp_ratios: vec![base.mlp_ratios[0]],
+            depths: vec![1],
+            sr_ratios: vec![base.sr_ratios[0]],
+            fr_ratios: vec![base.fr_ratios[0]],
+            // The first stage's overlapping embedding (k7, s4, p3) makes a side × side grid of it.
+            img_size: 4 * side,
+            ..base
+        }
+    }
+
     /// The attention layer of block `j` of stage `i`.
-    fn attention_layer<B: Backend>(&self, i: usize, j: usize, device: &B::Device) -> Attention<B> {
+    pub fn attention_layer<B: Backend>(&self, i: usize, j: usize, device: &B::Device) -> Attention<B> {
         let (c, heads) = (self.embed_dims[i], self.heads[i]);
         let vicinity = || {
             VicinityAttentionConfig::new(c, heads)
