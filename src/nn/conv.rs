@@ -20,8 +20,13 @@ use crate::kernels::im2col::im2col;
 pub enum ConvInit {
     /// normal(0, 0.02) (LSAGT).
     Normal002,
-    /// normal(0, √(2/fan_out)), fan_out = k·k·C_out/groups (VVT, as in PVT).
+    /// normal(0, √(2/fan_out)), fan_out = k·k·C_out/groups (VVT, as in PVT; mmcv's
+    /// `kaiming_init` of a segmentation `ConvModule`).
     FanOut,
+    /// normal(0, 0.01) (a segmentation head's classifier, `conv_seg`).
+    Normal001,
+    /// uniform(±√(6/(fan_in + fan_out))) (mmseg's FPN neck, `xavier_init`).
+    XavierUniform,
 }
 
 /// `Conv2d(C_in, C_out, k, stride, padding, groups)` with a bias.
@@ -39,6 +44,9 @@ pub struct Conv2dConfig {
     pub groups: usize,
     #[config(default = "ConvInit::Normal002")]
     pub init: ConvInit,
+    /// Off where a normalisation follows (its shift makes a bias redundant).
+    #[config(default = true)]
+    pub bias: bool,
 }
 
 impl Conv2dConfig {
@@ -50,13 +58,22 @@ impl Conv2dConfig {
             "Conv2d: {cin} → {cout} channels do not split into {} groups",
             self.groups
         );
-        let std = match self.init {
-            ConvInit::Normal002 => 0.02,
-            ConvInit::FanOut => (2.0 / (k * k * cout / self.groups) as f64).sqrt(),
+        let (fan_in, fan_out) = (k * k * cin / self.groups, k * k * cout / self.groups);
+        let init = match self.init {
+            ConvInit::Normal002 => Initializer::Normal { mean: 0.0, std: 0.02 },
+            ConvInit::Normal001 => Initializer::Normal { mean: 0.0, std: 0.01 },
+            ConvInit::FanOut => Initializer::Normal {
+                mean: 0.0,
+                std: (2.0 / fan_out as f64).sqrt(),
+            },
+            ConvInit::XavierUniform => {
+                let a = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                Initializer::Uniform { min: -a, max: a }
+            }
         };
         Conv2d {
-            weight: Initializer::Normal { mean: 0.0, std }.init([cout, cin / self.groups, k, k], device),
-            bias: Some(Initializer::Zeros.init([cout], device)),
+            weight: init.init([cout, cin / self.groups, k, k], device),
+            bias: self.bias.then(|| Initializer::Zeros.init([cout], device)),
             stride: self.stride,
             padding: self.padding,
             groups: self.groups,

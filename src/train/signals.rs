@@ -28,7 +28,7 @@ pub fn install_interrupt_handler() {
 }
 
 /// Whether a pause was asked for.
-pub(super) fn interrupted() -> bool {
+pub(crate) fn interrupted() -> bool {
     interrupting_signal().is_some()
 }
 

@@ -56,7 +56,7 @@ pub struct TrainOutcome {
 }
 
 /// Mixes a seed and a counter (splitmix64), for per-step backend seeds.
-pub(super) fn mix_seed(seed: u64, n: u64) -> u64 {
+pub(crate) fn mix_seed(seed: u64, n: u64) -> u64 {
     let mut z = seed
         ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(0x632B_E59B_D9B4_E019);

@@ -48,12 +48,25 @@ fn snapshot(path: &str, shape: Vec<usize>, values: Vec<f32>) -> Result<TensorSna
 
 /// Loads an official checkpoint into `module`, renaming each official name with `rename`
 /// (official name → this crate's module path).
-pub fn load_official<B, M>(mut module: M, path: &Path, rename: impl Fn(&str) -> String) -> Result<M>
+pub fn load_official<B, M>(module: M, path: &Path, rename: impl Fn(&str) -> String) -> Result<M>
 where
     B: Backend,
     M: ModuleSnapshot<B>,
 {
-    let tensors = read_pytorch(path)?;
+    load_official_tensors(module, read_pytorch(path)?, path, rename)
+}
+
+/// [`load_official`] of tensors already read from `path` (and possibly completed by the caller).
+pub fn load_official_tensors<B, M>(
+    mut module: M,
+    tensors: Vec<(String, pth::PthTensor)>,
+    path: &Path,
+    rename: impl Fn(&str) -> String,
+) -> Result<M>
+where
+    B: Backend,
+    M: ModuleSnapshot<B>,
+{
     // Norm layers name their parameters gamma/beta in Burn and weight/bias in PyTorch.
     // Enum modules (a block's attention kind) add no level to the paths.
     let ours: std::collections::HashSet<String> = module
@@ -202,10 +215,16 @@ pub fn save_native<B: Backend>(model: &Model<B>, config: &ModelConfig, path: &Pa
 
 /// The bytes [`save_native`] writes, so that they can be written elsewhere (a background thread).
 pub fn native_bytes<B: Backend>(model: &Model<B>, config: &ModelConfig) -> Result<Vec<u8>> {
+    module_bytes(model, CONFIG_METADATA_KEY, &serde_json::to_string(config)?)
+}
+
+/// Any module's parameters as safetensors, with `json` (its configuration) under `key` in the
+/// metadata. Enum variants add no level to the names.
+pub fn module_bytes<B: Backend, M: ModuleSnapshot<B>>(module: &M, key: &str, json: &str) -> Result<Vec<u8>> {
     let mut store = SafetensorsStore::from_bytes(None)
         .skip_enum_variants(true)
-        .metadata(CONFIG_METADATA_KEY, serde_json::to_string(config)?);
-    model.save_into(&mut store).map_err(|e| anyhow::anyhow!("{e}"))?;
+        .metadata(key, json.to_string());
+    module.save_into(&mut store).map_err(|e| anyhow::anyhow!("{e}"))?;
     store.get_bytes().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -223,13 +242,10 @@ pub fn native_bytes_from_host(
 
 /// The configuration stored in a native weights file, if any.
 pub fn native_config(path: &Path) -> Result<Option<ModelConfig>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
-    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) else {
+    let Some(json) = metadata_entry(path, CONFIG_METADATA_KEY)? else {
         return Ok(None);
     };
-    Ok(Some(serde_json::from_str(json).with_context(|| {
+    Ok(Some(serde_json::from_str(&json).with_context(|| {
         format!("{} carries an unreadable model config", path.display())
     })?))
 }
@@ -245,7 +261,17 @@ pub fn load_native<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>>
 
 /// [`load_native`] from the bytes of such a file (`source` names them in errors). Floating-point
 /// tensors of any width are read as f32; any other dtype is refused by name.
-pub fn load_native_bytes<B: Backend>(mut model: Model<B>, bytes: Vec<u8>, source: &str) -> Result<Model<B>> {
+pub fn load_native_bytes<B: Backend>(model: Model<B>, bytes: Vec<u8>, source: &str) -> Result<Model<B>> {
+    load_module_bytes(model, bytes, source)
+}
+
+/// [`load_native_bytes`] for any module: every tensor of the file must land in `module` and every
+/// parameter of `module` must be filled.
+pub fn load_module_bytes<B: Backend, M: ModuleSnapshot<B>>(
+    mut module: M,
+    bytes: Vec<u8>,
+    source: &str,
+) -> Result<M> {
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{source} is not a readable safetensors file: {e}"))?;
     let mut snapshots = Vec::new();
@@ -254,9 +280,17 @@ pub fn load_native_bytes<B: Backend>(mut model: Model<B>, bytes: Vec<u8>, source
         snapshots
             .push(snapshot(&current_name(&name), view.shape().to_vec(), values).context(source.to_string())?);
     }
-    let result = model.apply(snapshots, None, None, true);
+    let result = module.apply(snapshots, None, None, true);
     check_apply(&result, source, str::to_string)?;
-    Ok(model)
+    Ok(module)
+}
+
+/// The metadata entry `key` of a safetensors file, if it has one.
+pub fn metadata_entry(path: &Path, key: &str) -> Result<Option<String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
+    Ok(meta.metadata().as_ref().and_then(|m| m.get(key)).cloned())
 }
 
 /// LSAGT blocks kept their attention under `local` / `global` before it became `attn`: the
