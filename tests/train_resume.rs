@@ -1,7 +1,8 @@
 //! An interrupted and resumed run takes exactly the steps of an uninterrupted one: same losses
 //! (bit for bit on the CPU), same final weights, EMA and optimizer state, also with a Performer
-//! stage, whose random features are redrawn every training step. Alone in its test binary
-//! because the CPU backend's random generator (drop-path) is global to the process.
+//! stage, whose random features are redrawn every training step; and so does a segmentation run.
+//! Alone in their test binary because the CPU backend's random generator (drop-path, dropout) is
+//! global to the process; the two tests take turns ([`TURN`]).
 
 use std::path::{Path, PathBuf};
 
@@ -56,8 +57,12 @@ fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
         .collect()
 }
 
+/// One test at a time: both draw from the backend's global generator.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn interrupted_then_resumed_equals_uninterrupted() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let root = tmp("resume");
     let data = root.join("data");
     write_image_folder(
@@ -148,5 +153,77 @@ fn interrupted_then_resumed_equals_uninterrupted() {
     let again = resume::<AB>(&root.join("split"), opts(None), &device).unwrap();
     assert_eq!(again.stop, Stop::Finished);
     assert!(again.step_losses.is_empty());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A segmentation run (UPerNet: dropout in both heads, the auxiliary loss, random crops, flips
+/// and photometric distortion) paused at step 3 and resumed ends where the uninterrupted one does.
+#[test]
+fn segmentation_interrupted_then_resumed_equals_uninterrupted() {
+    use vicinity::segment::SegmenterConfig;
+    use vicinity::segment::compose::{ComposeOptions, compose, write_idx};
+    use vicinity::segment::train::{SegTrainConfig, resume as seg_resume, train as seg_train};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tmp("seg-resume");
+    // Garments: 28×28 squares of grey noise, so masks have ragged edges.
+    let idx = root.join("idx");
+    std::fs::create_dir_all(&idx).unwrap();
+    let n = 20;
+    let images: Vec<u8> = (0..n * 28 * 28).map(|i| ((i * 7919) % 251) as u8).collect();
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    write_idx(&idx, "train", &images, &labels, 28).unwrap();
+    write_idx(&idx, "t10k", &images, &labels, 28).unwrap();
+    let data = root.join("data");
+    compose(&ComposeOptions {
+        source: idx,
+        out: data.clone(),
+        train: 8,
+        val: 2,
+        size: 64,
+        seed: 3,
+    })
+    .unwrap();
+    let model_file = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/upernet_vvt_mini.json");
+    let config = |out: PathBuf| {
+        let mut c = SegTrainConfig::new(
+            "upernet_vvt_mini",
+            SegmenterConfig::resolve(model_file, 11).unwrap(),
+            data.clone(),
+            out,
+        );
+        (c.train_split, c.val_split) = ("train".into(), "val".into());
+        (c.iters, c.batch, c.eval_every, c.save_every, c.log_every) = (6, 2, 3, 2, 1);
+        (c.pipeline.crop, c.pipeline.scale) = (32, (128, 32));
+        (c.eval.scale, c.lr, c.seed, c.quiet) = ((128, 64), 1e-3, 11, true);
+        c
+    };
+    let device = Default::default();
+    let full = seg_train::<AB>(config(root.join("full")), None, &device).unwrap();
+    assert!(full.finished);
+    let first = seg_train::<AB>(config(root.join("split")), Some(3), &device).unwrap();
+    assert!(!first.finished);
+    assert_eq!(first.state.iter, 3);
+    let second = seg_resume::<AB>(&root.join("split"), None, true, None, &device).unwrap();
+    assert!(second.finished);
+    let losses: Vec<(u64, f32)> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(full.losses.len(), 6);
+    assert_eq!(
+        full.losses, losses,
+        "the losses differ between the uninterrupted and the resumed run"
+    );
+    for f in ["model.safetensors", "optim.safetensors"] {
+        let (a, b) = (
+            tensors(&root.join("full/last").join(f)),
+            tensors(&root.join("split/last").join(f)),
+        );
+        assert!(!a.is_empty());
+        assert!(
+            a == b,
+            "{f} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let (h1, h2) = (&full.state.history, &second.state.history);
+    assert_eq!(h1.len(), 2);
+    assert_eq!((h1[1].iter, h1[1].miou), (h2[1].iter, h2[1].miou));
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -9,6 +9,7 @@ mod bench;
 mod check;
 mod explain;
 mod models;
+mod segment;
 mod train;
 
 use std::path::PathBuf;
@@ -110,6 +111,14 @@ pub enum Command {
     CheckKernels(CheckArgs),
     /// Explanation maps of images: Grad-CAM per stage, locality and attention rows, LSAGT's variants.
     Explain(Box<explain::ExplainArgs>),
+    /// Train a segmentation model (Semantic FPN or UPerNet on a VVT). See docs/SEGMENTATION.md.
+    SegTrain(Box<segment::SegTrainArgs>),
+    /// mIoU, mean and pixel accuracy and per-class IoU of a segmentation checkpoint on a split.
+    SegEval(Box<segment::SegEvalArgs>),
+    /// Segment image files: colour mask, label image and overlay per image.
+    Segment(Box<segment::SegmentArgs>),
+    /// Compose the Fashion-MNIST segmentation demo dataset (image/mask pairs).
+    SegData(segment::SegDataArgs),
 }
 
 /// Runs `$body` with `$b` bound to the autodiff backend that `$kind` names and `$device` to its
@@ -157,6 +166,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::CheckKernels(a) => check::check_command(a, cli.settings.prepare()?, cli.settings.matmul)?,
+        Command::SegData(a) => segment::seg_data_command(a)?,
         command => {
             let backend = cli.settings.prepare()?;
             on_backend!(backend, |B, device| match command {
@@ -168,7 +178,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Eval(a) => train::eval_command::<Inner<B>>(a, &device)?,
                 Command::Predict(a) => train::predict_command::<Inner<B>>(a, &device)?,
                 Command::Explain(a) => explain::explain_command::<B>(a, &device)?,
-                Command::Models | Command::Flops(_) | Command::Compare(_) | Command::CheckKernels(_) => {
+                Command::SegTrain(a) => segment::seg_train_command::<B>(a, &device)?,
+                Command::SegEval(a) => segment::seg_eval_command::<Inner<B>>(a, &device)?,
+                Command::Segment(a) => segment::segment_command::<Inner<B>>(a, &device)?,
+                Command::Models
+                | Command::Flops(_)
+                | Command::Compare(_)
+                | Command::CheckKernels(_)
+                | Command::SegData(_) => {
                     unreachable!("run without a backend")
                 }
             })
@@ -201,7 +218,7 @@ mod tests {
                 sub.get_name()
             );
         }
-        assert_eq!(seen.len(), 12);
+        assert_eq!(seen.len(), 16);
         let convert = cli.find_subcommand("convert").expect("convert");
         assert!(convert.get_about().unwrap().to_string().contains("official .pth"));
         let check = cli.find_subcommand("check-kernels").expect("check-kernels");

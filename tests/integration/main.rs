@@ -17,6 +17,7 @@ mod fixtures_vvt;
 mod fuzz;
 mod hostile;
 mod run_dirs;
+mod segment;
 mod train_loop;
 mod train_units;
 
