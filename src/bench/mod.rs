@@ -17,6 +17,7 @@ use crate::models::ModelConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 
 pub mod attention;
+pub mod segment;
 
 /// What one bench row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -42,7 +43,11 @@ pub struct BenchRow {
     pub model: String,
     pub mode: Mode,
     pub dtype: String,
+    /// The input's height (and width, unless `width` says otherwise).
     pub resolution: usize,
+    /// The input's width where it differs from its height (segmentation at 512×2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     pub batch: usize,
     /// Seconds of the first step (compilation and autotuning included).
     pub first_step_s: f64,
@@ -72,14 +77,14 @@ pub struct BenchSpec<'a> {
 
 /// The highest GPU memory seen at the sync points where it is sampled.
 #[derive(Default)]
-struct PeakMemory {
-    enabled: bool,
+pub(crate) struct PeakMemory {
+    pub(crate) enabled: bool,
     in_use: u64,
     reserved: u64,
 }
 
 impl PeakMemory {
-    fn sample(&mut self) {
+    pub(crate) fn sample(&mut self) {
         if let Some(m) = self.enabled.then(crate::backend::gpu_memory).flatten() {
             self.in_use = self.in_use.max(m.in_use);
             self.reserved = self.reserved.max(m.reserved);
@@ -92,12 +97,12 @@ impl PeakMemory {
     }
 }
 
-fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))
 }
 
 /// What a row measured: the first step apart, then `iters` timed steps, and the memory peak.
-struct Measured {
+pub(crate) struct Measured {
     first_s: f64,
     timed_s: f64,
     iters: usize,
@@ -106,7 +111,7 @@ struct Measured {
 
 impl Measured {
     /// The measurement at the end of the timed steps (the memory peak sampled once more there).
-    fn after(first_s: f64, timed_s: f64, iters: usize, mut memory: PeakMemory) -> Self {
+    pub(crate) fn after(first_s: f64, timed_s: f64, iters: usize, mut memory: PeakMemory) -> Self {
         memory.sample();
         Self {
             first_s,
@@ -118,7 +123,15 @@ impl Measured {
 }
 
 impl BenchRow {
-    fn new(model: &str, mode: Mode, dtype: Dtype, resolution: usize, batch: usize, m: &Measured) -> Self {
+    /// `512`, or `512x2048` for a non-square input.
+    pub fn size(&self) -> String {
+        match self.width {
+            Some(w) if w != self.resolution => format!("{}x{w}", self.resolution),
+            _ => self.resolution.to_string(),
+        }
+    }
+
+    pub(crate) fn new(model: &str, mode: Mode, dtype: Dtype, resolution: usize, batch: usize, m: &Measured) -> Self {
         let mean = m.timed_s / m.iters as f64;
         let (peak_in_use_gib, peak_reserved_gib) = m.memory.gib();
         BenchRow {
@@ -126,6 +139,7 @@ impl BenchRow {
             mode,
             dtype: dtype.name().to_string(),
             resolution,
+            width: None,
             batch,
             first_step_s: m.first_s,
             mean_step_ms: mean * 1e3,
@@ -139,7 +153,7 @@ impl BenchRow {
 
 /// Runs `step` `warmup` times, then `iters` timed times (synchronised before and after); returns
 /// the state and the timed seconds.
-fn timed_loop<S>(
+pub(crate) fn timed_loop<S>(
     mut state: S,
     (warmup, iters): (usize, usize),
     mut step: impl FnMut(S) -> S,
@@ -187,7 +201,7 @@ fn launches() -> Option<u64> {
 }
 
 /// Times one step on its own (compilation included), synchronised.
-fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> Result<f64> {
+pub(crate) fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> Result<f64> {
     let start = Instant::now();
     step();
     sync()?;
@@ -300,17 +314,17 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
 pub fn table(rows: &[BenchRow]) -> String {
     let w = rows.iter().map(|r| r.model.len()).max().unwrap_or(0).max(20);
     let mut out = format!(
-        "{:<w$} {:<6} {:<5} {:>5} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
+        "{:<w$} {:<6} {:<5} {:>9} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
         "model", "mode", "dtype", "res", "batch", "first s", "step ms", "images/s", "used GiB", "pool GiB"
     );
     let gib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in rows {
         out.push_str(&format!(
-            "{:<w$} {:<6} {:<5} {:>5} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
+            "{:<w$} {:<6} {:<5} {:>9} {:>6} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}\n",
             r.model,
             r.mode.name(),
             r.dtype,
-            r.resolution,
+            r.size(),
             r.batch,
             r.first_step_s,
             r.mean_step_ms,
@@ -326,11 +340,11 @@ pub fn table(rows: &[BenchRow]) -> String {
 pub fn csv(rows: &[BenchRow]) -> String {
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let mut out = String::from(
-        "model,mode,dtype,resolution,batch,first_step_s,mean_step_ms,images_per_s,peak_in_use_gib,peak_reserved_gib\n",
+        "model,mode,dtype,resolution,batch,first_step_s,mean_step_ms,images_per_s,peak_in_use_gib,peak_reserved_gib,width\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{:.3},{:.3},{:.1},{},{}\n",
+            "{},{},{},{},{},{:.3},{:.3},{:.1},{},{},{}\n",
             r.model,
             r.mode.name(),
             r.dtype,
@@ -341,6 +355,7 @@ pub fn csv(rows: &[BenchRow]) -> String {
             r.images_per_s,
             opt(r.peak_in_use_gib),
             opt(r.peak_reserved_gib),
+            r.width.unwrap_or(r.resolution),
         ));
     }
     out
@@ -413,6 +428,7 @@ mod tests {
             mode: Mode::Train,
             dtype: "f32".into(),
             resolution: res,
+            width: None,
             batch: 16,
             first_step_s: 1.0,
             mean_step_ms: 10.0,

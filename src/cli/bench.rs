@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 
@@ -37,6 +37,13 @@ pub struct BenchArgs {
     /// Several resolutions, e.g. `224,384,512,768` (overrides --resolution).
     #[arg(long, value_delimiter = ',')]
     pub sweep_res: Vec<usize>,
+    /// Segmentation models (`semfpn_…`, `upernet_…`): input height x width, e.g. `512x2048`
+    /// (default: the square --resolution, 512).
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    pub size: Option<(usize, usize)>,
+    /// Segmentation models: classes of the head (ADE20K's 150).
+    #[arg(long, default_value_t = 150)]
+    pub seg_classes: usize,
     /// Images per step.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub batch: usize,
@@ -101,7 +108,30 @@ pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> R
         ([], res) => vec![res.unwrap_or(default)],
         (sweep, _) => sweep.to_vec(),
     };
-    for name in &a.model {
+    for name in a.model.iter().filter(|n| is_segmenter(n)) {
+        let config = crate::segment::SegmenterConfig::resolve(name, a.seg_classes)?;
+        let sizes = match a.size {
+            Some(size) => vec![size],
+            None => sides(512).into_iter().map(|s| (s, s)).collect(),
+        };
+        for size in sizes {
+            for &mode in &a.mode {
+                let spec = crate::bench::segment::SegBenchSpec {
+                    name,
+                    config: &config,
+                    mode,
+                    dtype: a.dtype,
+                    size,
+                    batch: a.batch,
+                    warmup: a.warmup,
+                    iters: a.iters,
+                    gpu,
+                };
+                push(crate::bench::segment::run_segmenter::<B>(&spec, device)?)?;
+            }
+        }
+    }
+    for name in a.model.iter().filter(|n| !is_segmenter(n)) {
         let config = crate::models::resolve_config(name)?;
         for res in sides(config.default_resolution()) {
             // Built for each resolution, as a model trained there would be.
@@ -149,6 +179,20 @@ pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> R
     Ok(())
 }
 
+/// Whether a --model names a segmentation model (registered prefix or a segmenter config file).
+fn is_segmenter(name: &str) -> bool {
+    crate::segment::model::HEAD_PREFIXES.iter().any(|p| name.starts_with(p))
+        || std::fs::read_to_string(name).is_ok_and(|t| t.contains("\"head\"") || t.contains("[head]"))
+}
+
+/// `HxW`, e.g. `512x2048`.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("'{s}' is not HEIGHTxWIDTH (e.g. 512x2048)"))?;
+    Ok((h.trim().parse()?, w.trim().parse()?))
+}
+
 /// `bench.csv`, `bench.jsonl` and `bench.png` of `rows` in `dir`.
 fn write_report(dir: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -166,7 +210,7 @@ fn write_report(dir: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
 /// `--from`: the table and report of rows saved earlier (`--json`, `bench.jsonl`), measuring
 /// nothing: rows of several calls or machines on one chart.
 fn report_from(a: &BenchArgs) -> Result<()> {
-    use anyhow::Context;
+
     let mut rows = Vec::new();
     for path in &a.from {
         let text =
