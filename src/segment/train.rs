@@ -367,6 +367,8 @@ struct SegSession<B: AutodiffBackend> {
     started: Instant,
     elapsed_before: f64,
     window: Option<(Instant, u64)>,
+    /// `--budget` has yet to size the run (at step 12; a run resumed later keeps its size).
+    budget_pending: bool,
     last_eval: Option<SegSummary>,
     /// Pause after this step.
     stop_at: Option<u64>,
@@ -412,6 +414,7 @@ impl<B: AutodiffBackend> SegSession<B> {
             started: Instant::now(),
             elapsed_before: state.elapsed_s,
             window: None,
+            budget_pending: state.config.budget_s.is_some() && state.iter < 12,
             last_eval: None,
             stop_at: None,
             state,
@@ -456,9 +459,15 @@ impl<B: AutodiffBackend> SegSession<B> {
             if i.is_multiple_of(cfg.log_every) || i == self.state.total {
                 self.flush()?;
             }
-            if cfg.budget_s.is_some() && self.state.step_s.is_none() && i == 12 {
+            // --budget: time steps 3..=12 (the first ones compile kernels), then size the run.
+            if self.budget_pending && (i == 2 || i == 12) {
                 self.flush()?;
-                self.size_to_budget();
+                if i == 2 {
+                    self.state.step_s = None;
+                } else {
+                    self.size_to_budget();
+                    self.budget_pending = false;
+                }
             }
             if i.is_multiple_of(cfg.eval_every) || i == self.state.total {
                 self.flush()?;
@@ -694,4 +703,53 @@ fn curves_png(history: &[SegRecord], title: &str) -> Result<Vec<u8>> {
         ],
     };
     two_panels_png(title, &loss, &miou)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::SegmenterConfig;
+    use crate::segment::compose::{ComposeOptions, compose, write_idx};
+
+    type AB = burn::backend::Autodiff<crate::backend::Cpu>;
+
+    /// `--budget` sets the step count from steps 3–12 and the run ends on its own; a run that
+    /// ignored the budget would still be going at step 40, where this one is stopped.
+    #[test]
+    fn a_budget_sizes_the_run() {
+        let root = std::env::temp_dir().join(format!("vicinity-seg-budget-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let idx = root.join("idx");
+        std::fs::create_dir_all(&idx).unwrap();
+        let images: Vec<u8> = (0..10 * 28 * 28).map(|i| ((i * 7919) % 251) as u8).collect();
+        let labels: Vec<u8> = (0..10).map(|i| i as u8).collect();
+        write_idx(&idx, "train", &images, &labels, 28).unwrap();
+        write_idx(&idx, "t10k", &images, &labels, 28).unwrap();
+        let data = root.join("data");
+        let options = ComposeOptions {
+            source: idx,
+            out: data.clone(),
+            train: 4,
+            val: 1,
+            size: 64,
+            seed: 1,
+        };
+        compose(&options).unwrap();
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/semfpn_vvt_mini.json");
+        let model = SegmenterConfig::resolve(model, 11).unwrap();
+        let mut c = SegTrainConfig::new("semfpn_vvt_mini", model, data, root.join("run"));
+        (c.train_split, c.val_split) = ("train".into(), "val".into());
+        (c.iters, c.batch, c.quiet) = (1_000_000, 1, true);
+        (c.pipeline.crop, c.pipeline.scale, c.eval.scale) = (32, (64, 32), (64, 32));
+        c.budget_s = Some(0.01);
+        let out = train::<AB>(c, Some(40), &Default::default()).unwrap();
+        assert!(
+            out.finished,
+            "the run ignored its budget: paused at step {}",
+            out.state.iter
+        );
+        assert_eq!(out.state.total, 12, "0.01 s is spent by step 12");
+        assert_eq!(out.state.history.len(), 1, "one evaluation, at the end");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
