@@ -26,6 +26,13 @@
 #            without training). With .carry/peers first the Grad-CAM fixtures; when vvt_tiny seed 0
 #            was among the runs, then `vicinity explain` of it and of an lsagt_cifar_tiny trained for
 #            EXPLAIN_LSAGT (3m), as $OUT/explain.tgz
+#   segtrain Semantic FPN on vvt_tiny (SEG_MODEL) trained for SEG_BUDGET (4m) on the composed Fashion-MNIST
+#            dataset (`vicinity seg-data` from .carry/fashion-mnist, SEG_SIZE² canvases, 256), SEG_ARGS; then
+#            seg-eval whole and sliding, and `vicinity segment` pictures, as $OUT/segtrain.tgz
+#   segbench segmentation bench rows: SEG_TRAIN_ROWS (training, batch 16 at 512², bf16) and
+#            SEG_INFER_ROWS (inference of one 512×2048 image, bf16 and f32)
+#   segpeers the same heads in PyTorch on the authors' VVT (scripts/seg_peers.py, needs .carry/peers):
+#            SEG_PEERS_ARGS
 # Everything printed also lands in $OUT/log.txt; rows as JSON lines in $OUT/*.jsonl.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -160,4 +167,45 @@ if has ablate; then
     cp /tmp/lsagt/metrics.csv /tmp/explain/lsagt_cifar_tiny/ 2>/dev/null
     tar czf "$OUT/explain.tgz" -C /tmp explain
   fi
+fi
+
+if has segtrain; then
+  echo "== segtrain: ${SEG_MODEL:=semfpn_vvt_tiny} on composed Fashion-MNIST canvases for ${SEG_BUDGET:=4m}"
+  size=${SEG_SIZE:-256}
+  "$BIN" seg-data --fashion-mnist .carry/fashion-mnist --out /tmp/fm-seg --size "$size" --train 4000 --val 500
+  # The whole training log (progress lines included) goes to $OUT/segtrain.log as it is written.
+  "$BIN" --backend cuda seg-train --model "$SEG_MODEL" --data /tmp/fm-seg --out /tmp/segrun --dtype bf16 \
+    --budget "$SEG_BUDGET" --crop "$size" --scale "$((size * 4))x$size" --eval-scale "$((size * 4))x$size" \
+    ${SEG_ARGS:---batch 16 --lr 4e-4 --warmup 200 --iters 100000 --eval-every 100000} > "$OUT/segtrain.log" 2>&1
+  tr '\r' '\n' < "$OUT/segtrain.log" | grep -v "^step [0-9]*/" | tail -8
+  for mode in whole slide; do
+    "$BIN" --backend cuda seg-eval --weights /tmp/segrun --data /tmp/fm-seg --eval-mode $mode \
+      --eval-scale "$((size * 4))x$size" --eval-crop "$((size / 2))" --eval-stride "$((size / 3))" \
+      -o "/tmp/segrun/eval-$mode" 2>&1 | tr '\r' '\n' | grep -v "^evaluating" | tail -3
+  done
+  "$BIN" --backend cuda segment --weights /tmp/segrun --eval-scale "$((size * 4))x$size" -o /tmp/segrun/pictures \
+    /tmp/fm-seg/val/images/00000[0-7].png | tail -3
+  tar czf "$OUT/segtrain.tgz" --exclude='*.safetensors' -C /tmp segrun
+fi
+
+if has segbench; then
+  echo "== segbench: segmentation training at 512² and inference at 512x2048"
+  for row in ${SEG_TRAIN_ROWS:-semfpn_vvt_tiny:512x512:16:bf16 upernet_vvt_tiny:512x512:16:bf16}; do
+    IFS=: read -r model size batch dtype <<< "$row"
+    "$BIN" --backend cuda bench --model "$model" --size "$size" --batch "$batch" --dtype "$dtype" --mode train \
+      --warmup 3 --iters 10 --json "$OUT/segbench.jsonl" 2>&1 | grep -v "^model "
+  done
+  for row in ${SEG_INFER_ROWS:-semfpn_vvt_tiny semfpn_vvt_small upernet_vvt_tiny upernet_vvt_small}; do
+    for dtype in bf16 f32; do
+      "$BIN" --backend cuda bench --model "$row" --size 512x2048 --batch 1 --dtype $dtype --mode infer \
+        --warmup 3 --iters 20 --json "$OUT/segbench.jsonl" 2>&1 | grep -v "^model "
+    done
+  done
+  "$BIN" bench --from "$OUT/segbench.jsonl"
+fi
+
+if has segpeers; then
+  echo "== segpeers: the authors' VVT with the same heads in PyTorch"
+  python3 scripts/seg_peers.py --peers .carry/peers --out "$OUT/segpeers.jsonl" \
+    ${SEG_PEERS_ARGS:---models vvt_tiny,vvt_small --heads semfpn,upernet --sizes 512x2048 --batch 1}
 fi
