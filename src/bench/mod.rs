@@ -131,7 +131,14 @@ impl BenchRow {
         }
     }
 
-    pub(crate) fn new(model: &str, mode: Mode, dtype: Dtype, resolution: usize, batch: usize, m: &Measured) -> Self {
+    pub(crate) fn new(
+        model: &str,
+        mode: Mode,
+        dtype: Dtype,
+        resolution: usize,
+        batch: usize,
+        m: &Measured,
+    ) -> Self {
         let mean = m.timed_s / m.iters as f64;
         let (peak_in_use_gib, peak_reserved_gib) = m.memory.gib();
         BenchRow {

@@ -13,8 +13,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::{BenchRow, Measured, Mode, PeakMemory, first_step, sync, timed_loop};
 use crate::backend::Dtype;
-use crate::segment::model::{Segmenter, seg_loss};
 use crate::segment::SegmenterConfig;
+use crate::segment::model::{Segmenter, seg_loss};
 use crate::train::optim::{AdamW, AdamWConfig};
 
 pub struct SegBenchSpec<'a> {
@@ -59,7 +59,9 @@ pub fn run_segmenter<B: AutodiffBackend>(spec: &SegBenchSpec, device: &B::Device
             let mut optim = AdamW::new(AdamWConfig::default(), spec.dtype == Dtype::Bf16);
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
             let k = config.num_classes as u64;
-            let labels: Vec<u8> = (0..(spec.batch * h * w) as u64).map(|i| ((i * 2_654_435_761) % k) as u8).collect();
+            let labels: Vec<u8> = (0..(spec.batch * h * w) as u64)
+                .map(|i| ((i * 2_654_435_761) % k) as u8)
+                .collect();
             let size = [spec.batch, h, w];
             let aux = config.head.aux_weight();
             // The first step syncs after the forward and the backward, where memory peaks.

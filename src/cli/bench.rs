@@ -181,7 +181,9 @@ pub fn bench_command<B: AutodiffBackend>(a: &BenchArgs, device: &B::Device) -> R
 
 /// Whether a --model names a segmentation model (registered prefix or a segmenter config file).
 fn is_segmenter(name: &str) -> bool {
-    crate::segment::model::HEAD_PREFIXES.iter().any(|p| name.starts_with(p))
+    crate::segment::model::HEAD_PREFIXES
+        .iter()
+        .any(|p| name.starts_with(p))
         || std::fs::read_to_string(name).is_ok_and(|t| t.contains("\"head\"") || t.contains("[head]"))
 }
 
@@ -210,7 +212,6 @@ fn write_report(dir: &std::path::Path, rows: &[BenchRow]) -> Result<()> {
 /// `--from`: the table and report of rows saved earlier (`--json`, `bench.jsonl`), measuring
 /// nothing: rows of several calls or machines on one chart.
 fn report_from(a: &BenchArgs) -> Result<()> {
-
     let mut rows = Vec::new();
     for path in &a.from {
         let text =

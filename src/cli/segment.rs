@@ -440,7 +440,7 @@ pub fn segment_command<B: Backend>(a: &SegmentArgs, device: &B::Device) -> Resul
         let mut counts = std::collections::BTreeMap::<u8, usize>::new();
         labels.iter().for_each(|&l| *counts.entry(l).or_default() += 1);
         let mut top: Vec<(u8, usize)> = counts.into_iter().collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1));
+        top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
         let shares: Vec<String> = top
             .iter()
             .take(5)

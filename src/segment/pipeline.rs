@@ -301,7 +301,7 @@ impl TrainPipeline {
 /// Sliding windows over an `(w, h)` image: `(x, y, width, height)` of `crop`-sided windows every
 /// `stride` pixels, the last of each row and column flush with the edge (mmseg's `slide`).
 pub fn windows((w, h): (usize, usize), crop: usize, stride: usize) -> Vec<(usize, usize, usize, usize)> {
-    let count = |side: usize| (side.saturating_sub(crop) + stride - 1) / stride + 1;
+    let count = |side: usize| side.saturating_sub(crop).div_ceil(stride) + 1;
     let mut out = Vec::new();
     for gy in 0..count(h) {
         for gx in 0..count(w) {
