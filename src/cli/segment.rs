@@ -322,11 +322,10 @@ fn load<B: Backend>(
     model: Option<&str>,
     classes: usize,
     device: &B::Device,
-) -> Result<crate::segment::Segmenter<B>> {
+) -> Result<(crate::segment::Segmenter<B>, SegmenterConfig)> {
     let config = model.map(|m| SegmenterConfig::resolve(m, classes)).transpose()?;
-    Ok(load_segmenter::<B>(weights, config.as_ref(), device)?
-        .0
-        .deterministic())
+    let (model, config) = load_segmenter::<B>(weights, config.as_ref(), device)?;
+    Ok((model.deterministic(), config))
 }
 
 pub fn seg_eval_command<B: Backend>(a: &SegEvalArgs, device: &B::Device) -> Result<()> {
@@ -336,19 +335,22 @@ pub fn seg_eval_command<B: Backend>(a: &SegEvalArgs, device: &B::Device) -> Resu
         .unwrap_or_else(|| default_split(&a.data, false).into());
     let data = open_segmentation(&a.data, &split)?;
     let weights = weights_file(&a.weights);
-    let model = load::<B>(&weights, a.model.as_deref(), data.classes.len(), device)?;
+    let (model, config) = load::<B>(&weights, a.model.as_deref(), data.classes.len(), device)?;
+    ensure!(
+        config.num_classes == data.classes.len(),
+        "{} predicts {} classes, {} has {}: evaluate a model on the data it was trained for",
+        weights.display(),
+        config.num_classes,
+        a.data.display(),
+        data.classes.len()
+    );
     let settings = a.eval.settings();
+    settings.validate()?;
     let mut progress = Progress::new(false);
     let t0 = std::time::Instant::now();
     let acc = evaluate(&model, &data, &settings, a.limit, device, |done, n| {
         progress.update(&format!("evaluating: {done}/{n} images"));
     })?;
-    ensure!(
-        acc.num_classes == data.classes.len(),
-        "the model predicts {} classes, the data has {}",
-        acc.num_classes,
-        data.classes.len()
-    );
     let s = acc.summary();
     progress.line(&format!("evaluated in {:.1} s", t0.elapsed().as_secs_f64()));
     println!(
@@ -399,9 +401,10 @@ pub fn segment_command<B: Backend>(a: &SegmentArgs, device: &B::Device) -> Resul
     if a.model.is_some() && a.classes.is_none() {
         bail!("--model (a .pth) needs --classes: the number of classes its head predicts");
     }
-    let model = load::<B>(&weights, a.model.as_deref(), a.classes.unwrap_or(0), device)?;
+    let (model, _) = load::<B>(&weights, a.model.as_deref(), a.classes.unwrap_or(0), device)?;
     let names = run_classes(&weights);
     let settings = a.eval.settings();
+    settings.validate()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let mut stems = std::collections::HashSet::new();
     for path in &a.images {

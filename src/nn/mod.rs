@@ -6,14 +6,15 @@
 //!   image; depth-wise: a fused kernel or shifted sums);
 //! - [`LayerNorm`]: Burn's LayerNorm with the fused CubeCL kernel where the backend has it;
 //! - [`DropPathNoise`] / [`drop_path`]: stochastic depth for every residual branch of a pass;
-//! - [`GroupNorm`], [`ConvNormAct`] and [`resize`]: what the segmentation heads are built from
-//!   (resizing and adaptive pooling as two small matrix products).
+//! - [`GroupNorm`], [`ConvNormAct`], [`Dropout2d`] and [`resize`]: what the segmentation heads are
+//!   built from (resizing and adaptive pooling as two small matrix products).
 //!
 //! Records match Burn's modules of the same name, so official checkpoints map onto them.
 
 mod conv;
 mod conv_norm;
 mod drop_path;
+mod dropout;
 mod linear;
 mod norm;
 mod resize;
@@ -21,6 +22,7 @@ mod resize;
 pub use conv::{Conv2d, Conv2dConfig, ConvInit, conv_out, forward_many_columns, stack_params};
 pub use conv_norm::{ConvNormAct, ConvNormActConfig};
 pub use drop_path::{DropPathNoise, drop_path};
+pub use dropout::Dropout2d;
 pub use linear::{Linear, LinearConfig};
 pub use norm::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig};
 pub use resize::{Resample, resize, resize_matrix, resize_reference};

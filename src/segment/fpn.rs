@@ -4,10 +4,11 @@
 //! octave), sums them and classifies each stride-4 position. Names follow mmseg's checkpoints
 //! (`neck.lateral_convs.0.conv.weight`, `decode_head.scale_heads.2.0.conv.weight`).
 
-use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 
-use crate::nn::{Conv2d, Conv2dConfig, ConvInit, ConvNormAct, ConvNormActConfig, Resample, resize};
+use crate::nn::{
+    Conv2d, Conv2dConfig, ConvInit, ConvNormAct, ConvNormActConfig, Dropout2d, Resample, resize,
+};
 
 /// mmseg's `FPN` neck: 1×1 lateral convs to `channels`, a top-down path that adds each level,
 /// upsampled (nearest), to the one below, then a 3×3 conv per level. No normalisation.
@@ -72,7 +73,7 @@ impl<B: Backend> ScaleHead<B> {
 #[derive(Module, Debug)]
 pub struct FpnHead<B: Backend> {
     pub scale_heads: Vec<ScaleHead<B>>,
-    pub dropout: Dropout,
+    pub dropout: Dropout2d,
     pub conv_seg: Conv2d<B>,
 }
 
@@ -102,7 +103,7 @@ impl<B: Backend> FpnHead<B> {
             .collect();
         FpnHead {
             scale_heads,
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout: Dropout2d::new(dropout),
             conv_seg: conv_seg(channels, classes, device),
         }
     }

@@ -50,6 +50,27 @@ impl Default for EvalSettings {
     }
 }
 
+impl EvalSettings {
+    /// Fails on settings no image can be evaluated with (checked before a run starts).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.scale.0 > 0 && self.scale.1 > 0,
+            "--eval-scale {}x{} must be positive",
+            self.scale.0,
+            self.scale.1
+        );
+        if self.mode == EvalMode::Slide {
+            ensure!(
+                self.crop >= 32 && self.crop.is_multiple_of(32) && (1..=self.crop).contains(&self.stride),
+                "sliding windows need a crop that is a multiple of 32 and a stride from 1 to the crop ({} / {})",
+                self.crop,
+                self.stride
+            );
+        }
+        Ok(())
+    }
+}
+
 /// An image as a `1×3×H×W` tensor.
 fn image_tensor<B: Backend>(img: &RgbImage, n: &Normalize, device: &B::Device) -> Tensor<B, 4> {
     let (w, h) = (img.width() as usize, img.height() as usize);
@@ -79,12 +100,7 @@ pub fn image_logits<B: Backend>(
             resize(at_input, (h, w), Resample::Bilinear)
         }
         EvalMode::Slide => {
-            ensure!(
-                s.crop >= 32 && s.crop.is_multiple_of(32) && (1..=s.crop).contains(&s.stride),
-                "sliding windows need a crop that is a multiple of 32 and a stride from 1 to the crop ({} / {})",
-                s.crop,
-                s.stride
-            );
+            s.validate()?;
             let (rw, rh) = fit_size((w, h), s.scale);
             let resized = resize_image(img, rw as u32, rh as u32, Interpolation::Bilinear);
             let mut sum: Option<Tensor<B, 4>> = None;

@@ -139,6 +139,11 @@ impl SegmenterConfig {
         };
         self.backbone.validate()?;
         ensure!(
+            (0..vvt.num_stages()).all(|i| vvt.attention.at(i) != crate::attention::AttentionKind::Linformer),
+            "segmentation needs a backbone that takes any image size; Linformer's projections are built \
+             for one token count"
+        );
+        ensure!(
             vvt.num_stages() == 4,
             "the heads take four stages (strides 4, 8, 16, 32); this backbone has {}",
             vvt.num_stages()
@@ -156,7 +161,12 @@ impl SegmenterConfig {
                 dropout,
             } => {
                 ensure!((0.0..1.0).contains(dropout), "dropout {dropout} is not in [0, 1)");
-                (*groups, vec![*neck_channels, *channels])
+                ensure!(
+                    (1..=1 << 13).contains(neck_channels),
+                    "a neck width of {neck_channels} is beyond what vicinity builds (1 to 8192)"
+                );
+                // The FPN neck has no normalisation; the head's convs have.
+                (*groups, vec![*channels])
             }
             HeadConfig::Upernet {
                 channels,
@@ -348,9 +358,10 @@ pub fn pixel_cross_entropy<B: Backend>(
     let device = logits.device();
     let logits = resize(logits, (h, w), Resample::Bilinear).cast(burn::tensor::DType::F32);
     let valid: Vec<f32> = labels.iter().map(|&l| f32::from(u8::from(l != IGNORE))).collect();
-    let count: f32 = valid.iter().sum();
+    // Counted exactly: an f32 sum stops growing at 2^24 pixels.
+    let count = labels.iter().filter(|&&l| l != IGNORE).count();
     ensure!(
-        count > 0.0,
+        count > 0,
         "a training batch has no labelled pixel (every label is {IGNORE})"
     );
     let index: Vec<i64> = labels
@@ -363,7 +374,7 @@ pub fn pixel_cross_entropy<B: Backend>(
         (&device, burn::tensor::DType::F32),
     );
     let picked = log_softmax(logits, 3).gather(3, index);
-    Ok((picked * valid).sum().neg().div_scalar(count))
+    Ok((picked * valid).sum().neg().div_scalar(count as f64))
 }
 
 /// The training loss: the decode head's, plus the auxiliary head's times its weight.
@@ -552,11 +563,16 @@ mod tests {
         let mut odd = c.clone();
         odd.head = HeadConfig::SemanticFpn {
             neck_channels: 100,
-            channels: 128,
+            channels: 100,
             groups: 32,
             dropout: 0.1,
         };
         let err = odd.validate().unwrap_err().to_string();
-        assert!(err.contains("does not split into 32"), "{err}");
+        assert!(err.contains("a head width of 100 does not split into 32"), "{err}");
+        let err = format!(
+            "{:#}",
+            SegmenterConfig::resolve("semfpn_vvt_tiny_linformer", 150).unwrap_err()
+        );
+        assert!(err.contains("Linformer"), "{err}");
     }
 }

@@ -113,6 +113,11 @@ impl SegTrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.pipeline.validate()?;
+        self.model
+            .check_input(self.pipeline.crop, self.pipeline.crop)
+            .context("--crop")?;
+        self.eval.validate()?;
+        ensure!(self.eval_limit != Some(0), "--eval-limit must be at least 1");
         ensure!(self.iters > 0, "--iters must be at least 1");
         ensure!(
             (1..=4096).contains(&self.batch),
@@ -450,28 +455,42 @@ impl<B: AutodiffBackend> SegSession<B> {
                 ));
                 return Ok(self.outcome());
             }
-            let batch = batches
-                .recv()
-                .context("the data thread stopped")?
-                .context("preparing a training batch")?;
+            let batch = match batches.recv().context("the data thread stopped") {
+                Ok(Ok(batch)) => batch,
+                // A bad file met mid-run: keep the steps done so far (`--resume` after fixing it).
+                Ok(Err(e)) | Err(e) => {
+                    self.flush()?;
+                    self.save()?;
+                    return Err(e.context(format!(
+                        "preparing the batch of step {} (last/ holds the steps before it)",
+                        self.state.iter + 1
+                    )));
+                }
+            };
             self.step(batch)?;
             let i = self.state.iter;
             if i.is_multiple_of(cfg.log_every) || i == self.state.total {
                 self.flush()?;
             }
             // --budget: time steps 3..=12 (the first ones compile kernels), then size the run.
-            if self.budget_pending && (i == 2 || i == 12) {
+            // (A run resumed in between measures at the first step with a timing window.)
+            if self.budget_pending && (i == 2 || i >= 12) {
                 self.flush()?;
                 if i == 2 {
                     self.state.step_s = None;
-                } else {
+                } else if self.state.step_s.is_some() {
                     self.size_to_budget();
                     self.budget_pending = false;
                 }
             }
             if i.is_multiple_of(cfg.eval_every) || i == self.state.total {
                 self.flush()?;
-                self.evaluate()?;
+                if let Err(e) = self.evaluate() {
+                    self.save()?;
+                    return Err(e.context(format!(
+                        "evaluating at step {i} (last/ holds this step's weights)"
+                    )));
+                }
                 self.save()?;
             } else if i.is_multiple_of(cfg.save_every) {
                 self.flush()?;

@@ -4,11 +4,10 @@
 //! Names follow mmseg's checkpoints (`decode_head.psp_modules.0.1.conv.weight`,
 //! `auxiliary_head.convs.0.conv.weight`).
 
-use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 
 use super::fpn::conv_seg;
-use crate::nn::{Conv2d, ConvNormAct, ConvNormActConfig, Resample, resize};
+use crate::nn::{Conv2d, ConvNormAct, ConvNormActConfig, Dropout2d, Resample, resize};
 
 /// One pyramid pooling branch: adaptive average pooling to `scale`×`scale`, then a 1×1 conv
 /// (mmseg's `nn.Sequential(AdaptiveAvgPool2d, ConvModule)`, so the conv sits at index 1).
@@ -26,7 +25,7 @@ pub struct UperHead<B: Backend> {
     pub lateral_convs: Vec<ConvNormAct<B>>,
     pub fpn_convs: Vec<ConvNormAct<B>>,
     pub fpn_bottleneck: ConvNormAct<B>,
-    pub dropout: Dropout,
+    pub dropout: Dropout2d,
     pub conv_seg: Conv2d<B>,
 }
 
@@ -58,7 +57,7 @@ impl<B: Backend> UperHead<B> {
             lateral_convs: rest.iter().map(|&c| conv(c, 1)).collect(),
             fpn_convs: rest.iter().map(|_| conv(channels, 3)).collect(),
             fpn_bottleneck: conv(in_channels.len() * channels, 3),
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout: Dropout2d::new(dropout),
             conv_seg: conv_seg(channels, classes, device),
         }
     }
@@ -111,7 +110,7 @@ impl<B: Backend> UperHead<B> {
 #[derive(Module, Debug)]
 pub struct FcnHead<B: Backend> {
     pub convs: Vec<ConvNormAct<B>>,
-    pub dropout: Dropout,
+    pub dropout: Dropout2d,
     pub conv_seg: Conv2d<B>,
 }
 
@@ -130,7 +129,7 @@ impl<B: Backend> FcnHead<B> {
                     .with_groups(Some(groups))
                     .init(device),
             ],
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout: Dropout2d::new(dropout),
             conv_seg: conv_seg(channels, classes, device),
         }
     }
