@@ -568,7 +568,10 @@ mod tests {
             dropout: 0.1,
         };
         let err = odd.validate().unwrap_err().to_string();
-        assert!(err.contains("a head width of 100 does not split into 32"), "{err}");
+        assert!(
+            err.contains("a head width of 100 does not split into 32"),
+            "{err}"
+        );
         let err = format!(
             "{:#}",
             SegmenterConfig::resolve("semfpn_vvt_tiny_linformer", 150).unwrap_err()
