@@ -454,8 +454,9 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
         assert!(lines[1].starts_with("vvt_tiny,train,f32,224,16,"));
-        assert!(lines[1].ends_with(",1.5000,2.2500"), "{}", lines[1]);
-        assert!(lines[2].ends_with(",,"), "{}", lines[2]);
+        // Memory, then the width (square inputs: the resolution).
+        assert!(lines[1].ends_with(",1.5000,2.2500,224"), "{}", lines[1]);
+        assert!(lines[2].ends_with(",,,384"), "{}", lines[2]);
     }
 
     #[test]
