@@ -84,6 +84,15 @@ pub(crate) struct PeakMemory {
 }
 
 impl PeakMemory {
+    /// Frees the backend's cached memory first, so the peak is this row's own.
+    pub(crate) fn new<B: Backend>(enabled: bool, device: &B::Device) -> Self {
+        B::memory_cleanup(device);
+        Self {
+            enabled,
+            ..Default::default()
+        }
+    }
+
     pub(crate) fn sample(&mut self) {
         if let Some(m) = self.enabled.then(crate::backend::gpu_memory).flatten() {
             self.in_use = self.in_use.max(m.in_use);
@@ -236,11 +245,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
     config.check_input(spec.resolution, spec.resolution)?;
     let shape = [spec.batch, 3, spec.resolution, spec.resolution];
     let classes = config.num_classes();
-    B::memory_cleanup(device);
-    let mut memory = PeakMemory {
-        enabled: spec.gpu,
-        ..Default::default()
-    };
+    let mut memory = PeakMemory::new::<B>(spec.gpu, device);
     let loops = (spec.warmup, spec.iters);
     let (first_s, timed_s, last_loss) = match spec.mode {
         Mode::Infer => {

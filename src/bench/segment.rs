@@ -35,11 +35,7 @@ pub fn run_segmenter<B: AutodiffBackend>(spec: &SegBenchSpec, device: &B::Device
     let (h, w) = spec.size;
     config.check_input(h, w)?;
     let shape = [spec.batch, 3, h, w];
-    B::memory_cleanup(device);
-    let mut memory = PeakMemory {
-        enabled: spec.gpu,
-        ..Default::default()
-    };
+    let mut memory = PeakMemory::new::<B>(spec.gpu, device);
     let loops = (spec.warmup, spec.iters);
     let (first_s, timed_s, last_loss) = match spec.mode {
         Mode::Infer => {

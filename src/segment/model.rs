@@ -357,22 +357,18 @@ pub fn pixel_cross_entropy<B: Backend>(
     );
     let device = logits.device();
     let logits = resize(logits, (h, w), Resample::Bilinear).cast(burn::tensor::DType::F32);
-    let valid: Vec<f32> = labels.iter().map(|&l| f32::from(u8::from(l != IGNORE))).collect();
     // Counted exactly: an f32 sum stops growing at 2^24 pixels.
     let count = labels.iter().filter(|&&l| l != IGNORE).count();
     ensure!(
         count > 0,
         "a training batch has no labelled pixel (every label is {IGNORE})"
     );
-    let index: Vec<i64> = labels
-        .iter()
-        .map(|&l| if l == IGNORE { 0 } else { i64::from(l) })
-        .collect();
-    let index = Tensor::<B, 4, Int>::from_data(TensorData::new(index, [b, h, w, 1]), &device);
-    let valid = Tensor::<B, 4>::from_data(
-        TensorData::new(valid, [b, h, w, 1]),
-        (&device, burn::tensor::DType::F32),
-    );
+    // One upload; the mask of labelled pixels and the gather index are made from it on the device.
+    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    let labels = Tensor::<B, 4, Int>::from_data(TensorData::new(labels, [b, h, w, 1]), &device);
+    let ignored = labels.clone().equal_elem(i64::from(IGNORE));
+    let index = labels.mask_fill(ignored.clone(), 0);
+    let valid = ignored.bool_not().float().cast(burn::tensor::DType::F32);
     let picked = log_softmax(logits, 3).gather(3, index);
     Ok((picked * valid).sum().neg().div_scalar(count as f64))
 }
@@ -539,6 +535,40 @@ mod tests {
             "head.neck.lateral_convs.0.conv.bias"
         );
         assert_eq!(rename_mmseg("backbone.norm4.bias"), "backbone.stages.3.norm.bias");
+    }
+
+    /// The mean of −log softmax at the label over the labelled pixels, computed by hand.
+    #[test]
+    fn pixel_loss_averages_over_labelled_pixels() {
+        type C = crate::backend::Cpu;
+        let device = Default::default();
+        let (b, h, w, k) = (2, 3, 4, 5);
+        let logits: Vec<f32> = (0..b * h * w * k)
+            .map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.5)
+            .collect();
+        let labels: Vec<u8> = (0..b * h * w)
+            .map(|i| if i % 5 == 0 { IGNORE } else { (i % k) as u8 })
+            .collect();
+        let (mut sum, mut n) = (0.0f64, 0);
+        for (p, &l) in labels.iter().enumerate() {
+            if l == IGNORE {
+                continue;
+            }
+            let row = &logits[p * k..(p + 1) * k];
+            let lse = row.iter().map(|&v| f64::from(v).exp()).sum::<f64>().ln();
+            sum += lse - f64::from(row[l as usize]);
+            n += 1;
+        }
+        let x = Tensor::<C, 4>::from_data(TensorData::new(logits, [b, h, w, k]), &device);
+        let loss: f32 = pixel_cross_entropy(x, &labels, [b, h, w])
+            .unwrap()
+            .into_scalar()
+            .elem();
+        assert!(
+            (f64::from(loss) - sum / n as f64).abs() < 1e-5,
+            "{loss} against {}",
+            sum / n as f64
+        );
     }
 
     #[test]
