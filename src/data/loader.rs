@@ -5,6 +5,11 @@
 //! `prefetch + 1` batches exist ahead of the trainer. Every random draw is seeded from
 //! (seed, epoch, sample index) or (seed, epoch, batch index), so batches are bit-identical
 //! whatever the worker count, and an epoch can be resumed at any batch.
+//!
+//! Over several ranks ([`Shard`]), batch `i` of an epoch is the same global batch of
+//! `batch_size × world` images for every world size, and each rank builds its share of it
+//! ([`shard_positions`]): every image is seen once per epoch across the ranks, and mixup/cutmix
+//! pair the same images as one rank with the whole batch would.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +44,45 @@ pub struct LoaderConfig {
     /// Drop corrupt images from their batch (counted by [`Loader::skipped`]) instead of failing.
     pub skip_bad: bool,
     pub augment: AugmentConfig,
+    /// This rank's share of each batch (one rank: all of it).
+    #[serde(default)]
+    pub shard: Shard,
+}
+
+/// A rank's place among the ranks that split every batch; `batch_size` is per rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { rank: 0, world: 1 }
+    }
+}
+
+/// The positions in a global batch of `m` images that `rank` of `world` takes, each rank
+/// `batch` of them.
+///
+/// `paired` (full training batches of an even per-rank size): mixup/cutmix mix position `p` with
+/// `m-1-p` (the flipped batch), so each rank takes whole pairs and lays them out so that its own
+/// flipped batch pairs them again: its pairs' first members in order, then their partners in
+/// reverse order. Otherwise (evaluation, the last partial batch) contiguous slices. One rank
+/// takes the batch as it is.
+pub fn shard_positions(m: usize, batch: usize, shard: Shard, paired: bool) -> Vec<usize> {
+    let Shard { rank, world } = shard;
+    if world == 1 {
+        return (0..m).collect();
+    }
+    if paired && batch.is_multiple_of(2) && m == batch * world {
+        let h = batch / 2;
+        let pairs = rank * h..(rank + 1) * h;
+        return pairs.clone().chain(pairs.rev().map(|p| m - 1 - p)).collect();
+    }
+    let chunk = m.div_ceil(world);
+    let start = (rank * chunk).min(m);
+    (start..(start + chunk).min(m)).collect()
 }
 
 impl LoaderConfig {
@@ -54,6 +98,7 @@ impl LoaderConfig {
             seed: 0,
             skip_bad: false,
             augment,
+            shard: Shard::default(),
         }
     }
 
@@ -117,11 +162,22 @@ impl Loader {
             "image_size must be positive"
         );
         ensure!(!dataset.is_empty(), "dataset {} is empty", dataset.name);
+        let Shard { rank, world } = cfg.shard;
         ensure!(
-            !cfg.drop_last || dataset.len() >= cfg.batch_size,
-            "dataset {} has {} samples, fewer than one batch of {} (drop_last)",
+            world > 0 && rank < world,
+            "rank {rank} is not below the world size {world}"
+        );
+        let global = cfg.batch_size * world;
+        ensure!(
+            !cfg.drop_last || dataset.len() >= global,
+            "dataset {} has {} samples, fewer than one batch of {global} (drop_last)",
             dataset.name,
             dataset.len(),
+        );
+        ensure!(
+            world == 1 || cfg.augment.mixing.is_none() || cfg.batch_size.is_multiple_of(2),
+            "mixup/cutmix over {world} ranks needs an even batch per rank (each rank mixes whole pairs of the global batch); \
+             --batch is {}",
             cfg.batch_size
         );
         let workers = if cfg.workers == 0 {
@@ -152,9 +208,10 @@ impl Loader {
         &self.inner.dataset
     }
 
-    /// Batches per epoch.
+    /// Batches per epoch (global batches, the same count on every rank).
     pub fn len(&self) -> usize {
-        let (n, b) = (self.inner.dataset.len(), self.inner.cfg.batch_size);
+        let cfg = &self.inner.cfg;
+        let (n, b) = (self.inner.dataset.len(), cfg.batch_size * cfg.shard.world);
         if self.inner.cfg.drop_last {
             n / b
         } else {
@@ -228,8 +285,13 @@ impl Inner {
 
     fn build(&self, epoch: usize, index: usize, order: &[usize]) -> Result<Batch> {
         let cfg = &self.cfg;
-        let bs = cfg.batch_size;
-        let ids = &order[index * bs..((index + 1) * bs).min(order.len())];
+        let global = cfg.batch_size * cfg.shard.world;
+        let all = &order[index * global..((index + 1) * global).min(order.len())];
+        let ids: Vec<usize> = shard_positions(all.len(), cfg.batch_size, cfg.shard, cfg.drop_last)
+            .into_iter()
+            .map(|p| all[p])
+            .collect();
+        let ids = &ids[..];
         let [h, w] = cfg.image_size;
         let per = 3 * h * w;
         let mut images = vec![0f32; ids.len() * per];

@@ -42,6 +42,8 @@ pub use dataset::{
     check_same_classes, open_split, open_splits, read_image,
 };
 pub use download::{CIFAR_BASE_URL, Cifar, download_and_unpack, download_cifar};
-pub use loader::{Batch, Epoch, Loader, LoaderConfig, Throughput, measure_throughput};
+pub use loader::{
+    Batch, Epoch, Loader, LoaderConfig, Shard, Throughput, measure_throughput, shard_positions,
+};
 pub use mix::MixInfo;
 pub use randaugment::{RandAugment, parse_randaug};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use vicinity::data::augment::to_chw;
 use vicinity::data::synth::synthetic_dataset;
 use vicinity::data::{
-    AugmentConfig, Batch, Crop, ImageDataset, Loader, LoaderConfig, Mixing, Normalize, measure_throughput,
-    open_split,
+    AugmentConfig, Batch, Crop, ImageDataset, Loader, LoaderConfig, Mixing, Normalize, Shard,
+    measure_throughput, open_split, shard_positions,
 };
 
 const CLASSES: usize = 5;
@@ -35,6 +35,84 @@ fn assert_rows_sum_to_one(b: &Batch) {
         assert!((s - 1.0).abs() < 1e-5, "row sums to {s}: {row:?}");
         assert!(row.iter().all(|&v| v >= 0.0));
     }
+}
+
+/// The loader of rank `rank` of `world`, `per` images per rank.
+fn shard_loader(
+    ds: &Arc<ImageDataset>,
+    augment: AugmentConfig,
+    per: usize,
+    rank: usize,
+    world: usize,
+) -> Loader {
+    let mut cfg = LoaderConfig::train(per, [24, 28], augment);
+    cfg.seed = 3;
+    cfg.workers = 2;
+    cfg.shard = Shard { rank, world };
+    Loader::new(ds.clone(), cfg).unwrap()
+}
+
+#[test]
+fn ranks_split_each_global_batch_and_mix_the_same_pairs() {
+    let ds = dataset();
+    let plane = 3 * 24 * 28;
+    for world in [2, 4] {
+        let per = 8 / world;
+        let one = shard_loader(&ds, AugmentConfig::papers(), 8, 0, 1);
+        let ranks: Vec<Loader> = (0..world)
+            .map(|r| shard_loader(&ds, AugmentConfig::papers(), per, r, world))
+            .collect();
+        assert!(ranks.iter().all(|l| l.len() == one.len()));
+        let mut seen = Vec::new();
+        for (index, whole) in all(&one, 1).into_iter().enumerate() {
+            // Each rank's images, labels and soft targets are the whole batch's rows at its positions.
+            for (r, l) in ranks.iter().enumerate() {
+                let part = l.batch(1, index).unwrap();
+                assert_eq!(part.len(), per);
+                let pos = shard_positions(8, per, Shard { rank: r, world }, true);
+                let k = part.num_classes;
+                for (i, &p) in pos.iter().enumerate() {
+                    assert_eq!(part.indices[i], whole.indices[p]);
+                    assert_eq!(
+                        part.images[i * plane..(i + 1) * plane],
+                        whole.images[p * plane..(p + 1) * plane]
+                    );
+                    let (a, b) = (part.targets.as_ref().unwrap(), whole.targets.as_ref().unwrap());
+                    assert_eq!(a[i * k..(i + 1) * k], b[p * k..(p + 1) * k]);
+                }
+                assert_eq!(part.mix, whole.mix);
+                seen.extend(part.indices);
+            }
+        }
+        // Every image at most once per epoch, and as many as one rank sees.
+        let n = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!((n, seen.len()), (one.len() * 8, one.len() * 8));
+    }
+}
+
+#[test]
+fn evaluation_shards_cover_every_image_once() {
+    let ds = dataset();
+    for world in [1, 2, 3, 5] {
+        let mut seen = Vec::new();
+        for r in 0..world {
+            let mut cfg = LoaderConfig::eval(4, [24, 28], Normalize::IMAGENET);
+            cfg.shard = Shard { rank: r, world };
+            let l = Loader::new(ds.clone(), cfg).unwrap();
+            seen.extend(all(&l, 0).into_iter().flat_map(|b| b.indices));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..ds.len()).collect::<Vec<_>>(), "world {world}");
+    }
+    // Mixing pairs cannot be split over ranks when a rank's batch is odd.
+    let mut cfg = LoaderConfig::train(3, [24, 28], AugmentConfig::papers());
+    cfg.shard = Shard { rank: 0, world: 2 };
+    let err = Loader::new(ds.clone(), cfg)
+        .err()
+        .expect("odd batch with mixing refused");
+    assert!(format!("{err:#}").contains("even batch"), "{err:#}");
 }
 
 #[test]
