@@ -26,6 +26,10 @@
 #            without training). With .carry/peers first the Grad-CAM fixtures; when vvt_tiny seed 0
 #            was among the runs, then `vicinity explain` of it and of an lsagt_cifar_tiny trained for
 #            EXPLAIN_LSAGT (3m), as $OUT/explain.tgz
+#   nccl     data-parallel training: vvt_tiny on CIFAR-10 at 32², NCCL_EPOCHS (3) epochs at a global batch
+#            of 512, bf16: the plain path, then `vicinity launch --nproc N` for N = 1, 2, 4, 8 GPUs as the
+#            machine has them (NCCL; the loss curves should agree, images/s scale); needs
+#            .carry/cifar10-jpeg.tar.zst. Logs and metrics as $OUT/nccl-*.log
 #   segtrain Semantic FPN on vvt_tiny (SEG_MODEL) trained for SEG_BUDGET (4m) on the composed Fashion-MNIST
 #            dataset (`vicinity seg-data` from .carry/fashion-mnist, SEG_SIZE² canvases, 256), SEG_ARGS; then
 #            seg-eval whole and sliding, and `vicinity segment` pictures, as $OUT/segtrain.tgz
@@ -122,6 +126,28 @@ if has train; then
     "$BIN" --backend cuda eval --weights /tmp/run/last/model.safetensors --data "$data" --split test \
       --tta-flip --out /tmp/eval-tta &&
     cp /tmp/run/metrics.csv /tmp/run/curves.png /tmp/run/config.json /tmp/eval-tta/summary.json "$OUT/"
+fi
+
+if has nccl; then
+  # NCCL from PyTorch's wheel when the system has none on the library path.
+  NCCL_LIB=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null)
+  [ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$NCCL_LIB
+  gpus=$(nvidia-smi -L | wc -l)
+  echo "== nccl: ${NCCL_MODEL:=vvt_tiny} on CIFAR-10 at 32², plain, then through NCCL on 1..$gpus GPUs (same global batch)"
+  data=.carry/cifar10-jpeg.tar.zst
+  common="--model $NCCL_MODEL --data $data --recipe cifar-fast --resolution 32 --dtype bf16 --epochs ${NCCL_EPOCHS:-3}
+    --lr 3e-3 --drop-path 0 --eval-every 1 --seed 0"
+  "$BIN" --backend cuda train $common --batch 512 --out /tmp/nccl-plain > "$OUT/nccl-plain.log" 2>&1
+  runs="/tmp/nccl-plain"
+  for n in 1 2 4 8; do
+    [ "$n" -le "$gpus" ] || break
+    "$BIN" --backend cuda launch --nproc $n train $common --batch $((512 / n)) --out /tmp/nccl-$n \
+      > "$OUT/nccl-$n.log" 2>&1 || tail -5 "$OUT/nccl-$n.log"
+    runs="$runs /tmp/nccl-$n"
+  done
+  for r in $runs; do
+    echo "$r"; cut -d, -f1-5,12 "$r/metrics.csv" 2>/dev/null | column -t -s,
+  done
 fi
 
 if has kinds; then

@@ -7,6 +7,20 @@ pub type Cpu = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda<f32, i32>;
 
+/// The GPU this process drives: its local rank in a multi-process job (one process per GPU),
+/// else 0. When each process sees a single GPU (`CUDA_VISIBLE_DEVICES` set per task, as SLURM
+/// can), that one.
+#[cfg(feature = "cuda")]
+pub fn gpu_device() -> burn::backend::cuda::CudaDevice {
+    let local = crate::dist::local_device_index();
+    let count = cudarc::driver::result::init()
+        .ok()
+        .and_then(|()| cudarc::driver::result::device::get_count().ok())
+        .unwrap_or(0) as usize;
+    let index = if count == 1 { 0 } else { local };
+    burn::backend::cuda::CudaDevice::new(index)
+}
+
 /// Which backend a command runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
@@ -156,7 +170,8 @@ impl Dtype {
     }
 }
 
-/// Whether `B` is the CUDA backend (plain or under autodiff), where memory statistics exist.
+/// Whether `B` is the CUDA backend (plain or under autodiff), where memory statistics exist and
+/// NCCL works on the tensors.
 pub fn is_cuda<B: burn::prelude::Backend>() -> bool {
     #[cfg(feature = "cuda")]
     {

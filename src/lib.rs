@@ -14,6 +14,7 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod explain;
 pub mod flops;
 pub mod io;

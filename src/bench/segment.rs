@@ -3,6 +3,7 @@
 //! its inference (forward and upsampling to the input, as mmseg's whole-image test) on random
 //! images of any `height×width`.
 
+use super::SOLO;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -69,7 +70,7 @@ pub fn run_segmenter<B: AutodiffBackend>(spec: &SegBenchSpec, device: &B::Device
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             sync::<B>(device)?;
             memory.sample();
-            let model = optim.step(model, grads, 1e-4, None, None).0;
+            let model = optim.step(model, grads, 1e-4, None, None)?.0;
             sync::<B>(device)?;
             memory.sample();
             let first = start.elapsed().as_secs_f64();
@@ -80,7 +81,7 @@ pub fn run_segmenter<B: AutodiffBackend>(spec: &SegBenchSpec, device: &B::Device
                 let loss = seg_loss(out, &labels, size, aux).expect("the labels fill the batch");
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 last = Some(loss.inner());
-                optim.step(model, grads, 1e-4, None, None).0
+                optim.step(model, grads, 1e-4, None, None).expect(SOLO).0
             };
             let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;
             (first, timed, last.map(|l| l.into_scalar().elem::<f32>()))

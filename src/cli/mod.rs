@@ -8,6 +8,7 @@ mod ablate;
 mod bench;
 mod check;
 mod explain;
+mod launch;
 mod models;
 mod segment;
 mod train;
@@ -119,6 +120,9 @@ pub enum Command {
     Segment(Box<segment::SegmentArgs>),
     /// Compose the Fashion-MNIST segmentation demo dataset (image/mask pairs).
     SegData(segment::SegDataArgs),
+    /// Start the local ranks of a multi-GPU job, like torchrun: `launch --nproc 8 train ...`.
+    /// See docs/DISTRIBUTED.md.
+    Launch(launch::LaunchArgs),
 }
 
 /// Runs `$body` with `$b` bound to the autodiff backend that `$kind` names and `$device` to its
@@ -134,7 +138,7 @@ macro_rules! on_backend {
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => {
                 type $b = burn::backend::Autodiff<crate::backend::Gpu>;
-                let $device = Default::default();
+                let $device = crate::backend::gpu_device();
                 $body
             }
             #[allow(unreachable_patterns)]
@@ -167,6 +171,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::CheckKernels(a) => check::check_command(a, cli.settings.prepare()?, cli.settings.matmul)?,
         Command::SegData(a) => segment::seg_data_command(a)?,
+        Command::Launch(a) => {
+            let code = launch::launch_command(a, &cli.settings)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
         command => {
             let backend = cli.settings.prepare()?;
             on_backend!(backend, |B, device| match command {
@@ -185,7 +193,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 | Command::Flops(_)
                 | Command::Compare(_)
                 | Command::CheckKernels(_)
-                | Command::SegData(_) => {
+                | Command::SegData(_)
+                | Command::Launch(_) => {
                     unreachable!("run without a backend")
                 }
             })
@@ -218,7 +227,7 @@ mod tests {
                 sub.get_name()
             );
         }
-        assert_eq!(seen.len(), 16);
+        assert_eq!(seen.len(), 17);
         let convert = cli.find_subcommand("convert").expect("convert");
         assert!(convert.get_about().unwrap().to_string().contains("official .pth"));
         let check = cli.find_subcommand("check-kernels").expect("check-kernels");

@@ -338,6 +338,13 @@ fn report(outcome: &TrainOutcome) {
 /// `vicinity train` on backend `B`.
 pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<()> {
     crate::train::signals::install_interrupt_handler();
+    // One rank of a job when launched by `vicinity launch`, torchrun or srun; alone otherwise.
+    let dist = crate::dist::join(crate::backend::is_cuda::<B>())?;
+    let report = |outcome: &TrainOutcome| {
+        if dist.is_main() {
+            report(outcome)
+        }
+    };
     if let Some(dir) = &args.resume {
         let ignored = args.ignored_on_resume();
         if !ignored.is_empty() {
@@ -355,10 +362,13 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
             debug_nan_at_step: args.debug_nan_at_step,
             quiet: false,
         };
-        report(&trainer::resume::<B>(dir, opts, device)?);
-        return Ok(());
+        report(&trainer::resume_on::<B>(dir, opts, device, &dist)?);
+        return dist.finish();
     }
     if args.quick {
+        if dist.world() > 1 {
+            bail!("--quick is a one-process demo; run it without a launcher");
+        }
         let budget = args.budget.unwrap_or(90.0);
         let data = PathBuf::from("runs/quick-data");
         eprintln!("quick demo: drawing the shapes dataset in {} ...", data.display());
@@ -391,9 +401,16 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
         );
         return Ok(());
     }
-    let cfg = args.to_config()?;
-    report(&trainer::train::<B>(cfg, device)?);
-    Ok(())
+    let mut cfg = args.to_config()?;
+    if dist.world() > 1 {
+        // Rank 0 names the run directory for all (the default one carries the time).
+        let out = dist
+            .collective()
+            .broadcast(cfg.out.to_string_lossy().into_owned().into_bytes())?;
+        cfg.out = PathBuf::from(String::from_utf8(out).context("the run directory from rank 0")?);
+    }
+    report(&trainer::train_on::<B>(cfg, device, &dist)?);
+    dist.finish()
 }
 
 /// `vicinity eval`.

@@ -248,7 +248,7 @@ impl<B: FusedBackend, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
 }
 
 /// Moves `a` into a `T` when they are the same type (checked by the callers with `TypeId`).
-fn same<A: 'static, T: 'static>(a: A) -> T {
+pub(crate) fn same<A: 'static, T: 'static>(a: A) -> T {
     let mut slot = Some(a);
     (&mut slot as &mut dyn Any)
         .downcast_mut::<Option<T>>()

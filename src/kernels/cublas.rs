@@ -177,6 +177,9 @@ pub fn install() -> bool {
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use gpu::bind_context;
+
+#[cfg(feature = "cuda")]
 mod gpu {
     use std::any::Any;
     use std::collections::HashMap;
@@ -361,7 +364,7 @@ mod gpu {
     }
 
     /// Makes `device`'s primary context (the one CubeCL uses) current on this thread.
-    fn bind_context(device: usize) -> Result<(), String> {
+    pub(crate) fn bind_context(device: usize) -> Result<(), String> {
         thread_local! {
             static BOUND: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
         }

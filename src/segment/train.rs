@@ -525,7 +525,7 @@ impl<B: AutodiffBackend> SegSession<B> {
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = self.cfg().lr_at(self.state.iter, self.state.total);
         let clip = self.cfg().clip;
-        let (model, _) = self.optim.step(model, grads, lr, clip, None);
+        let (model, _) = self.optim.step(model, grads, lr, clip, None)?;
         self.model = model;
         self.pending.push(Pending {
             step: self.state.iter,

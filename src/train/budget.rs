@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -179,7 +179,7 @@ impl<B: AutodiffBackend> Session<B> {
             let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
             let loss = soft_cross_entropy(model.forward(x), t);
             let grads = GradientsParams::from_grads(loss.clone().backward(), &model);
-            model = optim.step(model, grads, lr, clip, None).0;
+            model = optim.step(model, grads, lr, clip, None)?.0;
             let _ = loss.into_scalar();
             times.push(t0.elapsed().as_secs_f64());
             // First step compiles; then at least 3 timed steps or 3% of the budget.
@@ -219,6 +219,7 @@ impl<B: AutodiffBackend> Session<B> {
         self.save_s = Some(save_s);
         let plan = self.plan_budget(budget, self.elapsed(), step_s)?;
         self.apply_plan(plan);
+        self.agree_on_schedule()?;
         self.save(false)?; // the initial checkpoint again, now with the sized schedule
         self.step_s = Some(step_s);
         self.progress.line(&format!(
@@ -295,6 +296,18 @@ impl<B: AutodiffBackend> Session<B> {
             reserve_s: reserve_s(budget, save_s),
             epoch_overhead_s: save_s,
         })
+    }
+
+    /// Every rank takes rank 0's schedule (each timed its own steps; rank 0's plan is the one).
+    pub(super) fn agree_on_schedule(&mut self) -> Result<()> {
+        if self.dist.world() == 1 {
+            return Ok(());
+        }
+        let mine = serde_json::to_vec(&(self.state.epochs, self.state.schedule))?;
+        let theirs = self.dist.collective().broadcast(mine)?;
+        (self.state.epochs, self.state.schedule) =
+            serde_json::from_slice(&theirs).context("the schedule from rank 0")?;
+        Ok(())
     }
 
     fn apply_plan(&mut self, plan: BudgetPlan) {

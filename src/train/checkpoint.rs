@@ -334,6 +334,9 @@ impl<B: AutodiffBackend> Session<B> {
     /// state are copied to the host here; the files are written on the writer thread.
     pub(super) fn save(&mut self, best: bool) -> Result<()> {
         self.state.elapsed_s = self.elapsed();
+        if !self.dist.is_main() {
+            return Ok(()); // rank 0 writes for every rank (they hold the same weights)
+        }
         let config = self.state.model.clone();
         // Each optimizer buffer comes to the host once; the files are serialised on the writer
         // thread. Before the first step (no buffers yet) the model is read parameter by

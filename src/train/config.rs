@@ -39,7 +39,11 @@ pub struct TrainConfig {
     pub val_split: String,
     /// Square input size; `None` is the model's own.
     pub resolution: Option<usize>,
+    /// Images per step and rank (per GPU, as in the authors' code).
     pub batch_size: usize,
+    /// Ranks the run started with: a step takes `batch_size × world_size` images.
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub eval_batch_size: usize,
     pub epochs: usize,
     /// Wall-clock budget in seconds: sizes epochs and schedule to fit (overrides `epochs`).
@@ -95,6 +99,7 @@ impl TrainConfig {
             val_split: "auto".into(),
             resolution: None,
             batch_size: 128,
+            world_size: 1,
             eval_batch_size: 256,
             epochs: 300,
             budget_s: None,
@@ -138,10 +143,29 @@ impl TrainConfig {
         }
     }
 
-    /// The peak learning rate: `lr`, times `batch/512` when the recipe scales it.
+    /// Images per step over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.batch_size * self.world_size
+    }
+
+    /// The batch per rank when the run continues on `world` ranks (the global batch stays).
+    pub fn batch_on(&self, world: usize) -> Result<usize> {
+        let global = self.global_batch();
+        if world == 0 || !global.is_multiple_of(world) {
+            bail!(
+                "this run takes {global} images per step ({} per rank on {} ranks), which {world} ranks cannot share evenly; \
+                 resume it on a world size that divides {global}",
+                self.batch_size,
+                self.world_size
+            );
+        }
+        Ok(global / world)
+    }
+
+    /// The peak learning rate: `lr`, times `global batch/512` when the recipe scales it.
     pub fn peak_lr(&self) -> f64 {
         if self.lr_per_512 {
-            self.lr * self.batch_size as f64 / 512.0
+            self.lr * self.global_batch() as f64 / 512.0
         } else {
             self.lr
         }
@@ -150,7 +174,7 @@ impl TrainConfig {
     /// The cosine schedule's floor: `min_lr`, scaled like [`Self::peak_lr`].
     pub fn floor_lr(&self) -> f64 {
         if self.lr_per_512 {
-            self.min_lr * self.batch_size as f64 / 512.0
+            self.min_lr * self.global_batch() as f64 / 512.0
         } else {
             self.min_lr
         }
@@ -237,4 +261,8 @@ pub fn normalize_by_name(name: &str) -> Result<Normalize> {
         "cifar100" => Normalize::CIFAR100,
         _ => bail!("unknown normalisation '{name}' (imagenet, cifar10, cifar100)"),
     })
+}
+
+fn one() -> usize {
+    1
 }

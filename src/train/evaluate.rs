@@ -8,6 +8,29 @@ use super::metrics::EvalAccumulator;
 use crate::data::Loader;
 use crate::models::Model;
 
+/// Adds up the accumulators of every rank (each evaluated its shard of the split): the exact
+/// totals of the whole split, on every rank.
+pub fn all_reduce(acc: &mut EvalAccumulator, dist: &crate::dist::Dist) -> Result<()> {
+    if dist.world() == 1 {
+        return Ok(());
+    }
+    let mut v: Vec<f64> = [acc.count as f64, acc.top1 as f64, acc.top5 as f64, acc.loss_sum]
+        .into_iter()
+        .chain(acc.confusion.iter().map(|&c| c as f64))
+        .collect();
+    dist.sum_f64(&mut v)?;
+    // Counts below 2^53 are exact in f64.
+    acc.count = v[0] as u64;
+    acc.top1 = v[1] as u64;
+    acc.top5 = v[2] as u64;
+    acc.loss_sum = v[3];
+    acc.confusion
+        .iter_mut()
+        .zip(&v[4..])
+        .for_each(|(c, &t)| *c = t as u64);
+    Ok(())
+}
+
 /// Runs `model` over every batch of `loader` and accumulates the metrics (with the mirror-image
 /// test-time augmentation of [`Model::forward_tta`] when `flip` is set).
 pub fn evaluate<B: Backend>(
@@ -19,6 +42,7 @@ pub fn evaluate<B: Backend>(
     let k = loader.dataset().num_classes();
     let mut acc = EvalAccumulator::new(k);
     for batch in loader.epoch(0, 0) {
+        crate::dist::watchdog::beat(None);
         let b = batch?;
         let [h, w] = b.size;
         let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [b.labels.len(), 3, h, w]), device);

@@ -189,6 +189,8 @@ pub struct AdamW<B: Backend> {
     grouping: Grouping,
     /// Laid out at the first step (or when a checkpoint is loaded).
     groups: Vec<Group<B>>,
+    /// Averages the gradients over the ranks of a multi-process run.
+    dist: crate::dist::Dist,
 }
 
 /// Exponential moving average of the weights (f32), updated after each optimizer step with
@@ -261,7 +263,15 @@ impl<B: Backend> AdamW<B> {
             master_weights,
             grouping,
             groups: Vec::new(),
+            dist: crate::dist::Dist::solo(),
         }
+    }
+
+    /// Averages each step's gradients over the ranks of `dist` (in f32, one collective per
+    /// parameter group) before the norm, clipping and the update, so that every rank takes the
+    /// step one rank would take with the whole global batch.
+    pub fn set_dist(&mut self, dist: crate::dist::Dist) {
+        self.dist = dist;
     }
 
     pub fn has_master_weights(&self) -> bool {
@@ -327,7 +337,7 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         clip: Option<f64>,
         mut ema: Option<&mut Ema<B>>,
-    ) -> (M, StepStats<B>)
+    ) -> Result<(M, StepStats<B>)>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -337,11 +347,18 @@ impl<B: Backend> AdamW<B> {
         }
         let device = self.groups[0].weights.device();
         let mut named = take_grads::<AB, M>(&model, &mut grads);
-        let gathered: Vec<Option<Tensor<B, 1>>> = self
+        let mut gathered: Vec<Option<Tensor<B, 1>>> = self
             .groups
             .iter()
             .map(|g| g.gather(&mut named, &device))
             .collect();
+        if self.dist.world() > 1 || self.dist.uses_nccl() {
+            for g in gathered.iter_mut() {
+                if let Some(t) = g.take() {
+                    *g = Some(self.dist.mean(to_f32(t))?);
+                }
+            }
+        }
         let grad_norm = gathered
             .iter()
             .flatten()
@@ -399,7 +416,7 @@ impl<B: Backend> AdamW<B> {
             values: updated,
             _b: std::marker::PhantomData,
         });
-        (model, StepStats { grad_norm })
+        Ok((model, StepStats { grad_norm }))
     }
 
     /// The f32 master copy of each parameter (bf16 training), or `None`.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 
 use super::config::TrainConfig;
-use crate::data::{ImageDataset, Loader, LoaderConfig, MissingSplit, check_same_classes, open_splits};
+use crate::data::{ImageDataset, Loader, LoaderConfig, MissingSplit, Shard, check_same_classes, open_splits};
 use crate::models::ModelConfig;
 
 /// Whether `err` says that the split `name` does not exist.
@@ -79,18 +79,27 @@ pub fn resolve_model(cfg: &TrainConfig, data_classes: usize) -> Result<(ModelCon
     Ok((model, res))
 }
 
+/// The training and validation loaders of one rank of `dist` (each takes its share of every
+/// global batch).
 pub(super) fn loaders(
     cfg: &TrainConfig,
     train: ImageDataset,
     val: ImageDataset,
     res: usize,
+    dist: &crate::dist::Dist,
 ) -> Result<(Loader, Loader)> {
-    let mut tc = LoaderConfig::train(cfg.batch_size, [res, res], cfg.augment.clone());
+    let shard = Shard {
+        rank: dist.rank(),
+        world: dist.world(),
+    };
+    let mut tc = LoaderConfig::train(cfg.batch_on(dist.world())?, [res, res], cfg.augment.clone());
     tc.seed = cfg.seed;
     tc.workers = cfg.workers;
     tc.skip_bad = cfg.skip_bad;
+    tc.shard = shard;
     let mut vc = LoaderConfig::eval(cfg.eval_batch_size, [res, res], cfg.normalize());
     vc.workers = cfg.workers;
+    vc.shard = shard;
     let train_loader = Loader::new(Arc::new(train), tc).context("training data")?;
     let val_loader = Loader::new(Arc::new(val), vc).context("validation data")?;
     Ok((train_loader, val_loader))

@@ -20,7 +20,7 @@ use burn::tensor::{DType, FloatDType, TensorData};
 use super::budget::{format_duration, margin_s};
 use super::checkpoint::{self, EMA_FILE, MODEL_FILE, OPTIM_FILE, RunState, STATE_FILE, read_all_f32};
 use super::config::TrainConfig;
-use super::evaluate::evaluate;
+use super::evaluate::{all_reduce, evaluate};
 use super::loss::{one_hot, soft_cross_entropy};
 use super::metrics::{EpochMetrics, EvalSummary, history_csv, history_jsonl};
 use super::optim::{AdamW, Ema};
@@ -31,6 +31,7 @@ use super::setup::{loaders, open_data, resolve_model};
 use super::signals;
 use crate::backend::Dtype;
 use crate::data::Loader;
+use crate::dist::Dist;
 use crate::models::Model;
 use crate::weights;
 
@@ -66,38 +67,32 @@ pub(crate) fn mix_seed(seed: u64, n: u64) -> u64 {
 }
 
 /// Starts a new run in `cfg.out`.
-pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Result<TrainOutcome> {
+pub fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device) -> Result<TrainOutcome> {
+    train_on::<B>(cfg, device, &Dist::solo())
+}
+
+/// Starts a new run as one rank of `dist`: `cfg.batch_size` images per rank and step; rank 0
+/// alone writes the run directory and prints progress.
+pub fn train_on<B: AutodiffBackend>(
+    mut cfg: TrainConfig,
+    device: &B::Device,
+    dist: &Dist,
+) -> Result<TrainOutcome> {
     let start = Instant::now();
+    cfg.world_size = dist.world();
     cfg.validate()?;
     let run_dir = cfg.out.clone();
-    let _lock = checkpoint::lock_run(&run_dir)?;
-    if checkpoint::resolve(&run_dir, "last").is_some() {
-        bail!(
-            "{} already holds a run; continue it with --resume {} or pick another --out",
-            run_dir.display(),
-            run_dir.display()
-        );
+    let _lock = dist
+        .is_main()
+        .then(|| checkpoint::lock_run(&run_dir))
+        .transpose()?;
+    if dist.is_main() {
+        check_new_run_dir(&run_dir)?;
     }
-    // A new run never writes over another's results (a `best/` or metrics without `last/`).
-    let held: Vec<String> = std::fs::read_dir(&run_dir)
-        .with_context(|| format!("cannot list {}", run_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        // A run that failed before its first checkpoint leaves only its config.json: retrying
-        // in the same folder is allowed.
-        .filter(|n| !n.starts_with('.') && n != "config.json")
-        .collect();
-    if !held.is_empty() {
-        bail!(
-            "{} is not empty (it holds {}); a new run starts in an empty or new folder: pick another --out",
-            run_dir.display(),
-            held.join(", ")
-        );
-    }
-    checkpoint::check_writable(&run_dir)?;
     // The data path is kept absolute, so the run can be resumed from any folder.
     cfg.data = std::path::absolute(&cfg.data)
         .with_context(|| format!("cannot resolve the data path {}", cfg.data.display()))?;
-    let mut progress = Progress::new(cfg.quiet);
+    let mut progress = Progress::new(cfg.quiet || !dist.is_main());
     let (train_ds, val_ds, val_split) = open_data(&cfg)?;
     cfg.val_split = val_split;
     let classes = train_ds.classes.clone();
@@ -106,8 +101,9 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
     B::seed(device, cfg.seed);
     let model: Model<B> = model_cfg.init(device)?;
     materialize(&model);
+    let model = dist.broadcast_module(model)?;
     progress.line(&format!(
-        "training {} ({} parameters) on {} [{}: {} images, {}: {} images, {} classes] at {res}x{res}, {:?}",
+        "training {} ({} parameters) on {} [{}: {} images, {}: {} images, {} classes] at {res}x{res}, {:?}{}",
         cfg.model_name,
         crate::cli::group_thousands(model.num_params() as u64),
         cfg.data.display(),
@@ -116,11 +112,13 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         cfg.val_split,
         val_ds.len(),
         classes.len(),
-        cfg.dtype
+        cfg.dtype,
+        ranks_note(dist)
     ));
-    let (train_loader, val_loader) = loaders(&cfg, train_ds, val_ds, res)?;
+    let (train_loader, val_loader) = loaders(&cfg, train_ds, val_ds, res, dist)?;
     let steps_per_epoch = train_loader.len();
-    let optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    let mut optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    optim.set_dist(dist.clone());
     let ema = cfg.ema.map(Ema::new);
     let total = (cfg.epochs * steps_per_epoch) as u64;
     let state = RunState {
@@ -153,22 +151,65 @@ pub fn train<B: AutodiffBackend>(mut cfg: TrainConfig, device: &B::Device) -> Re
         finished: false,
         config: cfg,
     };
-    weights::write_atomic(
-        &run_dir.join("config.json"),
-        &serde_json::to_vec_pretty(&state.config)?,
-    )?;
+    if dist.is_main() {
+        weights::write_atomic(
+            &run_dir.join("config.json"),
+            &serde_json::to_vec_pretty(&state.config)?,
+        )?;
+    }
     let parts = Parts {
         model,
         optim,
         ema,
         loaders: (train_loader, val_loader),
     };
-    let mut session = Session::new(device, parts, progress, start, state);
+    let mut session = Session::new(device, parts, progress, start, state, dist.clone());
     if let Some(budget) = session.state.config.budget_s {
         session.size_to_budget(budget)?;
     }
     session.describe();
     session.run()
+}
+
+/// ", on N ranks" when there are several.
+fn ranks_note(dist: &Dist) -> String {
+    let how = if dist.uses_nccl() {
+        "NCCL"
+    } else {
+        "host collectives"
+    };
+    match dist.world() {
+        1 if dist.uses_nccl() => format!(", on 1 rank ({how})"),
+        1 => String::new(),
+        n => format!(", on {n} ranks ({how})"),
+    }
+}
+
+/// Refuses a folder that already holds a run or other results; checks it can be written.
+fn check_new_run_dir(run_dir: &Path) -> Result<()> {
+    if checkpoint::resolve(run_dir, "last").is_some() {
+        bail!(
+            "{} already holds a run; continue it with --resume {} or pick another --out",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    // A new run never writes over another's results (a `best/` or metrics without `last/`).
+    let held: Vec<String> = std::fs::read_dir(run_dir)
+        .with_context(|| format!("cannot list {}", run_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        // A run that failed before its first checkpoint leaves only its config.json: retrying
+        // in the same folder is allowed.
+        .filter(|n| !n.starts_with('.') && n != "config.json")
+        .collect();
+    if !held.is_empty() {
+        bail!(
+            "{} is not empty (it holds {}); a new run starts in an empty or new folder: pick another --out",
+            run_dir.display(),
+            held.join(", ")
+        );
+    }
+    checkpoint::check_writable(run_dir)
 }
 
 /// What may change when a run is resumed (everything else comes from the run).
@@ -190,6 +231,17 @@ pub fn resume<B: AutodiffBackend>(
     opts: ResumeOptions,
     device: &B::Device,
 ) -> Result<TrainOutcome> {
+    resume_on::<B>(run_dir, opts, device, &Dist::solo())
+}
+
+/// Continues a run as one rank of `dist`, on any world size that divides the run's global
+/// batch: the same global batches in the same order, each rank taking its share.
+pub fn resume_on<B: AutodiffBackend>(
+    run_dir: &Path,
+    opts: ResumeOptions,
+    device: &B::Device,
+    dist: &Dist,
+) -> Result<TrainOutcome> {
     let start = Instant::now();
     let ck = checkpoint::resolve(run_dir, "last").with_context(|| {
         format!(
@@ -198,7 +250,10 @@ pub fn resume<B: AutodiffBackend>(
             run_dir.display()
         )
     })?;
-    let _lock = checkpoint::lock_run(run_dir)?;
+    let _lock = dist
+        .is_main()
+        .then(|| checkpoint::lock_run(run_dir))
+        .transpose()?;
     let mut state = RunState::read(&ck)?;
     let cfg = &mut state.config;
     cfg.out = run_dir.to_path_buf();
@@ -216,7 +271,7 @@ pub fn resume<B: AutodiffBackend>(
     cfg.stop_at_step = opts.stop_at_step;
     cfg.debug_nan_at_step = opts.debug_nan_at_step;
     cfg.quiet = opts.quiet;
-    let mut progress = Progress::new(cfg.quiet);
+    let mut progress = Progress::new(cfg.quiet || !dist.is_main());
     if state.finished {
         progress.line(&format!(
             "{} is already finished ({} epochs)",
@@ -231,7 +286,9 @@ pub fn resume<B: AutodiffBackend>(
             state,
         });
     }
-    checkpoint::check_writable(run_dir)?;
+    if dist.is_main() {
+        checkpoint::check_writable(run_dir)?;
+    }
     let (train_ds, val_ds, _) = open_data(cfg).with_context(|| {
         format!(
             "opening the run's data {} (if it has moved, give its new place with --data)",
@@ -250,6 +307,7 @@ pub fn resume<B: AutodiffBackend>(
         model
     };
     let mut optim = AdamW::new(cfg.optimizer, cfg.dtype == Dtype::Bf16);
+    optim.set_dist(dist.clone());
     // Keyed by parameter name, as this version names parameters.
     let optim_state = read_all_f32(&ck.join(OPTIM_FILE))?
         .into_iter()
@@ -276,7 +334,7 @@ pub fn resume<B: AutodiffBackend>(
         }
         None => None,
     };
-    let (train_loader, val_loader) = loaders(cfg, train_ds, val_ds, state.resolution)?;
+    let (train_loader, val_loader) = loaders(cfg, train_ds, val_ds, state.resolution, dist)?;
     if train_loader.len() != state.steps_per_epoch {
         bail!(
             "the training split now gives {} batches per epoch, the run had {}; was the dataset changed?",
@@ -285,12 +343,13 @@ pub fn resume<B: AutodiffBackend>(
         );
     }
     progress.line(&format!(
-        "resuming {} at epoch {}, batch {} (step {}/{})",
+        "resuming {} at epoch {}, batch {} (step {}/{}){}",
         run_dir.display(),
         state.epoch + 1,
         state.batch,
         state.global_step,
-        state.schedule.total_steps
+        state.schedule.total_steps,
+        ranks_note(dist)
     ));
     let loaders = (train_loader, val_loader);
     let parts = Parts {
@@ -299,7 +358,7 @@ pub fn resume<B: AutodiffBackend>(
         ema,
         loaders,
     };
-    let session = Session::new(device, parts, progress, start, state);
+    let session = Session::new(device, parts, progress, start, state, dist.clone());
     session.run()
 }
 
@@ -347,6 +406,8 @@ pub(super) struct Session<B: AutodiffBackend> {
     window: Option<(Instant, u64)>,
     pub(super) writer: checkpoint::Writer,
     pub(super) state: RunState,
+    /// The ranks of a multi-process run (one alone otherwise).
+    pub(super) dist: Dist,
 }
 
 impl<B: AutodiffBackend> Session<B> {
@@ -357,6 +418,7 @@ impl<B: AutodiffBackend> Session<B> {
         progress: Progress,
         started: Instant,
         state: RunState,
+        dist: Dist,
     ) -> Self {
         let Parts {
             model,
@@ -384,6 +446,7 @@ impl<B: AutodiffBackend> Session<B> {
             window: None,
             writer: checkpoint::Writer::default(),
             state,
+            dist,
         }
     }
 
@@ -398,12 +461,16 @@ impl<B: AutodiffBackend> Session<B> {
     fn describe(&mut self) {
         let s = self.state.schedule;
         let c = &self.state.config;
+        let batch = match self.dist.world() {
+            1 => c.batch_size.to_string(),
+            n => format!("{} ({} per rank x {n})", c.global_batch(), c.global_batch() / n),
+        };
         let text = format!(
             "schedule: {} epochs x {} steps = {} steps, batch {}, lr {:.3e} (warm-up {} steps, cosine to {:.1e}), wd {}, clip {}, ema {}, run dir {}",
             self.state.epochs,
             self.state.steps_per_epoch,
             s.total_steps,
-            c.batch_size,
+            batch,
             s.peak,
             s.warmup_steps,
             s.min,
@@ -424,7 +491,13 @@ impl<B: AutodiffBackend> Session<B> {
         if self.cfg().debug_nan_at_step == Some(self.state.global_step) {
             images.iter_mut().for_each(|v| *v = f32::NAN);
         }
-        let step_seed = mix_seed(self.cfg().seed, self.state.global_step);
+        crate::dist::watchdog::beat(Some(self.state.global_step));
+        crate::dist::debug_fault(&self.dist, self.state.global_step);
+        let mut step_seed = mix_seed(self.cfg().seed, self.state.global_step);
+        if self.dist.world() > 1 {
+            // Each rank draws its own drop-path masks, as with one seed per process in DDP.
+            step_seed = mix_seed(step_seed, self.dist.rank() as u64);
+        }
         B::seed(&self.device, step_seed);
         crate::attention::performer::seed_draws(step_seed);
         let x = Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), &self.device);
@@ -435,7 +508,7 @@ impl<B: AutodiffBackend> Session<B> {
         let loss_value = loss.clone().inner();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let clip = self.cfg().clip;
-        let (model, stats) = self.optim.step(model, grads, lr, clip, self.ema.as_mut());
+        let (model, stats) = self.optim.step(model, grads, lr, clip, self.ema.as_mut())?;
         self.model = model;
         if self.ema.is_some() {
             self.state.ema_updates += 1;
@@ -449,7 +522,8 @@ impl<B: AutodiffBackend> Session<B> {
         });
         self.state.global_step += 1;
         self.state.batch = batch.index + 1;
-        self.state.epoch_images += n as u64;
+        // Images of the global batch (every rank took its share).
+        self.state.epoch_images += (n * self.dist.world()) as u64;
         Ok(())
     }
 
@@ -461,8 +535,15 @@ impl<B: AutodiffBackend> Session<B> {
         let pending = std::mem::take(&mut self.pending);
         let losses: Vec<Tensor<B::InnerBackend, 1>> = pending.iter().map(|p| p.loss.clone()).collect();
         let norms: Vec<Tensor<B::InnerBackend, 1>> = pending.iter().map(|p| p.grad_norm.clone()).collect();
-        let (_, losses) = crate::io::to_host(Tensor::cat(losses, 0))?;
+        let (_, mut losses) = crate::io::to_host(Tensor::cat(losses, 0))?;
         let (_, norms) = crate::io::to_host(Tensor::cat(norms, 0))?;
+        if self.dist.world() > 1 {
+            // The global batch's loss: the mean of the ranks' (equal-sized) shares.
+            let mut sums: Vec<f64> = losses.iter().map(|&l| f64::from(l)).collect();
+            self.dist.sum_f64(&mut sums)?;
+            let n = self.dist.world() as f64;
+            losses = sums.iter().map(|&s| (s / n) as f32).collect();
+        }
         for ((p, &loss), &norm) in pending.iter().zip(&losses).zip(&norms) {
             if !loss.is_finite() || !norm.is_finite() {
                 let what = if loss.is_finite() {
@@ -525,10 +606,11 @@ impl<B: AutodiffBackend> Session<B> {
         let (speed, eta) = match self.step_s {
             Some(step_s) => {
                 let remaining = total.saturating_sub(s.global_step) as f64 * step_s;
+                let images = self.cfg().global_batch() as f64;
                 let epochs_left = s.epochs.saturating_sub(s.epoch) as f64;
                 let evals = self.eval_s.unwrap_or(0.0) * (epochs_left / self.cfg().eval_every as f64).ceil();
                 (
-                    format!("{:.0} img/s", self.cfg().batch_size as f64 / step_s),
+                    format!("{:.0} img/s", images / step_s),
                     format_duration(remaining + evals),
                 )
             }
@@ -547,9 +629,14 @@ impl<B: AutodiffBackend> Session<B> {
 
     fn evaluate_models(&mut self) -> Result<(EvalSummary, Option<EvalSummary>, f64)> {
         let t0 = Instant::now();
-        let raw = evaluate(&self.model.valid(), &self.val_loader, &self.device, false)?.summary();
+        let pass = |m: &Model<B::InnerBackend>| -> Result<EvalSummary> {
+            let mut acc = evaluate(m, &self.val_loader, &self.device, false)?;
+            all_reduce(&mut acc, &self.dist)?;
+            Ok(acc.summary())
+        };
+        let raw = pass(&self.model.valid())?;
         let ema = match self.ema_model(None) {
-            Some(m) => Some(evaluate(&m, &self.val_loader, &self.device, false)?.summary()),
+            Some(m) => Some(pass(&m)?),
             None => None,
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -558,6 +645,9 @@ impl<B: AutodiffBackend> Session<B> {
     }
 
     fn write_reports(&self) -> Result<()> {
+        if !self.dist.is_main() {
+            return Ok(());
+        }
         let h = &self.state.history;
         weights::write_atomic(&self.run_dir.join("metrics.csv"), history_csv(h).as_bytes())?;
         weights::write_atomic(&self.run_dir.join("metrics.jsonl"), history_jsonl(h).as_bytes())?;
@@ -617,7 +707,9 @@ impl<B: AutodiffBackend> Session<B> {
                             + self.eval_s.unwrap_or(0.0)
                             + self.save_s.unwrap_or(0.0)
                             + margin_s(budget);
-                        if self.elapsed() + need > budget {
+                        // Rank 0's clock decides for every rank.
+                        let late = self.elapsed() + need > budget;
+                        if self.dist.main_says(late)? {
                             out_of_time = true;
                             break;
                         }
@@ -631,7 +723,14 @@ impl<B: AutodiffBackend> Session<B> {
                         self.flush()?;
                     }
                     let step = self.state.global_step;
-                    if self.cfg().stop_at_step == Some(step) || signals::interrupted() {
+                    // A signal reaches the ranks at different steps: they pause at the step
+                    // where one has seen it.
+                    let interrupted = if self.dist.world() > 1 {
+                        self.dist.any(signals::interrupted())?
+                    } else {
+                        signals::interrupted()
+                    };
+                    if self.cfg().stop_at_step == Some(step) || interrupted {
                         drop(batches);
                         return self.paused(train_start);
                     }
@@ -649,6 +748,7 @@ impl<B: AutodiffBackend> Session<B> {
             self.state.epoch_train_s += train_start.elapsed().as_secs_f64();
             if !out_of_time {
                 self.resize_to_budget();
+                self.agree_on_schedule()?;
             }
             let last_epoch = out_of_time
                 || self.state.global_step >= self.state.schedule.total_steps

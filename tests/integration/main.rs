@@ -16,6 +16,7 @@ mod fixtures_lsagt;
 mod fixtures_vvt;
 mod fuzz;
 mod hostile;
+mod launch;
 mod run_dirs;
 mod segment;
 mod train_loop;
