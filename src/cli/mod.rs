@@ -176,6 +176,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         command => {
+            // Only `train` splits its work over the processes of a job; any other command would
+            // run once per process, all writing the same files.
+            if !matches!(command, Command::Train(_))
+                && let Some(env) = crate::dist::DistEnv::from_env()?
+            {
+                anyhow::bail!(
+                    "only `train` runs over several processes; this process is rank {} of {} (set by {:?}): \
+                     run this command without a launcher",
+                    env.rank,
+                    env.world,
+                    env.launcher
+                );
+            }
             let backend = cli.settings.prepare()?;
             on_backend!(backend, |B, device| match command {
                 Command::Features(a) => models::features_command::<Inner<B>>(a, &device)?,

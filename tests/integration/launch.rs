@@ -133,3 +133,23 @@ fn a_rank_that_hangs_is_named_after_the_timeout() {
     assert!(took < Duration::from_secs(90), "the job took {took:?} to end");
     assert_eq!(RunState::read(&root.join("run/last")).unwrap().global_step, 3);
 }
+
+#[test]
+fn commands_other_than_train_refuse_to_run_under_a_launcher() {
+    let o = Command::new(env!("CARGO_BIN_EXE_vicinity"))
+        .args([
+            "--backend",
+            "flex",
+            "launch",
+            "--nproc",
+            "2",
+            "bench",
+            "--model",
+            "vvt_tiny",
+        ])
+        .output()
+        .expect("the binary runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("only `train` runs over several processes"), "{err}");
+}
