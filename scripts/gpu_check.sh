@@ -146,7 +146,7 @@ if has nccl; then
     runs="$runs /tmp/nccl-$n"
   done
   for r in $runs; do
-    echo "$r"; cut -d, -f1-5,12 "$r/metrics.csv" 2>/dev/null | column -t -s,
+    echo "$r"; cut -d, -f1-5,12 "$r/metrics.csv" 2>/dev/null | tr ',' '\t'
   done
 fi
 

@@ -12,13 +12,18 @@ pub type Gpu = burn::backend::Cuda<f32, i32>;
 /// can), that one.
 #[cfg(feature = "cuda")]
 pub fn gpu_device() -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(gpu_index())
+}
+
+/// The index of [`gpu_device`] (NCCL's communicator is built on the same GPU).
+#[cfg(feature = "cuda")]
+pub fn gpu_index() -> usize {
     let local = crate::dist::local_device_index();
     let count = cudarc::driver::result::init()
         .ok()
         .and_then(|()| cudarc::driver::result::device::get_count().ok())
         .unwrap_or(0) as usize;
-    let index = if count == 1 { 0 } else { local };
-    burn::backend::cuda::CudaDevice::new(index)
+    if count == 1 { 0 } else { local }
 }
 
 /// Which backend a command runs on.

@@ -44,6 +44,7 @@ pub fn launch_command(a: &LaunchArgs, settings: &Settings) -> Result<i32> {
         master_addr: a.master_addr.clone(),
         master_port,
     };
+    plan.validate()?;
     // The global options given before `launch` apply to every rank.
     let mut args: Vec<String> = Vec::new();
     let backend = match settings.backend {

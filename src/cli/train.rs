@@ -340,10 +340,16 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
     crate::train::signals::install_interrupt_handler();
     // One rank of a job when launched by `vicinity launch`, torchrun or srun; alone otherwise.
     let dist = crate::dist::join(crate::backend::is_cuda::<B>())?;
-    let report = |outcome: &TrainOutcome| {
+    // Every rank takes part in the last exchange before rank 0 reports (a pause by a signal
+    // exits from the report) and the others leave.
+    let finish = |outcome: TrainOutcome| -> Result<()> {
+        dist.finish()?;
         if dist.is_main() {
-            report(outcome)
+            report(&outcome);
+        } else if matches!(outcome.stop, Stop::Paused(_)) {
+            crate::train::signals::exit_if_paused_by_signal(&format!("rank {}", dist.rank()));
         }
+        Ok(())
     };
     if let Some(dir) = &args.resume {
         let ignored = args.ignored_on_resume();
@@ -362,8 +368,7 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
             debug_nan_at_step: args.debug_nan_at_step,
             quiet: false,
         };
-        report(&trainer::resume_on::<B>(dir, opts, device, &dist)?);
-        return dist.finish();
+        return finish(trainer::resume_on::<B>(dir, opts, device, &dist)?);
     }
     if args.quick {
         if dist.world() > 1 {
@@ -409,8 +414,7 @@ pub fn train_command<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -
             .broadcast(cfg.out.to_string_lossy().into_owned().into_bytes())?;
         cfg.out = PathBuf::from(String::from_utf8(out).context("the run directory from rank 0")?);
     }
-    report(&trainer::train_on::<B>(cfg, device, &dist)?);
-    dist.finish()
+    finish(trainer::train_on::<B>(cfg, device, &dist)?)
 }
 
 /// `vicinity eval`.

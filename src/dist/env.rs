@@ -1,8 +1,10 @@
 //! Where a process stands in a multi-process job, read from the environment as `torchrun` and
 //! `srun` set it (the authors' `main.py` reads the same variables).
 //!
-//! torchrun: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`. SLURM, when
-//! `WORLD_SIZE` is unset: `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, with `MASTER_ADDR`
+//! torchrun: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` (under torchrun's
+//! agent, whose own store holds `MASTER_PORT`, rank 0 listens on the port after it). SLURM, when
+//! `WORLD_SIZE` is unset and the process is a task of an `srun` step: `SLURM_PROCID`,
+//! `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, with `MASTER_ADDR`
 //! defaulting to the first host of `SLURM_STEP_NODELIST` (else `SLURM_JOB_NODELIST`) and
 //! `MASTER_PORT` to [`DEFAULT_PORT`].
 
@@ -53,8 +55,9 @@ impl DistEnv {
             let rank = int("RANK")?.context("WORLD_SIZE is set but RANK is not (torchrun sets both)")?;
             let local = int("LOCAL_RANK")?.unwrap_or(rank);
             (Launcher::Torchrun, rank, world, local)
-        } else if let Some(world) = int("SLURM_NTASKS")? {
-            let rank = int("SLURM_PROCID")?.context("SLURM_NTASKS is set but SLURM_PROCID is not")?;
+        } else if let (Some(world), Some(_)) = (int("SLURM_STEP_NUM_TASKS")?, var("SLURM_PROCID")) {
+            // A task of an `srun` step (an `salloc` shell or a batch script alone is not a job).
+            let rank = int("SLURM_PROCID")?.context("SLURM_PROCID")?;
             let local = int("SLURM_LOCALID")?.unwrap_or(0);
             (Launcher::Slurm, rank, world, local)
         } else {
@@ -82,10 +85,19 @@ impl DistEnv {
             None => bail!("MASTER_ADDR is unset: name the host of rank 0 (torchrun sets it)"),
         };
         let master_port = match var("MASTER_PORT") {
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
+            Some(p) => {
+                let port = p
+                    .trim()
+                    .parse::<u16>()
+                    .with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?;
+                // torchrun's agent holds its own store on MASTER_PORT: rank 0 listens on the next.
+                if var("TORCHELASTIC_USE_AGENT_STORE").is_some() {
+                    port.checked_add(1)
+                        .context("MASTER_PORT is the last port; torchrun needs the next one free")?
+                } else {
+                    port
+                }
+            }
             None if launcher == Launcher::Slurm => DEFAULT_PORT,
             None => bail!("MASTER_PORT is unset: name the port rank 0 listens on (torchrun sets it)"),
         };
@@ -179,7 +191,7 @@ mod tests {
     fn slurm_variables_fall_back_to_the_first_node_and_default_port() {
         let e = env(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "16"),
+            ("SLURM_STEP_NUM_TASKS", "16"),
             ("SLURM_LOCALID", "5"),
             ("SLURM_JOB_NODELIST", "gpu[007-008],cpu1"),
         ])
@@ -188,6 +200,15 @@ mod tests {
         assert_eq!((e.rank, e.world, e.local_rank), (5, 16, 5));
         assert_eq!((e.master_addr.as_str(), e.master_port), ("gpu007", DEFAULT_PORT));
         assert_eq!(e.launcher, Launcher::Slurm);
+        // Under torchrun's agent rank 0 listens on the port after MASTER_PORT.
+        let t = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]);
+        assert_eq!(t.unwrap().unwrap().master_port, 29501);
         // torchrun's variables win over SLURM's (torchrun inside an allocation).
         let e = env(&[
             ("SLURM_PROCID", "0"),
@@ -207,7 +228,13 @@ mod tests {
         assert_eq!(env(&[]).unwrap(), None);
         assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
         assert_eq!(
-            env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(),
+            env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1")]).unwrap(),
+            None
+        );
+        // An `salloc` shell or a batch script: SLURM_NTASKS without an srun step.
+        assert_eq!(env(&[("SLURM_NTASKS", "8")]).unwrap(), None);
+        assert_eq!(
+            env(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "0")]).unwrap(),
             None
         );
         // A launcher's one-rank job takes the multi-process path.
@@ -237,7 +264,7 @@ mod tests {
             ])
             .contains("MASTER_PORT")
         );
-        assert!(msg(&[("SLURM_NTASKS", "2"), ("SLURM_PROCID", "1")]).contains("node list"));
+        assert!(msg(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_PROCID", "1")]).contains("node list"));
     }
 
     #[test]

@@ -219,16 +219,22 @@ impl Dist {
         Ok(Tensor::from_data(TensorData::new(values, [n]), (&device, dtype)))
     }
 
-    /// Rank 0's parameters in `module` on every rank (the start of a run).
-    pub fn broadcast_module<B: Backend, M: burn::module::Module<B>>(&self, module: M) -> Result<M> {
+    /// Rank 0's parameters in `model` on every rank (the start of a run). The values move on
+    /// the inner backend (NCCL works on plain device tensors) and come back as trainable
+    /// parameters.
+    pub fn broadcast_model<AB, M>(&self, model: M) -> Result<M>
+    where
+        AB: burn::tensor::backend::AutodiffBackend,
+        M: burn::module::AutodiffModule<AB>,
+    {
         if self.world() == 1 && !self.uses_nccl() {
-            return Ok(module);
+            return Ok(model);
         }
         let mut values = std::collections::BTreeMap::new();
-        for (name, t) in crate::train::params::collect_flat(&module) {
-            values.insert(name, self.broadcast(t)?);
+        for (name, t) in crate::train::params::collect_flat(&model.valid()) {
+            values.insert(name, Tensor::<AB, 1>::from_inner(self.broadcast(t)?));
         }
-        Ok(crate::train::params::replace_flat(module, &values, None))
+        Ok(crate::train::params::replace_flat(model, &values, None))
     }
 
     fn sum_f32_host(&self, values: &mut [f32]) -> Result<()> {
@@ -295,7 +301,7 @@ pub fn join(gpu: bool) -> Result<Dist> {
     let dist = Dist::new(group);
     #[cfg(feature = "cuda")]
     if gpu {
-        let comm = nccl::Comm::init(&dist, env.local_rank).context("NCCL could not start")?;
+        let comm = nccl::Comm::init(&dist, crate::backend::gpu_index()).context("NCCL could not start")?;
         return Ok(dist.with_nccl(Arc::new(comm)));
     }
     let _ = gpu;

@@ -120,6 +120,10 @@ impl Comm {
         let mut version = 0;
         // SAFETY: an out-parameter of the declared type.
         check(lib, unsafe { (lib.get_version)(&mut version) }, "ncclGetVersion")?;
+        // Averaging (ncclAvg) and bf16 came with NCCL 2.10.
+        if version < 21000 {
+            bail!("NCCL {version} is too old: vicinity needs NCCL 2.10 or newer (ncclAvg, bf16)");
+        }
         let id = if dist.is_main() {
             let mut id = UniqueId { internal: [0; 128] };
             // SAFETY: an out-parameter of the declared type.

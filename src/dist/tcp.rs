@@ -19,7 +19,7 @@ const VERSION: u32 = 1;
 const COLLECTIVE: u8 = 0;
 const HEARTBEAT: u8 = 1;
 /// The largest frame accepted (a hostile or confused peer cannot make a rank allocate more).
-const MAX_FRAME: u64 = 1 << 34;
+const MAX_FRAME: u64 = 1 << 32;
 
 /// One rank's connections.
 pub struct Tcp {
@@ -127,11 +127,17 @@ impl Collective for Tcp {
     }
 }
 
+/// The IPv4 address of `host` (rank 0 listens on IPv4; `localhost` may resolve to `::1` first).
 fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
-    (host, port)
+    let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve MASTER_ADDR {host}"))?
-        .next()
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .with_context(|| format!("MASTER_ADDR {host} resolves to no address"))
 }
 
@@ -238,7 +244,10 @@ fn accept_all(env: &DistEnv, deadline: Instant) -> Result<Accepted> {
         } else {
             1
         };
-        s.write_all(&[answer])?;
+        // A rank that left before the answer is simply not counted.
+        if s.write_all(&[answer]).is_err() {
+            continue;
+        }
         if answer == 1 {
             slot[rank] = Some(s);
             got += 1;

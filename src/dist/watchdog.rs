@@ -5,8 +5,9 @@
 //! heartbeat connection, and:
 //! - a rank whose process dies closes that connection: rank 0 stops at once, naming it, and the
 //!   others stop when rank 0 is gone;
-//! - when rank 0 sees no progress of its own for the timeout, it names the ranks that are
-//!   furthest behind and stops; a rank that stops hearing from rank 0 stops too.
+//! - when rank 0 sees no progress of its own for the timeout once training steps have begun, it
+//!   names the ranks that are furthest behind and stops; a rank that stops hearing from rank 0
+//!   stops too.
 //!
 //! Checkpoints are written whole or not at all (a temporary file renamed into place), so a stop
 //! at any moment leaves the last one intact.
@@ -24,6 +25,9 @@ pub const DEFAULT_TIMEOUT_S: u64 = 600;
 
 static STEP: AtomicU64 = AtomicU64::new(0);
 static BEATS: AtomicU64 = AtomicU64::new(0);
+/// Whether a training step has begun: before it (reading the data, compiling kernels) a long
+/// silence is normal, and only a lost connection ends the job.
+static STEPPING: AtomicBool = AtomicBool::new(false);
 /// Set before the ranks' last exchange: connections closing from then on are ranks leaving.
 static FINISHING: AtomicBool = AtomicBool::new(false);
 
@@ -50,6 +54,7 @@ pub fn timeout() -> Duration {
 pub fn beat(step: Option<u64>) {
     if let Some(s) = step {
         STEP.store(s, Ordering::Relaxed);
+        STEPPING.store(true, Ordering::Relaxed);
     }
     BEATS.fetch_add(1, Ordering::Relaxed);
 }
@@ -76,7 +81,12 @@ pub fn start(group: Arc<Tcp>, timeout: Duration) {
                     let mut ack = [0u8; 1];
                     let answered = sent.and_then(|()| s.read_exact(&mut ack));
                     if finishing_now() {
-                        return;
+                        // Keep the connection open until this process exits: rank 0 may still
+                        // be writing its last checkpoint, and takes a closed connection for a
+                        // rank that died until it reaches the final exchange itself.
+                        loop {
+                            std::thread::park();
+                        }
                     }
                     if let Err(e) = answered {
                         stop(
@@ -151,7 +161,7 @@ pub fn start(group: Arc<Tcp>, timeout: Duration) {
                 return;
             }
             let beats = BEATS.load(Ordering::Relaxed);
-            if beats != last.0 {
+            if beats != last.0 || !STEPPING.load(Ordering::Relaxed) {
                 last = (beats, Instant::now());
                 continue;
             }

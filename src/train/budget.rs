@@ -182,9 +182,12 @@ impl<B: AutodiffBackend> Session<B> {
             model = optim.step(model, grads, lr, clip, None)?.0;
             let _ = loss.into_scalar();
             times.push(t0.elapsed().as_secs_f64());
-            // First step compiles; then at least 3 timed steps or 3% of the budget.
+            crate::dist::watchdog::beat(None);
+            // First step compiles; then at least 3 timed steps or 3% of the budget. Every rank
+            // takes as many steps as rank 0 (each step averages gradients over the ranks).
             let timed: f64 = times.iter().skip(1).sum();
-            if times.len() >= 4 && (timed >= 0.03 * budget || times.len() >= 8) {
+            let enough = times.len() >= 4 && (timed >= 0.03 * budget || times.len() >= 8);
+            if self.dist.main_says(enough)? {
                 break;
             }
         }
@@ -207,8 +210,9 @@ impl<B: AutodiffBackend> Session<B> {
             let _ = crate::io::to_host(valid.forward(x))?;
             eval_times.push(t0.elapsed().as_secs_f64());
         }
-        let per_batch = eval_times[1.min(eval_times.len() - 1)..].iter().sum::<f64>()
-            / eval_times[1.min(eval_times.len() - 1)..].len() as f64;
+        // (A rank's share of a small split can be empty: it then times nothing.)
+        let later_evals = &eval_times[1.min(eval_times.len().saturating_sub(1))..];
+        let per_batch = later_evals.iter().sum::<f64>() / later_evals.len().max(1) as f64;
         let passes = if self.ema.is_some() { 2.0 } else { 1.0 };
         let eval_s = per_batch * vb as f64 * passes;
         // A checkpoint of the initial state times the saves (and makes the run resumable from step 0).
@@ -217,20 +221,23 @@ impl<B: AutodiffBackend> Session<B> {
         let save_s = t0.elapsed().as_secs_f64();
         self.eval_s = Some(eval_s);
         self.save_s = Some(save_s);
-        let plan = self.plan_budget(budget, self.elapsed(), step_s)?;
-        self.apply_plan(plan);
+        // Rank 0's measurements size the run for every rank.
+        if self.dist.is_main() {
+            let plan = self.plan_budget(budget, self.elapsed(), step_s)?;
+            self.apply_plan(plan);
+        }
         self.agree_on_schedule()?;
         self.save(false)?; // the initial checkpoint again, now with the sized schedule
         self.step_s = Some(step_s);
         self.progress.line(&format!(
             "measured {:.3} s/step ({:.0} img/s), {:.1} s per evaluation, {:.2} s per checkpoint; {} spent; {} epochs ({} steps) fit",
             step_s,
-            self.cfg().batch_size as f64 / step_s,
+            self.cfg().global_batch() as f64 / step_s,
             eval_s,
             save_s,
             format_duration(self.elapsed()),
-            plan.epochs,
-            plan.total_steps
+            self.state.epochs,
+            self.state.schedule.total_steps
         ));
         Ok(())
     }

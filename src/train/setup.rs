@@ -88,6 +88,14 @@ pub(super) fn loaders(
     res: usize,
     dist: &crate::dist::Dist,
 ) -> Result<(Loader, Loader)> {
+    if cfg.skip_bad && dist.world() > 1 {
+        // A rank leaving a batch out would take one step fewer than the others.
+        bail!(
+            "--skip-bad works on one process only: over several ranks a batch left out on one rank \
+             would put the ranks out of step; find the bad files with one process (`vicinity eval` or \
+             `train --skip-bad` name them) and remove them"
+        );
+    }
     let shard = Shard {
         rank: dist.rank(),
         world: dist.world(),

@@ -98,10 +98,18 @@ pub fn train_on<B: AutodiffBackend>(
     let classes = train_ds.classes.clone();
     let (model_cfg, res) = resolve_model(&cfg, classes.len())?;
     cfg.dtype.apply::<B>(device)?;
-    B::seed(device, cfg.seed);
-    let model: Model<B> = model_cfg.init(device)?;
-    materialize(&model);
-    let model = dist.broadcast_module(model)?;
+    let model: Model<B> = {
+        // A backend's generator can be global to the process (the CPU's is): seeding and
+        // drawing the initial weights as one, so ranks run as threads of one process (the
+        // tests) draw what a process alone would.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = INIT.lock().unwrap_or_else(|p| p.into_inner());
+        B::seed(device, cfg.seed);
+        let model = model_cfg.init(device)?;
+        materialize(&model);
+        model
+    };
+    let model = dist.broadcast_model(model)?;
     progress.line(&format!(
         "training {} ({} parameters) on {} [{}: {} images, {}: {} images, {} classes] at {res}x{res}, {:?}{}",
         cfg.model_name,
@@ -462,7 +470,7 @@ impl<B: AutodiffBackend> Session<B> {
         let s = self.state.schedule;
         let c = &self.state.config;
         let batch = match self.dist.world() {
-            1 => c.batch_size.to_string(),
+            1 => c.global_batch().to_string(),
             n => format!("{} ({} per rank x {n})", c.global_batch(), c.global_batch() / n),
         };
         let text = format!(
