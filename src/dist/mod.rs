@@ -131,21 +131,7 @@ impl Dist {
         if self.world() == 1 {
             return Ok(());
         }
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let total = match self.comm.gather(bytes)? {
-            Some(all) => {
-                let mut total = vec![0f64; values.len()];
-                for (rank, b) in all.iter().enumerate() {
-                    let v = decode_f64(b, values.len()).with_context(|| format!("rank {rank}'s values"))?;
-                    total.iter_mut().zip(v).for_each(|(t, v)| *t += v);
-                }
-                total.iter().flat_map(|v| v.to_le_bytes()).collect()
-            }
-            None => Vec::new(),
-        };
-        let total = self.comm.broadcast(total)?;
-        values.copy_from_slice(&decode_f64(&total, values.len()).context("the sums from rank 0")?);
-        Ok(())
+        self.sum_host(values)
     }
 
     /// Whether any rank says yes (stopping together: budget, Ctrl-C).
@@ -189,7 +175,7 @@ impl Dist {
         let device = t.device();
         let dtype = t.dtype();
         let (_, mut values) = crate::io::to_host(t)?;
-        self.sum_f32_host(&mut values)?;
+        self.sum_host(&mut values)?;
         let inv = 1.0 / self.world() as f32;
         values.iter_mut().for_each(|v| *v *= inv);
         let n = values.len();
@@ -210,12 +196,12 @@ impl Dist {
         let n = t.dims()[0];
         let bytes = if self.is_main() {
             let (_, values) = crate::io::to_host(t)?;
-            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            encode(&values)
         } else {
             Vec::new()
         };
         let bytes = self.comm.broadcast(bytes)?;
-        let values = decode_f32(&bytes, n).context("the weights from rank 0")?;
+        let values = decode::<f32>(&bytes, n).context("the weights from rank 0")?;
         Ok(Tensor::from_data(TensorData::new(values, [n]), (&device, dtype)))
     }
 
@@ -237,49 +223,66 @@ impl Dist {
         Ok(crate::train::params::replace_flat(model, &values, None))
     }
 
-    fn sum_f32_host(&self, values: &mut [f32]) -> Result<()> {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let total = match self.comm.gather(bytes)? {
+    /// Sums `values` over the ranks through rank 0: gathered, added in rank order, broadcast.
+    fn sum_host<T: Wire>(&self, values: &mut [T]) -> Result<()> {
+        let total = match self.comm.gather(encode(values))? {
             Some(all) => {
-                let mut total = vec![0f32; values.len()];
+                let mut total = vec![T::default(); values.len()];
                 for (rank, b) in all.iter().enumerate() {
-                    let v = decode_f32(b, values.len()).with_context(|| format!("rank {rank}'s values"))?;
-                    total.iter_mut().zip(v).for_each(|(t, v)| *t += v);
+                    let v = decode::<T>(b, values.len()).with_context(|| format!("rank {rank}'s values"))?;
+                    total.iter_mut().zip(v).for_each(|(t, v)| *t = *t + v);
                 }
-                total.iter().flat_map(|v| v.to_le_bytes()).collect()
+                encode(&total)
             }
             None => Vec::new(),
         };
         let total = self.comm.broadcast(total)?;
-        values.copy_from_slice(&decode_f32(&total, values.len()).context("the sums from rank 0")?);
+        values.copy_from_slice(&decode::<T>(&total, values.len()).context("the sums from rank 0")?);
         Ok(())
     }
 }
 
-fn decode_f64(bytes: &[u8], n: usize) -> Result<Vec<f64>> {
-    if bytes.len() != n * 8 {
-        bail!(
-            "expected {n} values, got {} bytes: the ranks disagree on what they exchange",
-            bytes.len()
-        );
-    }
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+/// A number that crosses the host connection as little-endian bytes.
+trait Wire: Copy + Default + std::ops::Add<Output = Self> {
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
 }
 
-fn decode_f32(bytes: &[u8], n: usize) -> Result<Vec<f32>> {
-    if bytes.len() != n * 4 {
+impl Wire for f32 {
+    const SIZE: usize = 4;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    }
+}
+
+impl Wire for f64 {
+    const SIZE: usize = 8;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        f64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+    }
+}
+
+fn encode<T: Wire>(values: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * T::SIZE);
+    values.iter().for_each(|v| v.put(&mut out));
+    out
+}
+
+fn decode<T: Wire>(bytes: &[u8], n: usize) -> Result<Vec<T>> {
+    if bytes.len() != n * T::SIZE {
         bail!(
             "expected {n} values, got {} bytes: the ranks disagree on what they exchange",
             bytes.len()
         );
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect())
+    Ok(bytes.chunks_exact(T::SIZE).map(T::get).collect())
 }
 
 /// Joins the job this process's environment describes (`torchrun`, `srun`, `vicinity launch`),
