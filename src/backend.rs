@@ -113,6 +113,122 @@ pub fn configure_gpu_cache(dir: &std::path::Path, autotune: Option<&str>) -> any
     Ok(())
 }
 
+/// What [`compile_ahead`] compiled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompiledAhead {
+    /// Kernels compiled (those found in the kernel cache are loaded, not counted).
+    pub kernels: u64,
+    /// NVRTC threads.
+    pub threads: u64,
+    /// NVRTC seconds summed over the threads.
+    pub nvrtc_s: f64,
+    /// The slowest single kernel's NVRTC seconds.
+    pub longest_s: f64,
+    /// Seconds of the earlier work (run first, its kernels compiled one by one).
+    pub earlier_s: f64,
+    /// Seconds of the pass that met the kernels (their compilation starts meanwhile).
+    pub pass_s: f64,
+    /// Seconds of waiting for the compiler after the pass, and loading.
+    pub wait_s: f64,
+}
+
+/// Whether `B` is the CUDA backend (with or without autodiff), where [`compile_ahead`] acts.
+pub fn on_cuda<B: burn::tensor::backend::Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use std::any::TypeId;
+        TypeId::of::<B>() == TypeId::of::<Gpu>()
+            || TypeId::of::<B>() == TypeId::of::<burn::backend::Autodiff<Gpu>>()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// Meets the GPU kernels `work` would launch without running any, then compiles them all at once
+/// with one NVRTC thread per core; returns what it compiled. A fresh machine otherwise compiles a
+/// step's few hundred kernels one by one as the step reaches them (about a minute). `work` must be
+/// work whose results are thrown away (a step on clones): its kernels do not run, so every tensor
+/// it makes holds garbage, and nothing it makes may outlive it ([`cached_constant`] keeps nothing
+/// meanwhile); no other GPU work may run at the same time. Kernels `work` missed still compile
+/// when first launched. A no-op (`None`) on backends other than CUDA, and in builds with CubeCL's
+/// autotuning (whose timing launches would be skipped too).
+pub fn compile_ahead<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    work: impl FnOnce(),
+) -> anyhow::Result<Option<CompiledAhead>> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::cuda::compile_ahead::{collect, compiled};
+        /// Stops collecting however `work` ends.
+        struct Stop;
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                collect(false);
+            }
+        }
+        if !on_cuda::<B>() || cfg!(feature = "autotune") {
+            return Ok(None);
+        }
+        let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"));
+        // Earlier work runs (and compiles) as usual.
+        let t0 = std::time::Instant::now();
+        sync()?;
+        let t1 = std::time::Instant::now();
+        let before = compiled();
+        let stop = Stop;
+        collect(true);
+        work();
+        // Burn's fusion hands the queued operations to the device here, while collecting.
+        let collected = sync();
+        drop(stop);
+        collected?;
+        let t2 = std::time::Instant::now();
+        // The first sync after collecting waits for the compilations and loads the modules.
+        sync()?;
+        let t3 = std::time::Instant::now();
+        let after = compiled();
+        Ok(Some(CompiledAhead {
+            kernels: after.ahead - before.ahead,
+            threads: after.threads,
+            nvrtc_s: after.ahead_nvrtc_s - before.ahead_nvrtc_s,
+            longest_s: if after.ahead > before.ahead {
+                after.longest_s
+            } else {
+                0.0
+            },
+            earlier_s: (t1 - t0).as_secs_f64(),
+            pass_s: (t2 - t1).as_secs_f64(),
+            wait_s: (t3 - t2).as_secs_f64(),
+        }))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, work);
+        Ok(None)
+    }
+}
+
+/// Kernels this process compiled one by one as launches met them, and their seconds (CUDA builds).
+pub fn compiled_one_by_one() -> Option<(u64, f64)> {
+    #[cfg(feature = "cuda")]
+    {
+        let c = cubecl::cuda::compile_ahead::compiled();
+        Some((c.one_by_one, c.one_by_one_s))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Whether [`compile_ahead`] is collecting kernels now (tensors made meanwhile hold garbage).
+fn collecting_kernels() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cubecl::cuda::compile_ahead::collecting()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// CubeCL's memory on the default CUDA device, in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GpuMemory {
@@ -213,6 +329,23 @@ pub fn cached_constant<B: burn::prelude::Backend, const D: usize>(
         return t.clone();
     }
     let t = make();
-    cache.insert(key, Box::new(t.clone()));
+    // Made while kernels are collected, its values are garbage: kept for no later call.
+    if !collecting_kernels() {
+        cache.insert(key, Box::new(t.clone()));
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Off CUDA the work is not run at all: a training step would otherwise run twice on the CPU.
+    #[test]
+    fn compile_ahead_leaves_other_backends_alone() {
+        let mut ran = false;
+        let ahead = compile_ahead::<Cpu>(&Default::default(), || ran = true).unwrap();
+        assert_eq!(ahead, None);
+        assert!(!ran);
+    }
 }

@@ -227,6 +227,27 @@ pub(crate) fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> 
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// One line on the kernels compiled ahead of the first step, when there were any.
+fn report_ahead(spec: &BenchSpec, ahead: Option<crate::backend::CompiledAhead>) {
+    if let Some(a) = ahead.filter(|a| a.kernels > 0) {
+        eprintln!(
+            "{}: compiled {} kernels ahead ({} NVRTC threads, {:.1} s of NVRTC in all, the longest {:.1} s): \
+             earlier work {:.1} s, the pass that met them {:.1} s, then {:.1} s of compiling",
+            spec.name, a.kernels, a.threads, a.nvrtc_s, a.longest_s, a.earlier_s, a.pass_s, a.wait_s
+        );
+    }
+}
+
+/// One line on the kernels compiled one by one (missed by [`report_ahead`]'s pass), when any were.
+fn report_one_by_one(spec: &BenchSpec) {
+    if let Some((n, s)) = crate::backend::compiled_one_by_one().filter(|&(n, _)| n > 0) {
+        eprintln!(
+            "{}: {n} kernels compiled one by one in this process so far, in {s:.1} s",
+            spec.name
+        );
+    }
+}
+
 /// One line on what cuBLAS did per step of the warm-up and timed loops, when it took any product.
 fn report_cublas(spec: &BenchSpec, before: crate::kernels::cublas::Stats) {
     let now = crate::kernels::cublas::stats();
@@ -257,12 +278,25 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             let step = |()| {
                 let _ = model.forward(x.clone());
             };
-            let first = first_step(|| step(()), || sync::<B::InnerBackend>(device))?;
+            let start = Instant::now();
+            // On a model of its own: the pass would otherwise initialise this one's lazy
+            // parameters with its garbage.
+            let ahead = crate::backend::compile_ahead::<B::InnerBackend>(device, || {
+                if let Ok(m) = config.init::<B::InnerBackend>(device) {
+                    let _ = m.forward(x.clone());
+                }
+            })?;
+            report_ahead(spec, ahead);
+            // The pass's own allocations stay out of the memory figures.
+            B::InnerBackend::memory_cleanup(device);
+            let first =
+                start.elapsed().as_secs_f64() + first_step(|| step(()), || sync::<B::InnerBackend>(device))?;
             memory.sample();
             eprintln!(
                 "{}: first inference step (compilation + autotune) {first:.1} s",
                 spec.name
             );
+            report_one_by_one(spec);
             let before = crate::kernels::cublas::stats();
             let ((), timed) = timed_loop((), loops, step, || sync::<B::InnerBackend>(device))?;
             report_cublas(spec, before);
@@ -272,9 +306,6 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             let mut model = config.init::<B>(device)?;
             // The trainer's AdamW: f32 master weights with bf16, as the anchors' autocast keeps.
             let mut optim = AdamW::new(AdamWConfig::default(), spec.dtype == Dtype::Bf16);
-            let mut optim_step = |model: crate::models::Model<B>, grads: GradientsParams| {
-                optim.step(model, grads, 1e-4, None, None).expect(SOLO).0
-            };
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
             let y =
                 Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
@@ -282,6 +313,36 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             // The first step (compilation included) syncs after the forward and the backward, where
             // memory peaks; later steps run without extra syncs.
             let start = Instant::now();
+            // Two steps of a model of its own (a clone would share the parameters, and shared
+            // tensors are not updated in place: other kernels), the first synchronised like the
+            // first step below, the second like the timed ones (fusion's kernels end at syncs).
+            let ahead = crate::backend::compile_ahead::<B>(device, || {
+                let (Ok(mut m), mut o) = (config.init::<B>(device), optim.clone()) else {
+                    return;
+                };
+                for synced in [true, false] {
+                    let pause = || {
+                        if synced {
+                            let _ = sync::<B>(device);
+                        }
+                    };
+                    let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
+                    pause();
+                    let grads = loss.backward();
+                    pause();
+                    let grads = GradientsParams::from_grads(grads, &m);
+                    let Ok((next, _)) = o.step(m, grads, 1e-4, None, None) else {
+                        return;
+                    };
+                    m = next;
+                    pause();
+                }
+            })?;
+            report_ahead(spec, ahead);
+            B::memory_cleanup(device);
+            let mut optim_step = |model: crate::models::Model<B>, grads: GradientsParams| {
+                optim.step(model, grads, 1e-4, None, None).expect(SOLO).0
+            };
             memory.sample();
             let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
             sync::<B>(device)?;
@@ -298,6 +359,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                 "{}: first training step (compilation + autotune) {first:.1} s",
                 spec.name
             );
+            report_one_by_one(spec);
             let mut last = None;
             let step = |model: crate::models::Model<B>| {
                 let loss = loss_fn.forward(model.forward(x.clone()), y.clone());

@@ -161,6 +161,9 @@ impl<B: AutodiffBackend> Session<B> {
             "sizing the run to a budget of {}: measuring a few steps...",
             format_duration(budget)
         ));
+        if let Some(first) = self.train_loader.epoch(0, 0).next() {
+            self.compile_ahead(&first?)?;
+        }
         let mut model = self.model.clone();
         let mut optim = self.optim.clone();
         let lr = self.state.schedule.peak * 1e-3;

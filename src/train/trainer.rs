@@ -416,6 +416,8 @@ pub(super) struct Session<B: AutodiffBackend> {
     pub(super) state: RunState,
     /// The ranks of a multi-process run (one alone otherwise).
     pub(super) dist: Dist,
+    /// Whether the GPU kernels of a step were compiled ahead (once per process).
+    compiled_ahead: bool,
 }
 
 impl<B: AutodiffBackend> Session<B> {
@@ -455,6 +457,7 @@ impl<B: AutodiffBackend> Session<B> {
             writer: checkpoint::Writer::default(),
             state,
             dist,
+            compiled_ahead: false,
         }
     }
 
@@ -511,12 +514,15 @@ impl<B: AutodiffBackend> Session<B> {
         let x = Tensor::<B, 4>::from_data(TensorData::new(images, [n, 3, h, w]), &self.device);
         let targets = batch.targets.unwrap_or_else(|| one_hot(&batch.labels, k));
         let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
-        let model = self.model.clone();
-        let loss = soft_cross_entropy(model.forward(x), t);
-        let loss_value = loss.clone().inner();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         let clip = self.cfg().clip;
-        let (model, stats) = self.optim.step(model, grads, lr, clip, self.ema.as_mut())?;
+        let (model, loss_value, stats) = train_step(
+            self.model.clone(),
+            &mut self.optim,
+            self.ema.as_mut(),
+            (x, t),
+            lr,
+            clip,
+        )?;
         self.model = model;
         if self.ema.is_some() {
             self.state.ema_updates += 1;
@@ -532,6 +538,56 @@ impl<B: AutodiffBackend> Session<B> {
         self.state.batch = batch.index + 1;
         // Images of the global batch (every rank took its share).
         self.state.epoch_images += (n * self.dist.world()) as u64;
+        Ok(())
+    }
+
+    /// Compiles the GPU kernels of a training step at `batch`'s shape ahead of the first step, all
+    /// at once (see [`crate::backend::compile_ahead`]): a step on clones, thrown away.
+    pub(super) fn compile_ahead(&mut self, batch: &crate::data::Batch) -> Result<()> {
+        if std::mem::replace(&mut self.compiled_ahead, true) || !crate::backend::on_cuda::<B>() {
+            return Ok(());
+        }
+        let [h, w] = batch.size;
+        let (n, k) = (batch.len(), batch.num_classes);
+        let x = Tensor::<B, 4>::zeros([n, 3, h, w], &self.device);
+        let t = Tensor::<B, 2>::zeros([n, k], (&self.device, DType::F32));
+        let (mut model, mut optim, mut ema) = (self.model.clone(), self.optim.clone(), self.ema.clone());
+        // No collective: the other ranks' clones are thrown away too.
+        optim.set_dist(Dist::solo());
+        let clip = self.cfg().clip;
+        let mut failed = None;
+        // Two steps (the first creates the optimizer's state, the second updates it) and an
+        // evaluation forward.
+        let ahead = crate::backend::compile_ahead::<B>(&self.device, || {
+            for _ in 0..2 {
+                match train_step(
+                    model.clone(),
+                    &mut optim,
+                    ema.as_mut(),
+                    (x.clone(), t.clone()),
+                    1e-4,
+                    clip,
+                ) {
+                    Ok((next, _, _)) => model = next,
+                    Err(e) => {
+                        failed = Some(e);
+                        return;
+                    }
+                }
+            }
+            let _ = model.valid().forward(x.inner());
+        })?;
+        if let Some(e) = failed {
+            return Err(e.context("the step that compiles the GPU kernels ahead failed"));
+        }
+        if let Some(a) = ahead.filter(|a| a.kernels > 0) {
+            self.progress.line(&format!(
+                "compiled {} GPU kernels ahead of the first step in {:.1} s ({} threads)",
+                a.kernels,
+                a.pass_s + a.wait_s,
+                a.threads
+            ));
+        }
         Ok(())
     }
 
@@ -726,7 +782,9 @@ impl<B: AutodiffBackend> Session<B> {
                     let Some(batch) = batches.next() else { break };
                     self.state.epoch_data_wait_s += waited.elapsed().as_secs_f64();
                     let lr = self.state.schedule.lr(self.state.global_step);
-                    self.step(batch?, lr)?;
+                    let batch = batch?;
+                    self.compile_ahead(&batch)?;
+                    self.step(batch, lr)?;
                     if self.pending.len() >= self.cfg().log_every {
                         self.flush()?;
                     }
@@ -863,6 +921,27 @@ impl<B: AutodiffBackend> Session<B> {
         self.save_s = Some(t0.elapsed().as_secs_f64());
         self.write_reports()
     }
+}
+
+/// Forward, loss, backward and the optimizer's step (with the EMA): the new model, the loss and the
+/// optimizer's statistics, all on the device.
+fn train_step<B: AutodiffBackend>(
+    model: Model<B>,
+    optim: &mut AdamW<B::InnerBackend>,
+    ema: Option<&mut Ema<B::InnerBackend>>,
+    (x, t): (Tensor<B, 4>, Tensor<B, 2>),
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<(
+    Model<B>,
+    Tensor<B::InnerBackend, 1>,
+    super::optim::StepStats<B::InnerBackend>,
+)> {
+    let loss = soft_cross_entropy(model.forward(x), t);
+    let loss_value = loss.clone().inner();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let (model, stats) = optim.step(model, grads, lr, clip, ema)?;
+    Ok((model, loss_value, stats))
 }
 
 #[cfg(test)]

@@ -7,7 +7,96 @@ mod device;
 mod runtime;
 
 pub use device::*;
+
 pub use runtime::*;
+
+/// vicinity patch: compile a step's kernels ahead, together. While [`compile_ahead::collect`] is
+/// on, a kernel launch launches nothing: a kernel met for the first time is generated and handed
+/// to a pool of NVRTC threads at once. The first launch or synchronisation after collecting waits
+/// for those compilations and loads the modules (a cold start meets a few hundred kernels; one by
+/// one they took about a minute). The switch is process-wide: outputs of every launch skipped
+/// meanwhile are left unwritten, so run only work whose results are thrown away while collecting,
+/// and no other GPU work at the same time.
+pub mod compile_ahead {
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    static COLLECT: AtomicBool = AtomicBool::new(false);
+    /// Kernels compiled together, and their microseconds: wall clock, NVRTC summed over threads.
+    static AHEAD: AtomicU64 = AtomicU64::new(0);
+    static AHEAD_MICROS: AtomicU64 = AtomicU64::new(0);
+    static NVRTC_MICROS: AtomicU64 = AtomicU64::new(0);
+    /// The longest single compilation and the threads of the last batch.
+    static LONGEST_MICROS: AtomicU64 = AtomicU64::new(0);
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    /// Kernels compiled one by one, when a launch met them, and their microseconds.
+    static ONE_BY_ONE: AtomicU64 = AtomicU64::new(0);
+    static ONE_BY_ONE_MICROS: AtomicU64 = AtomicU64::new(0);
+
+    /// Turns collecting on or off (for every CUDA device of the process).
+    pub fn collect(on: bool) {
+        COLLECT.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether launches are being collected now (their outputs are left unwritten).
+    pub fn collecting() -> bool {
+        COLLECT.load(Ordering::SeqCst)
+    }
+
+    fn micros(d: core::time::Duration) -> u64 {
+        d.as_micros() as u64
+    }
+
+    pub(crate) fn record(
+        kernels: usize,
+        threads: usize,
+        wall: core::time::Duration,
+        nvrtc: &[core::time::Duration],
+    ) {
+        AHEAD.fetch_add(kernels as u64, Ordering::Relaxed);
+        AHEAD_MICROS.fetch_add(micros(wall), Ordering::Relaxed);
+        NVRTC_MICROS.fetch_add(nvrtc.iter().map(|d| micros(*d)).sum(), Ordering::Relaxed);
+        LONGEST_MICROS.store(nvrtc.iter().map(|d| micros(*d)).max().unwrap_or(0), Ordering::Relaxed);
+        THREADS.store(threads as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_one(took: core::time::Duration) {
+        ONE_BY_ONE.fetch_add(1, Ordering::Relaxed);
+        ONE_BY_ONE_MICROS.fetch_add(micros(took), Ordering::Relaxed);
+    }
+
+    /// Kernel compilation so far in this process.
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    pub struct Compiled {
+        /// Kernels compiled together (after collecting).
+        pub ahead: u64,
+        /// The seconds spent waiting for them after collecting, and loading them.
+        pub ahead_s: f64,
+        /// Their NVRTC seconds summed over the threads.
+        pub ahead_nvrtc_s: f64,
+        /// The longest single NVRTC compilation of the last batch.
+        pub longest_s: f64,
+        /// Threads of the last batch.
+        pub threads: u64,
+        /// Kernels compiled one by one, when a launch met them.
+        pub one_by_one: u64,
+        /// Their seconds.
+        pub one_by_one_s: f64,
+    }
+
+    /// What this process compiled so far.
+    pub fn compiled() -> Compiled {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-6;
+        Compiled {
+            ahead: AHEAD.load(Ordering::Relaxed),
+            ahead_s: s(&AHEAD_MICROS),
+            ahead_nvrtc_s: s(&NVRTC_MICROS),
+            longest_s: s(&LONGEST_MICROS),
+            threads: THREADS.load(Ordering::Relaxed),
+            one_by_one: ONE_BY_ONE.load(Ordering::Relaxed),
+            one_by_one_s: s(&ONE_BY_ONE_MICROS),
+        }
+    }
+}
 
 #[cfg(feature = "ptx-wmma")]
 pub(crate) type WmmaCompiler = cubecl_cpp::cuda::mma::PtxWmmaCompiler;

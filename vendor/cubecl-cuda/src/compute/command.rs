@@ -463,6 +463,11 @@ impl<'a> Command<'a> {
         const_info: Option<*mut c_void>,
         logger: Arc<ServerLogger>,
     ) -> Result<(), LaunchError> {
+        // vicinity patch: queue instead of compiling and launching (see `crate::compile_ahead`).
+        if crate::compile_ahead::collecting() {
+            return self.ctx.defer_kernel(&kernel_id, kernel, mode, logger);
+        }
+        self.ctx.compile_pending()?;
         if !self.ctx.module_names.contains_key(&kernel_id) {
             self.ctx.compile_kernel(&kernel_id, kernel, mode, logger)?;
         }

@@ -41,6 +41,136 @@ pub(crate) struct CudaContext {
     pub arch: CudaArchitecture,
     pub compilation_options: CompilationOptions,
     pub properties: DeviceProperties,
+    /// vicinity patch: kernels queued by `defer_kernel`, each with its NVRTC job's result.
+    pending: Vec<(PreparedKernel, std::sync::mpsc::Receiver<CompileResult>)>,
+}
+
+/// vicinity patch: a module image (or the error) and NVRTC's time for it.
+type CompileResult = (Result<Vec<c_char>, CompilationError>, std::time::Duration);
+
+/// vicinity patch: NVRTC threads, one per core (shared with the node's other ranks: the cores over
+/// `LOCAL_WORLD_SIZE`, as torchrun and `vicinity launch` set it), started on first use and kept
+/// for the process.
+struct CompilePool {
+    jobs: std::sync::mpsc::Sender<CompileJob>,
+    threads: usize,
+}
+
+type CompileJob = (String, Vec<String>, std::sync::mpsc::Sender<CompileResult>);
+
+impl CompilePool {
+    /// Queues `source` for NVRTC; the receiver gets the result.
+    fn submit(
+        &self,
+        source: String,
+        options: Vec<String>,
+    ) -> std::sync::mpsc::Receiver<CompileResult> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.jobs.send((source, options, tx));
+        if let Err(std::sync::mpsc::SendError((source, options, tx))) = sent {
+            // No thread left to take it: compile here.
+            let started = std::time::Instant::now();
+            let _ = tx.send((nvrtc_compile(&source, &options), started.elapsed()));
+        }
+        rx
+    }
+}
+
+fn compile_pool() -> &'static CompilePool {
+    static POOL: std::sync::OnceLock<CompilePool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ranks = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .max(1);
+        let wanted = (cores / ranks).max(1);
+        let (tx, rx) = std::sync::mpsc::channel::<CompileJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut threads = 0;
+        for i in 0..wanted {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nvrtc-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap().recv();
+                        let Ok((source, options, reply)) = job else { break };
+                        let started = std::time::Instant::now();
+                        let image = nvrtc_compile(&source, &options);
+                        let _ = reply.send((image, started.elapsed()));
+                    }
+                });
+            if spawned.is_err() {
+                break;
+            }
+            threads += 1;
+        }
+        CompilePool {
+            jobs: tx,
+            threads: threads.max(1),
+        }
+    })
+}
+
+/// vicinity patch: a kernel whose source is ready for NVRTC.
+#[derive(Debug)]
+struct PreparedKernel {
+    kernel_id: KernelId,
+    hash: Option<StableHash>,
+    source: String,
+    entrypoint_name: String,
+    cube_dim: CubeDim,
+    shared_mem_bytes: usize,
+}
+
+/// vicinity patch: compiles CUDA C++ with NVRTC to a module image: a CUBIN for the device's
+/// architecture (no PTX JIT when it loads), PTX where NVRTC made none. Safe to call from many
+/// threads at once (each call has its own NVRTC program).
+fn nvrtc_compile(source: &str, options: &[String]) -> Result<Vec<c_char>, CompilationError> {
+    let generic = |err: &dyn core::fmt::Debug| CompilationError::Generic {
+        reason: format!("{err:?}"),
+        backtrace: BackTrace::capture(),
+    };
+    let source = CString::from_str(source).unwrap();
+    // SAFETY: NVRTC FFI on a program this call creates and destroys; the `CString` source is
+    // null-terminated and outlives the program.
+    unsafe {
+        let program = cudarc::nvrtc::result::create_program(source.as_c_str(), None)
+            .map_err(|err| generic(&err))?;
+        let result = (|| {
+            if cudarc::nvrtc::result::compile_program(program, options).is_err() {
+                let log_raw =
+                    cudarc::nvrtc::result::get_program_log(program).map_err(|err| generic(&err))?;
+                let log = CStr::from_ptr(log_raw.as_ptr()).to_str().unwrap_or("(log not UTF-8)");
+                let mut message = "[Compilation Error] ".to_string();
+                for line in log.split('\n') {
+                    if !line.is_empty() {
+                        message += format!("\n    {line}").as_str();
+                    }
+                }
+                return Err(CompilationError::Generic {
+                    reason: format!("{message}\n[Source]  \n{}", source.to_str().unwrap_or("")),
+                    backtrace: BackTrace::capture(),
+                });
+            }
+            let mut size = 0usize;
+            cudarc::nvrtc::sys::nvrtcGetCUBINSize(program, &mut size)
+                .result()
+                .map_err(|err| generic(&err))?;
+            if size == 0 {
+                return cudarc::nvrtc::result::get_ptx(program).map_err(|err| generic(&err));
+            }
+            let mut cubin: Vec<c_char> = vec![0; size];
+            cudarc::nvrtc::sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr())
+                .result()
+                .map_err(|err| generic(&err))?;
+            Ok(cubin)
+        })();
+        let _ = cudarc::nvrtc::result::destroy_program(program);
+        result
+    }
 }
 
 #[derive(Debug)]
@@ -74,7 +204,8 @@ impl CudaContext {
                     let root = cache.root();
                     Some(CompilationCache::new(
                         "ptx",
-                        CacheOption::default().name("cuda").root(root),
+                        // vicinity patch: one cache per architecture (it holds CUBINs).
+                        CacheOption::default().name(format!("cuda-sm{arch}")).root(root),
                     ))
                 } else {
                     None
@@ -84,6 +215,7 @@ impl CudaContext {
             timestamps: TimestampProfiler::default(),
             compilation_options,
             properties,
+            pending: Vec::new(),
         }
     }
 
@@ -101,6 +233,86 @@ impl CudaContext {
         mode: ExecutionMode,
         logger: Arc<ServerLogger>,
     ) -> Result<(), LaunchError> {
+        // vicinity patch: preparation (cache lookup, source), NVRTC and loading are three steps,
+        // so that `compile_pending` can run the NVRTC step of many kernels on every core.
+        let started = std::time::Instant::now();
+        if let Some(prepared) = self.prepare_kernel(kernel_id, kernel, mode, logger)? {
+            let image = nvrtc_compile(&prepared.source, &self.nvrtc_options())?;
+            self.finish_kernel(prepared, image)?;
+            crate::compile_ahead::record_one(started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// vicinity patch: while [`crate::compile_ahead`] collects, a kernel met for the first time is
+    /// prepared (its source generated) and queued instead of compiled; the launch is skipped.
+    pub fn defer_kernel(
+        &mut self,
+        kernel_id: &KernelId,
+        kernel: Box<dyn CubeTask<CudaCompiler>>,
+        mode: ExecutionMode,
+        logger: Arc<ServerLogger>,
+    ) -> Result<(), LaunchError> {
+        if self.module_names.contains_key(kernel_id)
+            || self.pending.iter().any(|(p, _)| &p.kernel_id == kernel_id)
+        {
+            return Ok(());
+        }
+        if let Some(prepared) = self.prepare_kernel(kernel_id, kernel, mode, logger)? {
+            let job = compile_pool().submit(prepared.source.clone(), self.nvrtc_options());
+            self.pending.push((prepared, job));
+        }
+        Ok(())
+    }
+
+    /// vicinity patch: waits for the queued kernels' NVRTC jobs (they started as they were queued,
+    /// on one thread per core), then loads them.
+    pub fn compile_pending(&mut self) -> Result<(), LaunchError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let pending = core::mem::take(&mut self.pending);
+        let count = pending.len();
+        let mut nvrtc = Vec::with_capacity(count);
+        let mut first_error = None;
+        for (prepared, job) in pending {
+            let (image, took) = job.recv().unwrap_or_else(|_| {
+                (
+                    Err(CompilationError::Generic {
+                        reason: "an NVRTC compilation thread stopped".into(),
+                        backtrace: BackTrace::capture(),
+                    }),
+                    Default::default(),
+                )
+            });
+            nvrtc.push(took);
+            // Every job is waited for, so that none is left running behind an error.
+            match image {
+                Ok(image) if first_error.is_none() => {
+                    if let Err(err) = self.finish_kernel(prepared, image) {
+                        first_error = Some(err);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    first_error.get_or_insert(err.into());
+                }
+            }
+        }
+        let threads = compile_pool().threads.min(count);
+        crate::compile_ahead::record(count, threads, started.elapsed(), &nvrtc);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Looks the kernel up in the PTX cache (loading it when found) or generates its source.
+    fn prepare_kernel(
+        &mut self,
+        kernel_id: &KernelId,
+        kernel: Box<dyn CubeTask<CudaCompiler>>,
+        mode: ExecutionMode,
+        logger: Arc<ServerLogger>,
+    ) -> Result<Option<PreparedKernel>, LaunchError> {
         let hash = if let Some(cache) = &self.ptx_cache {
             let hash = kernel_id.stable_hash();
 
@@ -114,7 +326,7 @@ impl CudaContext {
                     kernel_id.cube_dim,
                     entry.shared_mem_bytes,
                 )?;
-                return Ok(());
+                return Ok(None);
             }
             Some(hash)
         } else {
@@ -143,82 +355,55 @@ impl CudaContext {
             }
         }
 
-        let cube_dim = kernel_compiled.cube_dim;
+        logger.log_compilation(&kernel_compiled);
+
+        let repr = kernel_compiled.repr.unwrap();
+        Ok(Some(PreparedKernel {
+            kernel_id: kernel_id.clone(),
+            hash,
+            source: kernel_compiled.source,
+            entrypoint_name: kernel_compiled.entrypoint_name,
+            cube_dim: kernel_compiled.cube_dim,
+            shared_mem_bytes: repr.shared_memory_size(),
+        }))
+    }
+
+    /// NVRTC's options for this device.
+    fn nvrtc_options(&self) -> Vec<String> {
         let arch = if self.arch.version >= 90 {
             format!("--gpu-architecture=sm_{}a", self.arch)
         } else {
             format!("--gpu-architecture=sm_{}", self.arch)
         };
-
         let include_path = include_path();
-        let include_option = format!("--include-path={}", include_path.to_str().unwrap());
+        let mut options = vec![
+            arch,
+            format!("--include-path={}", include_path.to_str().unwrap()),
+            "-lineinfo".to_string(),
+        ];
         let cccl_include_path = cccl_include_path();
-        let cccl_include_option = format!("--include-path={}", cccl_include_path.to_str().unwrap());
-        let mut options = vec![arch.as_str(), include_option.as_str(), "-lineinfo"];
         if cccl_include_path.exists() {
-            options.push(&cccl_include_option);
+            options.push(format!(
+                "--include-path={}",
+                cccl_include_path.to_str().unwrap()
+            ));
         }
+        options
+    }
 
-        logger.log_compilation(&kernel_compiled);
-
-        // SAFETY: Calling NVRTC FFI to create, compile, and extract PTX from a program.
-        // The `CString` source is null-terminated and outlives the program. On compilation
-        // failure, the error log is retrieved and reported before returning.
-        let ptx = unsafe {
-            // I'd like to set the name to the kernel name, but keep getting UTF-8 errors so let's
-            // leave it `None` for now
-            let source = CString::from_str(&kernel_compiled.source).unwrap();
-            let program =
-                cudarc::nvrtc::result::create_program(source.as_c_str(), None).map_err(|err| {
-                    CompilationError::Generic {
-                        reason: format!("{err:?}"),
-                        backtrace: BackTrace::capture(),
-                    }
-                })?;
-            if cudarc::nvrtc::result::compile_program(program, &options).is_err() {
-                let log_raw = cudarc::nvrtc::result::get_program_log(program).map_err(|err| {
-                    CompilationError::Generic {
-                        reason: format!("{err:?}"),
-                        backtrace: BackTrace::capture(),
-                    }
-                })?;
-
-                let log_ptr = log_raw.as_ptr();
-                let log = CStr::from_ptr(log_ptr).to_str().unwrap();
-                let mut message = "[Compilation Error] ".to_string();
-                for line in log.split('\n') {
-                    if !line.is_empty() {
-                        message += format!("\n    {line}").as_str();
-                    }
-                }
-                let source = kernel
-                    .compile(
-                        &mut Default::default(),
-                        &self.compilation_options,
-                        mode,
-                        kernel.address_type(),
-                    )?
-                    .source;
-                Err(CompilationError::Generic {
-                    reason: format!("{message}\n[Source]  \n{source}"),
-                    backtrace: BackTrace::capture(),
-                })?;
-            };
-            cudarc::nvrtc::result::get_ptx(program).map_err(|err| CompilationError::Generic {
-                reason: format!("{err:?}"),
-                backtrace: BackTrace::capture(),
-            })?
-        };
-
-        let repr = kernel_compiled.repr.unwrap();
-
-        if let Some(cache) = &mut self.ptx_cache {
+    /// Stores the compiled module in the cache and loads it.
+    fn finish_kernel(
+        &mut self,
+        prepared: PreparedKernel,
+        image: Vec<c_char>,
+    ) -> Result<(), LaunchError> {
+        if let (Some(cache), Some(hash)) = (&mut self.ptx_cache, prepared.hash) {
             let result = cache.insert(
-                hash.unwrap(),
+                hash,
                 PtxCacheEntry {
-                    entrypoint_name: kernel_compiled.entrypoint_name.clone(),
-                    shared_mem_bytes: repr.shared_memory_size(),
-                    ptx: ptx.clone(),
+                    entrypoint_name: prepared.entrypoint_name.clone(),
+                    shared_mem_bytes: prepared.shared_mem_bytes,
+                    ptx: image.clone(),
                 },
             );
             if let Err(err) = result {
@@ -227,11 +412,11 @@ impl CudaContext {
         }
 
         self.load_ptx(
-            ptx,
-            kernel_id.clone(),
-            kernel_compiled.entrypoint_name,
-            cube_dim,
-            repr.shared_memory_size(),
+            image,
+            prepared.kernel_id,
+            prepared.entrypoint_name,
+            prepared.cube_dim,
+            prepared.shared_mem_bytes,
         )?;
         Ok(())
     }
@@ -245,12 +430,13 @@ impl CudaContext {
         shared_mem_bytes: usize,
     ) -> Result<(), CompilationError> {
         let func_name = CString::new(entrypoint_name).unwrap();
-        // SAFETY: `ptx` is a valid null-terminated PTX binary from NVRTC. `func_name` is a
+        // SAFETY: `ptx` is a module image from NVRTC: a CUBIN, or null-terminated PTX (also from
+        // caches written before CUBINs). `func_name` is a
         // null-terminated `CString` matching the kernel entry point in the compiled module.
         let func = unsafe {
             let module = cudarc::driver::result::module::load_data(ptx.as_ptr() as *const _)
                 .map_err(|err| CompilationError::Generic {
-                    reason: format!("Unable to load the PTX: {err:?}"),
+                    reason: format!("Unable to load the module: {err:?}"),
                     backtrace: BackTrace::capture(),
                 })?;
 
@@ -262,6 +448,20 @@ impl CudaContext {
             })?
         };
 
+        // vicinity patch: the function's dynamic shared memory limit is set once, when it loads,
+        // not before every launch (a driver call per launch).
+        // SAFETY: `func` is the function just fetched from its loaded module.
+        unsafe {
+            cudarc::driver::result::function::set_function_attribute(
+                func,
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_mem_bytes as i32,
+            )
+        }
+        .map_err(|err| CompilationError::Generic {
+            reason: format!("{err:?}"),
+            backtrace: BackTrace::capture(),
+        })?;
         self.module_names.insert(
             kernel_id.clone(),
             CompiledKernel {
@@ -297,15 +497,6 @@ impl CudaContext {
         // for all kernel arguments. The dispatch and cube dimensions are validated by
         // the caller.
         unsafe {
-            cudarc::driver::result::function::set_function_attribute(
-                kernel.func,
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                kernel.shared_mem_bytes as i32,
-            )
-            .map_err(|err| LaunchError::Unknown {
-                reason: format!("{err:?}"),
-                backtrace: BackTrace::capture(),
-            })?;
             cudarc::driver::result::launch_kernel(
                 kernel.func,
                 dispatch_count,

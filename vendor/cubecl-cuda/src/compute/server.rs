@@ -180,6 +180,13 @@ impl ComputeServer for CudaServer {
     }
 
     fn sync(&mut self, stream_id: StreamId) -> DynFut<Result<(), ServerError>> {
+        // vicinity patch: a sync after collecting compiles the queued kernels (`compile_ahead`).
+        if !crate::compile_ahead::collecting()
+            && let Err(err) = self.ctx.compile_pending()
+        {
+            let err: ServerError = err.into();
+            return Box::pin(async move { Err(err) });
+        }
         let command = self.command_no_inputs(
             stream_id,
             StreamErrorMode {
