@@ -7,10 +7,15 @@
 #   .carry/cifar10-jpeg.tar.zst  CIFAR-10 as an ImageFolder archive, for the train stage.
 #
 # STAGES (default "parity kernels bench"), in this order:
+#   cold     the first training and inference step of each ROWS model with an empty kernel cache
+#            (one per process), as on a fresh machine: kernels compiled ahead, together
 #   parity   `vicinity features` of every fixture on CUDA, compared with the authors' outputs
 #   kernels  `vicinity check-kernels`: every fused kernel against its reference path, f32 and bf16
 #   bench    the four rows of docs/PERFORMANCE.md: vvt_tiny 224² b64, lsagt_cifar_tiny 32² b128,
 #            training and inference, bf16
+#   profile  where the host's time goes in warm training steps of each ROWS model: `perf record` of the
+#            process (needs perf and its libraries, with their loader, in .carry/perf or .carry/perf.tar.gz), the top
+#            symbols as $OUT/profile-*.txt
 #   ab       the same rows, new and old build alternating AB_REPEAT times (paired: machines differ)
 #   peers    the authors' code (eager, torch.compile, reduce-overhead) and timm's pvt_v2_b1:
 #            `python3 peers.py $PEERS` (default "eager timm lsagt-ro")
@@ -61,6 +66,18 @@ unpack .carry/vicinity.gz "$BIN" || exit 1
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
+if has cold; then
+  echo "== cold start: an empty kernel cache per row"
+  for row in $ROWS; do
+    IFS=: read -r model res batch <<< "$row"
+    for mode in train infer; do
+      VICINITY_CACHE=/tmp/cold-$model-$mode "$BIN" --backend cuda bench --model "$model" --mode $mode \
+        --resolution "$res" --batch "$batch" --dtype bf16 --warmup 2 --iters 10 --json "$OUT/cold.jsonl" 2>&1 |
+        grep -E 'first|ahead|one by one|error' | sed "s/^/cold /"
+    done
+  done
+fi
+
 if has parity; then
   echo "== parity: the fixtures on CUDA against the authors' outputs"
   for cfg in configs/vvt_mini.json configs/vvt_mini_sr.json configs/lsagt_cifar_mini.toml configs/lsagt_imagenet_mini.toml; do
@@ -87,6 +104,24 @@ bench_rows() { # BIN TAG JSON
 if has bench; then
   echo "== bench"
   bench_rows "$BIN" new "$OUT/bench.jsonl"
+fi
+
+if has profile; then
+  echo "== host profile (perf, cpu-clock)"
+  [ -d .carry/perf ] || tar xzf .carry/perf.tar.gz -C .carry || exit 1
+  perf() { .carry/perf/lib/ld-linux-x86-64.so.2 --library-path .carry/perf/lib .carry/perf/perf "$@"; }
+  for row in $ROWS; do
+    IFS=: read -r model res batch <<< "$row"
+    perf record -e cpu-clock -F 2000 -o /tmp/perf-$model.data -- "$BIN" --backend cuda bench --model "$model" \
+      --mode train --resolution "$res" --batch "$batch" --dtype bf16 --warmup 5 --iters 200 2>&1 | grep -E '^(model|vvt|lsagt)|host'
+    perf report -i /tmp/perf-$model.data --sort pid,dso --stdio 2>/dev/null | grep -v '^#' | head -25 > "$OUT/profile-$model.txt"
+    for thread in vicinity-bin DSU-0-0 DSD-0-0; do
+      echo "== $thread" >> "$OUT/profile-$model.txt"
+      perf report -i /tmp/perf-$model.data --comms $thread --sort sym --stdio 2>/dev/null | grep -v '^#' |
+        grep -v '^$' | head -60 >> "$OUT/profile-$model.txt"
+    done
+    head -30 "$OUT/profile-$model.txt"
+  done
 fi
 
 if has ab; then
