@@ -515,7 +515,11 @@ impl<B: AutodiffBackend> Session<B> {
         let targets = batch.targets.unwrap_or_else(|| one_hot(&batch.labels, k));
         let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
         let clip = self.cfg().clip;
-        let (model, loss_value, stats) = train_step(
+        let Stepped {
+            model,
+            loss: loss_value,
+            stats,
+        } = train_step(
             self.model.clone(),
             &mut self.optim,
             self.ema.as_mut(),
@@ -568,7 +572,7 @@ impl<B: AutodiffBackend> Session<B> {
                     1e-4,
                     clip,
                 ) {
-                    Ok((next, _, _)) => model = next,
+                    Ok(stepped) => model = stepped.model,
                     Err(e) => {
                         failed = Some(e);
                         return;
@@ -923,8 +927,14 @@ impl<B: AutodiffBackend> Session<B> {
     }
 }
 
-/// Forward, loss, backward and the optimizer's step (with the EMA): the new model, the loss and the
-/// optimizer's statistics, all on the device.
+/// What [`train_step`] returns, all on the device.
+struct Stepped<B: AutodiffBackend> {
+    model: Model<B>,
+    loss: Tensor<B::InnerBackend, 1>,
+    stats: super::optim::StepStats<B::InnerBackend>,
+}
+
+/// Forward, loss, backward and the optimizer's step (with the EMA).
 fn train_step<B: AutodiffBackend>(
     model: Model<B>,
     optim: &mut AdamW<B::InnerBackend>,
@@ -932,16 +942,16 @@ fn train_step<B: AutodiffBackend>(
     (x, t): (Tensor<B, 4>, Tensor<B, 2>),
     lr: f64,
     clip: Option<f64>,
-) -> Result<(
-    Model<B>,
-    Tensor<B::InnerBackend, 1>,
-    super::optim::StepStats<B::InnerBackend>,
-)> {
+) -> Result<Stepped<B>> {
     let loss = soft_cross_entropy(model.forward(x), t);
     let loss_value = loss.clone().inner();
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let (model, stats) = optim.step(model, grads, lr, clip, ema)?;
-    Ok((model, loss_value, stats))
+    Ok(Stepped {
+        model,
+        loss: loss_value,
+        stats,
+    })
 }
 
 #[cfg(test)]
