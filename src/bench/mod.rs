@@ -8,7 +8,7 @@ pub(crate) const SOLO: &str = "a one-process optimizer step cannot fail";
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -227,6 +227,25 @@ pub(crate) fn first_step(step: impl FnOnce(), sync: impl Fn() -> Result<()>) -> 
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// One bench training step: forward, cross-entropy, backward and the trainer's AdamW, with
+/// `pause` after each of the three (the first step synchronises and samples memory there); the new
+/// model and the loss.
+fn train_step<B: AutodiffBackend>(
+    model: crate::models::Model<B>,
+    optim: &mut AdamW<B::InnerBackend>,
+    (x, y, loss_fn): (&Tensor<B, 4>, &Tensor<B, 1, Int>, &CrossEntropyLoss<B>),
+    pause: &mut impl FnMut() -> Result<()>,
+) -> Result<(crate::models::Model<B>, Tensor<B, 1>)> {
+    let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+    pause()?;
+    let grads = loss.backward();
+    pause()?;
+    let grads = GradientsParams::from_grads(grads, &model);
+    let (model, _) = optim.step(model, grads, 1e-4, None, None)?;
+    pause()?;
+    Ok((model, loss))
+}
+
 /// One line on the kernels compiled ahead of the first step, when there were any.
 fn report_ahead(spec: &BenchSpec, ahead: Option<crate::backend::CompiledAhead>) {
     if let Some(a) = ahead.filter(|a| a.kernels > 0) {
@@ -310,6 +329,7 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             let y =
                 Tensor::<B, 1, Int>::random([spec.batch], Distribution::Uniform(0.0, classes as f64), device);
             let loss_fn = CrossEntropyLossConfig::new().init(device);
+            let data = (&x, &y, &loss_fn);
             // The first step (compilation included) syncs after the forward and the backward, where
             // memory peaks; later steps run without extra syncs.
             let start = Instant::now();
@@ -321,39 +341,22 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
                     return;
                 };
                 for synced in [true, false] {
-                    let pause = || {
-                        if synced {
-                            let _ = sync::<B>(device);
-                        }
-                    };
-                    let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
-                    pause();
-                    let grads = loss.backward();
-                    pause();
-                    let grads = GradientsParams::from_grads(grads, &m);
-                    let Ok((next, _)) = o.step(m, grads, 1e-4, None, None) else {
-                        return;
-                    };
-                    m = next;
-                    pause();
+                    let mut pause = || if synced { sync::<B>(device) } else { Ok(()) };
+                    match train_step(m, &mut o, data, &mut pause) {
+                        Ok((next, _)) => m = next,
+                        Err(_) => return,
+                    }
                 }
             })?;
             report_ahead(spec, ahead);
             B::memory_cleanup(device);
-            let mut optim_step = |model: crate::models::Model<B>, grads: GradientsParams| {
-                optim.step(model, grads, 1e-4, None, None).expect(SOLO).0
+            memory.sample();
+            let mut pause = || {
+                sync::<B>(device)?;
+                memory.sample();
+                Ok(())
             };
-            memory.sample();
-            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-            sync::<B>(device)?;
-            memory.sample();
-            let grads = loss.backward();
-            sync::<B>(device)?;
-            memory.sample();
-            let grads = GradientsParams::from_grads(grads, &model);
-            model = optim_step(model, grads);
-            sync::<B>(device)?;
-            memory.sample();
+            model = train_step(model, &mut optim, data, &mut pause)?.0;
             let first = start.elapsed().as_secs_f64();
             eprintln!(
                 "{}: first training step (compilation + autotune) {first:.1} s",
@@ -362,10 +365,9 @@ pub fn run<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Result<B
             report_one_by_one(spec);
             let mut last = None;
             let step = |model: crate::models::Model<B>| {
-                let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let (model, loss) = train_step(model, &mut optim, data, &mut || Ok(())).expect(SOLO);
                 last = Some(loss);
-                optim_step(model, grads)
+                model
             };
             let before = crate::kernels::cublas::stats();
             let (_, timed) = timed_loop(model, loops, step, || sync::<B>(device))?;

@@ -6,13 +6,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, TensorData};
 
-use super::loss::{one_hot, soft_cross_entropy};
-use super::trainer::{Session, mix_seed};
+use super::loss::one_hot;
+use super::trainer::{Session, mix_seed, train_step};
 
 /// Seconds kept free at the end of a budget of `budget_s` besides the final checkpoint: 1 s and
 /// 2 % of the budget (timing noise, the chart and the reports).
@@ -180,10 +179,9 @@ impl<B: AutodiffBackend> Session<B> {
             let x = Tensor::<B, 4>::from_data(TensorData::new(b.images, [n, 3, h, w]), &self.device);
             let targets = b.targets.unwrap_or_else(|| one_hot(&b.labels, k));
             let t = Tensor::<B, 2>::from_data(TensorData::new(targets, [n, k]), (&self.device, DType::F32));
-            let loss = soft_cross_entropy(model.forward(x), t);
-            let grads = GradientsParams::from_grads(loss.clone().backward(), &model);
-            model = optim.step(model, grads, lr, clip, None)?.0;
-            let _ = loss.into_scalar();
+            let stepped = train_step(model, &mut optim, None, (x, t), lr, clip)?;
+            model = stepped.model;
+            let _ = stepped.loss.into_scalar();
             times.push(t0.elapsed().as_secs_f64());
             crate::dist::watchdog::beat(None);
             // First step compiles; then at least 3 timed steps or 3% of the budget. Every rank

@@ -928,14 +928,14 @@ impl<B: AutodiffBackend> Session<B> {
 }
 
 /// What [`train_step`] returns, all on the device.
-struct Stepped<B: AutodiffBackend> {
-    model: Model<B>,
-    loss: Tensor<B::InnerBackend, 1>,
-    stats: super::optim::StepStats<B::InnerBackend>,
+pub(super) struct Stepped<B: AutodiffBackend> {
+    pub(super) model: Model<B>,
+    pub(super) loss: Tensor<B::InnerBackend, 1>,
+    pub(super) stats: super::optim::StepStats<B::InnerBackend>,
 }
 
 /// Forward, loss, backward and the optimizer's step (with the EMA).
-fn train_step<B: AutodiffBackend>(
+pub(super) fn train_step<B: AutodiffBackend>(
     model: Model<B>,
     optim: &mut AdamW<B::InnerBackend>,
     ema: Option<&mut Ema<B::InnerBackend>>,

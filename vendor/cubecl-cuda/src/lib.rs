@@ -7,7 +7,6 @@ mod device;
 mod runtime;
 
 pub use device::*;
-
 pub use runtime::*;
 
 /// vicinity patch: compile a step's kernels ahead, together. While [`compile_ahead::collect`] is
@@ -21,9 +20,8 @@ pub mod compile_ahead {
     use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     static COLLECT: AtomicBool = AtomicBool::new(false);
-    /// Kernels compiled together, and their microseconds: wall clock, NVRTC summed over threads.
+    /// Kernels compiled together, and their NVRTC microseconds summed over the threads.
     static AHEAD: AtomicU64 = AtomicU64::new(0);
-    static AHEAD_MICROS: AtomicU64 = AtomicU64::new(0);
     static NVRTC_MICROS: AtomicU64 = AtomicU64::new(0);
     /// The longest single compilation and the threads of the last batch.
     static LONGEST_MICROS: AtomicU64 = AtomicU64::new(0);
@@ -46,14 +44,8 @@ pub mod compile_ahead {
         d.as_micros() as u64
     }
 
-    pub(crate) fn record(
-        kernels: usize,
-        threads: usize,
-        wall: core::time::Duration,
-        nvrtc: &[core::time::Duration],
-    ) {
-        AHEAD.fetch_add(kernels as u64, Ordering::Relaxed);
-        AHEAD_MICROS.fetch_add(micros(wall), Ordering::Relaxed);
+    pub(crate) fn record(threads: usize, nvrtc: &[core::time::Duration]) {
+        AHEAD.fetch_add(nvrtc.len() as u64, Ordering::Relaxed);
         NVRTC_MICROS.fetch_add(nvrtc.iter().map(|d| micros(*d)).sum(), Ordering::Relaxed);
         LONGEST_MICROS.store(nvrtc.iter().map(|d| micros(*d)).max().unwrap_or(0), Ordering::Relaxed);
         THREADS.store(threads as u64, Ordering::Relaxed);
@@ -69,8 +61,6 @@ pub mod compile_ahead {
     pub struct Compiled {
         /// Kernels compiled together (after collecting).
         pub ahead: u64,
-        /// The seconds spent waiting for them after collecting, and loading them.
-        pub ahead_s: f64,
         /// Their NVRTC seconds summed over the threads.
         pub ahead_nvrtc_s: f64,
         /// The longest single NVRTC compilation of the last batch.
@@ -88,7 +78,6 @@ pub mod compile_ahead {
         let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-6;
         Compiled {
             ahead: AHEAD.load(Ordering::Relaxed),
-            ahead_s: s(&AHEAD_MICROS),
             ahead_nvrtc_s: s(&NVRTC_MICROS),
             longest_s: s(&LONGEST_MICROS),
             threads: THREADS.load(Ordering::Relaxed),

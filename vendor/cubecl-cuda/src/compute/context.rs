@@ -258,8 +258,9 @@ impl CudaContext {
         {
             return Ok(());
         }
-        if let Some(prepared) = self.prepare_kernel(kernel_id, kernel, mode, logger)? {
-            let job = compile_pool().submit(prepared.source.clone(), self.nvrtc_options());
+        if let Some(mut prepared) = self.prepare_kernel(kernel_id, kernel, mode, logger)? {
+            let source = core::mem::take(&mut prepared.source);
+            let job = compile_pool().submit(source, self.nvrtc_options());
             self.pending.push((prepared, job));
         }
         Ok(())
@@ -271,7 +272,6 @@ impl CudaContext {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let started = std::time::Instant::now();
         let pending = core::mem::take(&mut self.pending);
         let count = pending.len();
         let mut nvrtc = Vec::with_capacity(count);
@@ -301,7 +301,7 @@ impl CudaContext {
             }
         }
         let threads = compile_pool().threads.min(count);
-        crate::compile_ahead::record(count, threads, started.elapsed(), &nvrtc);
+        crate::compile_ahead::record(threads, &nvrtc);
         first_error.map_or(Ok(()), Err)
     }
 
